@@ -1,0 +1,62 @@
+"""dcff-jax: DCFF (dynamic-coded filter fusion, arXiv 2107.06916) in JAX/Flax.
+
+Public API (everything a user needs to train DCFF models, or add DCFF to their own Flax CNN):
+
+Fusion math (pure, jit-able):
+  pairwise_distances, temperature, proxies, importance, select_kept, fusion_matrix, fuse_kernel,
+  init_fusion_state, update_layer, update_fusion (every fused layer of a model, one jitted call)
+Layers and models:
+  FusedConv, prunable_conv, create_model, ARCHITECTURES, VARIANTS
+Plans:
+  parse_rates, layer_rates, keep_width
+FLOPs, params and export:
+  count_flops, model_counts, compact_variables
+"""
+
+from dcff_jax.export import compact_variables
+from dcff_jax.flops import count as count_flops
+from dcff_jax.flops import model_counts
+from dcff_jax.fusion import (
+    FUSION_COLLECTION,
+    fuse_kernel,
+    fusion_matrix,
+    importance,
+    init_fusion_state,
+    pairwise_distances,
+    proxies,
+    select_kept,
+    temperature,
+    update_fusion,
+    update_layer,
+)
+from dcff_jax.layers import FusedConv
+from dcff_jax.models import ARCHITECTURES, VARIANTS, create_model, input_shape, prunable_conv
+from dcff_jax.plans import keep_width, layer_rates, parse_rates
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHITECTURES",
+    "FUSION_COLLECTION",
+    "VARIANTS",
+    "FusedConv",
+    "compact_variables",
+    "count_flops",
+    "create_model",
+    "fuse_kernel",
+    "fusion_matrix",
+    "importance",
+    "init_fusion_state",
+    "input_shape",
+    "keep_width",
+    "layer_rates",
+    "model_counts",
+    "pairwise_distances",
+    "parse_rates",
+    "proxies",
+    "prunable_conv",
+    "select_kept",
+    "temperature",
+    "update_fusion",
+    "update_layer",
+]

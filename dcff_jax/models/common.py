@@ -1,0 +1,144 @@
+"""Building blocks shared by every architecture: one conv call, three variants.
+
+Each architecture is written once against `prunable_conv`, which returns
+  - "original": a plain nn.Conv with all c_out filters (the unpruned baseline),
+  - "fused":    a FusedConv holding c_out filters and computing m = keep_width(c_out, rate),
+  - "compact":  a plain nn.Conv with m filters (the exported network).
+Layers after a pruned conv see its compact width in "fused" and "compact" (Flax infers input
+widths), as in the published fused models. The module name is the same in every variant, so a
+fused model's variables map one to one onto the compact model's (see dcff_jax.export).
+
+The pooling modules below exist so that FLOPs can be counted from the model itself: thop, which
+the paper used, counts a pool by how the published model wrote it (see dcff_jax.flops).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from dcff_jax.layers import FusedConv
+from dcff_jax.plans import keep_width
+
+VARIANTS = ("original", "fused", "compact")
+
+# PyTorch's kaiming_normal_ (untruncated normal, gain sqrt(2)).
+kaiming_normal_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def torch_default_uniform(scale_axis: int = -2):
+    """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+
+    def init(key, shape, dtype=jnp.float32):
+        fan_in = math.prod(shape[:-1]) if scale_axis == -2 else shape[scale_axis]
+        bound = 1.0 / math.sqrt(fan_in)
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+
+
+def width(variant: str, filters: int, rate: float) -> int:
+    """Output width of a conv with `filters` filters pruned at `rate` in this variant."""
+    check_variant(variant)
+    return filters if variant == "original" else keep_width(filters, rate)
+
+
+def prunable_conv(
+    variant: str,
+    filters: int,
+    rate: float,
+    kernel_size: int,
+    *,
+    strides: int = 1,
+    padding: int = 0,
+    use_bias: bool = False,
+    kernel_init=kaiming_normal_fan_in,
+    dtype=None,
+    name: str | None = None,
+) -> nn.Module:
+    """The conv of one prunable layer in the given variant (see the module docstring).
+
+    Padding is PyTorch's: an int p pads p on each side. Output channels: `filters` ("original")
+    or keep_width(filters, rate) ("fused", "compact").
+    """
+    check_variant(variant)
+    common = dict(
+        kernel_size=(kernel_size, kernel_size),
+        strides=strides,
+        padding=padding,
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        dtype=dtype,
+        name=name,
+    )
+    if variant == "fused":
+        return FusedConv(features=filters, kept=keep_width(filters, rate), **common)
+    return nn.Conv(features=width(variant, filters, rate), **common)
+
+
+def batch_norm(train: bool, dtype=None, name: str | None = None) -> nn.BatchNorm:
+    """PyTorch BatchNorm2d defaults: momentum 0.1 (Flax 0.9), eps 1e-5, scale 1, bias 0."""
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
+    )
+
+
+class AvgPool(nn.Module):
+    """nn.AvgPool2d(window, stride) as the published models use it; NHWC."""
+
+    window: int
+    stride: int = 1
+
+    def __call__(self, x):
+        return nn.avg_pool(x, (self.window, self.window), (self.stride, self.stride))
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over H and W: (N, H, W, C) -> (N, C).
+
+    counted: whether thop saw it. The published CIFAR ResNets use nn.AdaptiveAvgPool2d in the
+    fused/compact models (counted) but F.avg_pool2d in the original (not counted).
+    """
+
+    counted: bool = True
+
+    def __call__(self, x):
+        return jnp.mean(x, axis=(1, 2))
+
+
+class MaxPool(nn.Module):
+    """nn.MaxPool2d(window, stride, padding) with -inf padding; NHWC."""
+
+    window: int
+    stride: int
+    padding: int = 0
+
+    def __call__(self, x):
+        pad = ((self.padding, self.padding),) * 2
+        return nn.max_pool(x, (self.window, self.window), (self.stride, self.stride), pad)
+
+
+def dense(features: int, kernel_init=None, dtype=None, name: str | None = None) -> nn.Dense:
+    """A classifier layer with PyTorch's default init unless another is given."""
+    return nn.Dense(
+        features,
+        kernel_init=kernel_init or torch_default_uniform(),
+        bias_init=_torch_linear_bias_init,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def _torch_linear_bias_init(key, shape, dtype=jnp.float32):
+    # PyTorch bounds the bias by 1/sqrt(fan_in); Flax does not pass fan_in, so the classifier
+    # bias starts at zero (a common, harmless departure).
+    return jnp.zeros(shape, dtype)

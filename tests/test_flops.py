@@ -1,0 +1,144 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import googlenet_cifar, resnet50_imagenet, resnet56_cifar, resnet110_cifar, vgg16_cifar
+from dcff_jax import flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def human(n):
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def pct(counts, key):
+    return f"{100 * (1 - counts[key] / counts['base_' + key]):.2f}"
+
+
+# (config, compact FLOPs, FLOPs reduction %, compact params, params reduction %,
+#  base FLOPs, base params)
+# Paper table / official README; VGG-16 params as the published model has them (1.07M, 92.73%),
+# not the paper's misprinted 1.06M (92.80%). Baselines: thop 0.0.31 on the published originals.
+CIFAR_ROWS = [
+    (vgg16_cifar, "72.77M", "76.83", "1.07M", "92.73", "314.03M", "14.73M"),
+    (resnet56_cifar, "55.84M", "55.88", "0.38M", "54.95", "126.55M", "0.85M"),
+    (resnet110_cifar, "85.30M", "66.55", "0.56M", "67.86", "254.98M", "1.73M"),
+    (googlenet_cifar, "457.22M", "70.11", "2.08M", "66.28", "1529.42M", "6.17M"),
+]
+
+
+@pytest.mark.parametrize("row", CIFAR_ROWS, ids=lambda r: r[0].__name__.split(".")[-1])
+def test_cifar_rows_reproduce_paper(row):
+    module, f, fr, p, pr, bf, bp = row
+    config = module.get_config()
+    counts = flops.model_counts(config.model, config.cprate)
+    assert (human(counts["flops"]), pct(counts, "flops")) == (f, fr)
+    assert (human(counts["params"]), pct(counts, "params")) == (p, pr)
+    assert (f"{counts['base_flops'] / 1e6:.2f}M", human(counts["base_params"])) == (bf, bp)
+
+
+def test_vgg16_compact_params_exact():
+    # The figure README.md quotes against the paper's misprint.
+    assert flops.model_counts("vgg16", vgg16_cifar.get_config().cprate)["params"] == 1_071_248
+
+
+RESNET50_ROWS = {
+    "step-0.96B": ("0.96B", "76.70", "7.40M", "71.03"),
+    "step-1.49B": ("1.49B", "63.75", "10.58M", "58.60"),
+    "step-2.25B": ("2.25B", "45.30", "15.16M", "40.67"),
+    "cos-1.52B": ("1.52B", "62.96", "11.05M", "56.77"),
+    "cos-1.38B": ("1.38B", "66.41", "11.81M", "53.77"),
+    "cos-1.02B": ("1.02B", "75.11", "6.56M", "74.33"),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(RESNET50_ROWS))
+def test_resnet50_rows_reproduce_paper(preset):
+    config = resnet50_imagenet.get_config(preset)
+    counts = flops.model_counts("resnet50", config.cprate)
+    got = (
+        f"{counts['flops'] / 1e9:.2f}B",
+        pct(counts, "flops"),
+        human(counts["params"]),
+        pct(counts, "params"),
+    )
+    assert got == RESNET50_ROWS[preset]
+    assert f"{counts['base_flops'] / 1e6:.2f}M" == "4111.41M"
+    assert human(counts["base_params"]) == "25.56M"
+
+
+def test_conv_bn_dense_pool_conventions_on_a_tiny_model():
+    from flax import linen as nn
+
+    from dcff_jax.models import common
+
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.Conv(4, (3, 3), padding=1, use_bias=True)(x)  # 8*8*4 * (3*9 + 1)
+            x = common.batch_norm(train)(x)  # 2 * 8*8*4
+            x = nn.relu(x)  # 0
+            x = common.MaxPool(2, 2)(x)  # 0
+            x = common.AvgPool(2, 2)(x)  # 2*2*4
+            x = common.GlobalAvgPool()(x)  # (4 + 1) * 4
+            return nn.Dense(3)(x)  # 3 * 4
+
+    counts = flops.count(Tiny(), (1, 8, 8, 3))
+    assert counts.flops == 256 * 28 + 512 + 16 + 20 + 12
+    assert counts.params == (27 * 4 + 4) + 8 + (4 * 3 + 3)
+    assert [r.kind for r in counts.layers] == [
+        "conv",
+        "batch_norm",
+        "avg_pool",
+        "global_avg_pool",
+        "dense",
+    ]
+
+
+def run_cli(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dcff_jax.flops", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_cli_prints_table_and_json_last_line():
+    out = run_cli("--config=configs/vgg16_cifar.py")
+    assert "vgg16 compact" in out and "76.83%" in out
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["flops"] == flops.model_counts("vgg16", vgg16_cifar.get_config().cprate)["flops"]
+    assert set(last) == {"flops", "params", "base_flops", "base_params"}
+
+
+def test_cli_cprate_override_and_bad_string():
+    out = run_cli("--config=configs/vgg16_cifar.py", "--config.cprate=[0.0]*13")
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["flops"] == last["base_flops"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dcff_jax.flops",
+            "--config=configs/vgg16_cifar.py",
+            "--config.cprate=[0.5]*12",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "vgg16 needs 13 pruning rates, got 12" in proc.stderr

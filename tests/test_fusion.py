@@ -1,0 +1,227 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference_numpy as ref
+
+from dcff_jax import fusion
+
+
+def kaiming_filters(seed, c, d):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((c, d)) * np.sqrt(2.0 / d)).astype(np.float32)
+
+
+@pytest.mark.parametrize("c,d", [(4, 3), (16, 27), (64, 144), (200, 72)])
+def test_pairwise_distances_match_cdist(c, d):
+    w = kaiming_filters(c + d, c, d)
+    got = np.asarray(fusion.pairwise_distances(w))
+    np.testing.assert_allclose(got, ref.published_distances(w), rtol=1e-4, atol=2e-5)
+    assert np.all(np.diag(got) == 0.0)
+    np.testing.assert_array_equal(got, got.T)
+
+
+def test_temperature_matches_published_schedule():
+    for num_epochs in (1, 3, 90, 300):
+        for epoch in range(0, num_epochs + 1, max(1, num_epochs // 7)):
+            want = ref.published_temperature(epoch, num_epochs)
+            assert fusion.temperature(epoch, num_epochs) == pytest.approx(want, rel=1e-12)
+    assert fusion.temperature(0, 300) == pytest.approx(1.0, abs=1e-9)
+    assert fusion.temperature(300, 300) == pytest.approx(1e4, rel=1e-9)
+    assert 4000 < fusion.temperature(1, 300) < 5000  # sigmoid in epochs: ~4600 at e = 1
+
+
+def test_temperature_traced_inside_jit():
+    jitted = jax.jit(lambda e: fusion.temperature(e, 300))
+    for epoch in (0, 1, 5, 150):
+        want = ref.published_temperature(epoch, 300)
+        assert float(jitted(jnp.int32(epoch))) == pytest.approx(want, rel=1e-5, abs=1e-3)
+
+
+def test_temperature_rejects_nonpositive_epochs():
+    with pytest.raises(ValueError, match="num_epochs"):
+        fusion.temperature(0, 0)
+
+
+@pytest.mark.parametrize("c,d", [(8, 9), (32, 27), (96, 64)])
+@pytest.mark.parametrize("t", [1.0, 3.0, 20.0])
+def test_proxies_and_reference_scores_match_published(c, d, t):
+    w = kaiming_filters(7 * c + d, c, d)
+    dist = ref.published_distances(w)
+    p = np.asarray(fusion.proxies(dist, t))
+    np.testing.assert_allclose(p, ref.published_softmax_p(dist, t), rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
+    got = np.asarray(fusion.importance(dist, t, "reference"))
+    want = ref.published_scores(ref.published_softmax_p(dist, t))
+    assert np.all(np.isfinite(want))
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("t", [50.0, 500.0, 4600.0, 1e4])
+def test_reference_scores_are_non_finite_exactly_where_published_are(t):
+    # Rows whose proxies underflow to 0 are NaN in the published O(c^3) formula; ours must agree
+    # row by row (evaluated on the same proxies, so float flushing cannot differ).
+    w = kaiming_filters(int(t), 48, 18)
+    w[5] = w[3] + 1e-4  # a near-duplicate pair keeps some rows partly finite longer
+    dist = ref.published_distances(w)
+    p = np.asarray(fusion.proxies(dist, t))
+    want = ref.published_scores(p)
+    got = np.asarray(fusion.importance(dist, t, "reference"))
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    assert not np.all(np.isfinite(got))
+
+
+def test_exact_scores_finite_at_every_temperature_and_match_float64():
+    w = kaiming_filters(3, 40, 27)
+    dist = ref.published_distances(w)
+    for t in (1.0, 10.0, 100.0, 4600.0, 1e4):
+        got = np.asarray(fusion.importance(dist, t, "exact"))
+        assert np.all(np.isfinite(got))
+        want = ref.exact_scores(dist, t)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max())
+
+
+def test_exact_and_reference_agree_where_both_finite():
+    w = kaiming_filters(4, 24, 18)
+    dist = np.asarray(fusion.pairwise_distances(w))
+    a = np.asarray(fusion.importance(dist, 1.0, "reference"))
+    b = np.asarray(fusion.importance(dist, 1.0, "exact"))
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(b).max())
+
+
+def test_importance_rejects_unknown_criterion():
+    with pytest.raises(ValueError, match="criterion"):
+        fusion.importance(jnp.zeros((3, 3)), 1.0, "kl")
+
+
+def test_proxies_tend_to_identity():
+    w = kaiming_filters(5, 16, 9)
+    p = np.asarray(fusion.proxies(fusion.pairwise_distances(w), 1e4))
+    np.testing.assert_array_equal(p, np.eye(16, dtype=np.float32))
+
+
+def test_fusing_with_identity_changes_nothing():
+    kernel = jnp.asarray(np.random.default_rng(0).standard_normal((3, 3, 5, 8)), jnp.float32)
+    np.testing.assert_array_equal(fusion.fuse_kernel(kernel, jnp.eye(8)), kernel)
+    fused = fusion.fuse_kernel(kernel, jnp.eye(8)[jnp.array([6, 1])])
+    np.testing.assert_array_equal(fused, kernel[..., jnp.array([6, 1])])
+
+
+def test_fuse_kernel_is_matrix_product_over_filters():
+    rng = np.random.default_rng(1)
+    kernel = rng.standard_normal((3, 3, 4, 6)).astype(np.float32)
+    matrix = rng.random((2, 6)).astype(np.float32)
+    want = np.einsum("hwic,mc->hwim", kernel, matrix)
+    np.testing.assert_allclose(fusion.fuse_kernel(kernel, matrix), want, rtol=1e-5, atol=1e-6)
+
+
+def test_select_kept_is_top_m_with_stable_slots():
+    scores = jnp.array([0.1, 0.9, 0.5, 0.7, 0.2, 0.8])
+    kept = fusion.select_kept(scores, jnp.array([0, 1, 2], jnp.int32))
+    # Filter 1 stays in slot 1; 0 and 2 leave; 5 (0.8) takes slot 0, 3 (0.7) takes slot 2.
+    np.testing.assert_array_equal(kept, [5, 1, 3])
+    again = fusion.select_kept(scores, kept)
+    np.testing.assert_array_equal(again, kept)
+
+
+def test_select_kept_matches_top_k_set_on_random_inputs():
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        c = int(rng.integers(2, 40))
+        m = int(rng.integers(1, c + 1))
+        scores = rng.standard_normal(c).astype(np.float32)
+        prev = rng.permutation(c)[:m].astype(np.int32)
+        kept = np.asarray(fusion.select_kept(jnp.asarray(scores), jnp.asarray(prev)))
+        assert set(kept) == set(np.argsort(-scores)[:m])
+        assert len(set(kept)) == m
+        stay = np.isin(prev, kept)
+        np.testing.assert_array_equal(kept[stay], prev[stay])
+
+
+def layer_state(c, m):
+    return fusion.init_fusion_state(c, m)
+
+
+def test_update_layer_freezes_on_non_finite_scores():
+    w = jnp.asarray(kaiming_filters(6, 32, 27))
+    state0, info0 = fusion.update_layer(w, layer_state(32, 12), 1.0, "reference")
+    assert not bool(info0["frozen"])
+    state1, info1 = fusion.update_layer(w * 3.0, state0, 1e4, "reference")
+    assert bool(info1["frozen"])
+    assert int(info1["changed"]) == 0
+    np.testing.assert_array_equal(state1["scores"], state0["scores"])
+    np.testing.assert_array_equal(state1["kept"], state0["kept"])
+    # The fusion matrix still follows this epoch's proxies (here: one-hot rows of the kept).
+    np.testing.assert_array_equal(state1["matrix"], np.eye(32, dtype=np.float32)[state0["kept"]])
+
+
+def test_update_layer_selects_published_top_m_and_matrix_rows():
+    w = kaiming_filters(8, 20, 12)
+    state, _ = fusion.update_layer(jnp.asarray(w), layer_state(20, 7), 1.0, "reference")
+    p = ref.published_softmax_p(ref.published_distances(w), 1.0)
+    want_scores = ref.published_scores(p)
+    assert set(np.asarray(state["kept"])) == set(np.argsort(-want_scores)[:7])
+    np.testing.assert_allclose(state["matrix"], p[np.asarray(state["kept"])], rtol=1e-4, atol=1e-7)
+
+
+def test_exact_criterion_keeps_changing_selection_where_reference_freezes():
+    rng = np.random.default_rng(9)
+    w = jnp.asarray(kaiming_filters(9, 32, 27))
+    ref_state = ex_state = layer_state(32, 10)
+    ref_changed = ex_changed = 0
+    for epoch in range(6):
+        t = fusion.temperature(epoch, 6)
+        ref_state, ref_info = fusion.update_layer(w, ref_state, t, "reference")
+        ex_state, ex_info = fusion.update_layer(w, ex_state, t, "exact")
+        if epoch > 0:
+            ref_changed += int(ref_info["changed"])
+            ex_changed += int(ex_info["changed"])
+        w = w + 0.3 * jnp.asarray(rng.standard_normal(w.shape), jnp.float32) * jnp.std(w)
+    assert ref_changed == 0  # frozen from epoch 1 on, as the published code
+    assert ex_changed > 0
+
+
+def toy_model_trees(rng):
+    params = {
+        "conv0": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 3, 16)), jnp.float32)},
+        "block": {
+            "conv1": {"kernel": jnp.asarray(rng.standard_normal((1, 1, 16, 24)), jnp.float32)}
+        },
+        "dense": {"kernel": jnp.ones((24, 10))},
+    }
+    fusion_tree = {
+        "conv0": fusion.init_fusion_state(16, 8),
+        "block": {"conv1": fusion.init_fusion_state(24, 5)},
+    }
+    return params, fusion_tree
+
+
+def test_update_fusion_updates_every_layer_like_update_layer():
+    params, tree = toy_model_trees(np.random.default_rng(3))
+    new, info = fusion.update_fusion(params, tree, 0, 10)
+    assert set(info) == {"conv0", "block/conv1"}
+    for path, layer in (("conv0", new["conv0"]), ("block/conv1", new["block"]["conv1"])):
+        kernel = (
+            params[path.split("/")[0]]["kernel"]
+            if path == "conv0"
+            else params["block"]["conv1"]["kernel"]
+        )
+        old = tree["conv0"] if path == "conv0" else tree["block"]["conv1"]
+        want, _ = fusion.update_layer(fusion.kernel_filters(kernel), old, 1.0, "reference")
+        for name in ("matrix", "scores", "kept"):
+            np.testing.assert_allclose(layer[name], want[name], rtol=1e-6)
+    assert new["conv0"]["matrix"].shape == (8, 16)
+
+
+def test_update_fusion_compiles_once_across_epochs():
+    params, tree = toy_model_trees(np.random.default_rng(4))
+    fusion._update_fusion_jit.clear_cache()
+    for epoch in range(4):
+        tree, _ = fusion.update_fusion(params, tree, epoch, 4, criterion="exact")
+    assert fusion._update_fusion_jit._cache_size() == 1
+
+
+def test_update_fusion_names_a_layer_without_kernel():
+    _, tree = toy_model_trees(np.random.default_rng(5))
+    with pytest.raises(ValueError, match="conv0"):
+        fusion.update_fusion({"block": {"conv1": {"kernel": jnp.ones((1, 1, 16, 24))}}}, tree, 0, 3)
