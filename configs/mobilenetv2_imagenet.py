@@ -5,11 +5,11 @@ dcff_jax/models/mobilenetv2.py). The paper's MobileNetV2 string is unpublished; 
 prunes the expansion convs only. Cosine schedule as the paper's "cos" ResNet-50 rows.
 """
 
-from configs import default
+from dcff_jax.config import default_config
 
 
 def get_config():
-    config = default.get_config()
+    config = default_config()
     config.model = "mobilenetv2"
     config.cprate = "[0.0]+[0.5]*16+[0.0]*7+[0.0]"
     config.dataset = "imagenet2012"

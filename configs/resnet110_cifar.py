@@ -1,10 +1,10 @@
 """ResNet-110 on CIFAR-10: 85.30M FLOPs (66.55%), 0.56M params (67.86%); paper top-1 93.80%."""
 
-from configs import default
+from dcff_jax.config import default_config
 
 
 def get_config():
-    config = default.get_config()
+    config = default_config()
     config.model = "resnet110"
     config.cprate = (
         "[0.2]+[0.0]+[0.2]+[0.3]+[0.7]*2+[0.1]+[0.3]*2+[0.4]+[0.7]*2+[0.5]+[0.1]+[0.3]+[0.0]+[0.6]"

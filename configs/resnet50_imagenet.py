@@ -6,7 +6,7 @@ give any string with `--config.cprate='...'`. "step" presets train 90 epochs at 
 5-epoch linear warm-up.
 """
 
-from configs import default
+from dcff_jax.config import default_config
 
 # name: (cprate, lr_schedule, paper FLOPs, paper params, paper top-1)
 PRESETS = {
@@ -41,7 +41,7 @@ def get_config(preset: str = "step-0.96B"):
     if preset not in PRESETS:
         raise ValueError(f"unknown ResNet-50 preset {preset!r}; known: {sorted(PRESETS)}")
     cprate, schedule, *_ = PRESETS[preset]
-    config = default.get_config()
+    config = default_config()
     config.model = "resnet50"
     config.preset = preset
     config.cprate = cprate

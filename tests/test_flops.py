@@ -5,10 +5,14 @@ import sys
 
 import pytest
 
-from configs import googlenet_cifar, resnet50_imagenet, resnet56_cifar, resnet110_cifar, vgg16_cifar
 from dcff_jax import flops
+from dcff_jax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(name, argument=None):
+    return load_config(os.path.join(ROOT, "configs", f"{name}.py"), argument)
 
 
 def human(n):
@@ -24,18 +28,18 @@ def pct(counts, key):
 # Paper table / official README; VGG-16 params as the published model has them (1.07M, 92.73%),
 # not the paper's misprinted 1.06M (92.80%). Baselines: thop 0.0.31 on the published originals.
 CIFAR_ROWS = [
-    (vgg16_cifar, "72.77M", "76.83", "1.07M", "92.73", "314.03M", "14.73M"),
-    (resnet56_cifar, "55.84M", "55.88", "0.38M", "54.95", "126.55M", "0.85M"),
-    (resnet110_cifar, "85.30M", "66.55", "0.56M", "67.86", "254.98M", "1.73M"),
-    (googlenet_cifar, "457.22M", "70.11", "2.08M", "66.28", "1529.42M", "6.17M"),
+    ("vgg16_cifar", "72.77M", "76.83", "1.07M", "92.73", "314.03M", "14.73M"),
+    ("resnet56_cifar", "55.84M", "55.88", "0.38M", "54.95", "126.55M", "0.85M"),
+    ("resnet110_cifar", "85.30M", "66.55", "0.56M", "67.86", "254.98M", "1.73M"),
+    ("googlenet_cifar", "457.22M", "70.11", "2.08M", "66.28", "1529.42M", "6.17M"),
 ]
 
 
-@pytest.mark.parametrize("row", CIFAR_ROWS, ids=lambda r: r[0].__name__.split(".")[-1])
+@pytest.mark.parametrize("row", CIFAR_ROWS, ids=lambda r: r[0])
 def test_cifar_rows_reproduce_paper(row):
-    module, f, fr, p, pr, bf, bp = row
-    config = module.get_config()
-    counts = flops.model_counts(config.model, config.cprate)
+    name, f, fr, p, pr, bf, bp = row
+    cfg = config(name)
+    counts = flops.model_counts(cfg.model, cfg.cprate)
     assert (human(counts["flops"]), pct(counts, "flops")) == (f, fr)
     assert (human(counts["params"]), pct(counts, "params")) == (p, pr)
     assert (f"{counts['base_flops'] / 1e6:.2f}M", human(counts["base_params"])) == (bf, bp)
@@ -43,7 +47,7 @@ def test_cifar_rows_reproduce_paper(row):
 
 def test_vgg16_compact_params_exact():
     # The figure README.md quotes against the paper's misprint.
-    assert flops.model_counts("vgg16", vgg16_cifar.get_config().cprate)["params"] == 1_071_248
+    assert flops.model_counts("vgg16", config("vgg16_cifar").cprate)["params"] == 1_071_248
 
 
 RESNET50_ROWS = {
@@ -58,8 +62,7 @@ RESNET50_ROWS = {
 
 @pytest.mark.parametrize("preset", sorted(RESNET50_ROWS))
 def test_resnet50_rows_reproduce_paper(preset):
-    config = resnet50_imagenet.get_config(preset)
-    counts = flops.model_counts("resnet50", config.cprate)
+    counts = flops.model_counts("resnet50", config("resnet50_imagenet", preset).cprate)
     got = (
         f"{counts['flops'] / 1e9:.2f}B",
         pct(counts, "flops"),
@@ -117,7 +120,7 @@ def test_cli_prints_table_and_json_last_line():
     out = run_cli("--config=configs/vgg16_cifar.py")
     assert "vgg16 compact" in out and "76.83%" in out
     last = json.loads(out.strip().splitlines()[-1])
-    assert last["flops"] == flops.model_counts("vgg16", vgg16_cifar.get_config().cprate)["flops"]
+    assert last["flops"] == flops.model_counts("vgg16", config("vgg16_cifar").cprate)["flops"]
     assert set(last) == {"flops", "params", "base_flops", "base_params"}
 
 

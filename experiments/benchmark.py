@@ -1,0 +1,182 @@
+"""Benchmarks. Prints a table and, as the LAST line of stdout, one JSON object.
+
+  python experiments/benchmark.py --mode=fusion --config=configs/resnet50_imagenet.py
+      the fusion update of every fused layer of a model (one jitted call), after compilation
+  python experiments/benchmark.py --mode=fusion_scaling --widths=256,512,1024
+      one layer's importance: ours O(c^2) against the published O(c^3) formula
+
+Timings: median of --repeats runs after one warm-up, blocking on results. Memory: XLA's own
+accounting of the compiled program (temporary buffers, what the update needs beyond its inputs
+and outputs) and the process's peak RSS growth across the timed runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from dcff_jax import fusion, models
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/resnet50_imagenet.py", "Model config.")
+_MODE = flags.DEFINE_enum("mode", "fusion", ["fusion", "fusion_scaling"], "What to measure.")
+_CRITERION = flags.DEFINE_enum("criterion", "reference", list(fusion.CRITERIA), "Importance.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs (median reported).")
+_WIDTHS = flags.DEFINE_list("widths", ["256", "512", "1024"], "fusion_scaling: layer widths c.")
+_DIM = flags.DEFINE_integer("dim", 1152, "fusion_scaling: filter length d = c_in * kh * kw.")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def time_call(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds per call, after one warm-up call; blocks on every result."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    host = platform.processor() or platform.machine()
+    return f"{d.platform}:{getattr(d, 'device_kind', '')} ({host}, {os.cpu_count()} cores)"
+
+
+def bench_model_fusion(config, criterion: str, repeats: int) -> dict:
+    model = models.create_model(config.model, config.cprate or None, "fused")
+    shape = models.input_shape(config.model, 1)
+    variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))()
+    params, state = variables["params"], variables["fusion"]
+    widths = [v.shape[1] for v in jax.tree.leaves(state) if v.ndim == 2]
+    args = (params, state, jnp.int32(0), jnp.int32(config.num_epochs))
+    start = time.perf_counter()
+    compiled = fusion._update_fusion_jit.lower(*args, criterion, 1.0, 1e4, 1.0).compile()
+    compile_s = time.perf_counter() - start
+    temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    rss_before = peak_rss_mb()
+    epochs = iter(range(10**6))
+
+    def run():
+        return fusion.update_fusion(
+            params, state, next(epochs) % 3, config.num_epochs, criterion=criterion
+        )
+
+    times = time_call(run, repeats)
+    return {
+        "mode": "fusion",
+        "model": config.model,
+        "criterion": criterion,
+        "fused_layers": len(widths),
+        "max_width": max(widths),
+        "update_s_median": statistics.median(times),
+        "update_s_min": min(times),
+        "compile_s": compile_s,
+        "xla_temp_mb": temp_mb,
+        "peak_rss_growth_mb": peak_rss_mb() - rss_before,
+        "peak_rss_mb": peak_rss_mb(),
+        "device": device_name(),
+    }
+
+
+def published_importance_cubic(distances, temperature):
+    """The published formula as written: the (c, c, c) KL tensor, O(c^3) time.
+
+    XLA fuses the tensor away, so this measures the published arithmetic at its best; the eager
+    NumPy run below allocates the (c, c, c) intermediates as PyTorch does.
+    """
+    p = jax.nn.softmax(-distances * temperature, axis=1)
+    kl = jnp.mean(p[:, None, :] * jnp.log(p[:, None, :] / (p[None, :, :] + 1e-7)), axis=2)
+    return jnp.sum(kl, axis=1)
+
+
+def published_importance_eager(distances: np.ndarray, temperature: float) -> np.ndarray:
+    """The published formula, eager, materialising (c, c, c) tensors as the PyTorch code does."""
+    logits = -distances * np.float32(temperature)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p = e / e.sum(axis=1, keepdims=True)
+    kl = np.mean(p[:, None, :] * np.log(p[:, None, :] / (p[None, :, :] + np.float32(1e-7))), axis=2)
+    return kl.sum(axis=1)
+
+
+def bench_scaling(widths: list[int], dim: int, repeats: int, eager_max_width: int = 512) -> dict:
+    rows = []
+    ours = jax.jit(lambda d: fusion.importance(d, 1.0, "reference"))
+    fused_cubic = jax.jit(lambda d: published_importance_cubic(d, 1.0))
+    for c in widths:
+        w = np.random.default_rng(c).standard_normal((c, dim)).astype(np.float32) * np.sqrt(2 / dim)
+        d = fusion.pairwise_distances(w)
+        row = {"c": c, "cubic_tensor_mb": c**3 * 4 / 2**20}
+        for name, fn in (("ours", ours), ("published_xla", fused_cubic)):
+            compiled = fn.lower(d).compile()
+            row[f"{name}_temp_mb"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+            times = time_call(lambda f=fn, x=d: f(x), repeats)
+            row[f"{name}_ms"] = 1e3 * statistics.median(times)
+        np.testing.assert_allclose(ours(d), fused_cubic(d), rtol=2e-3, atol=1e-4)
+        if c <= eager_max_width:
+            d_np = np.asarray(d)
+            tracemalloc.start()
+            start = time.perf_counter()
+            published_importance_eager(d_np, 1.0)
+            row["published_eager_ms"] = 1e3 * (time.perf_counter() - start)
+            row["published_eager_peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
+            tracemalloc.stop()
+        row["speedup_vs_xla"] = row["published_xla_ms"] / row["ours_ms"]
+        rows.append(row)
+    return {"mode": "fusion_scaling", "dim": dim, "rows": rows, "device": device_name()}
+
+
+def print_table(result: dict) -> None:
+    if result["mode"] == "fusion":
+        for key, value in result.items():
+            print(f"{key:<22}{value:.4f}" if isinstance(value, float) else f"{key:<22}{value}")
+        return
+    columns = (
+        "c",
+        "ours_ms",
+        "published_xla_ms",
+        "published_eager_ms",
+        "ours_temp_mb",
+        "published_eager_peak_mb",
+        "cubic_tensor_mb",
+    )
+    print("".join(f"{name:>{len(name) + 2}}" for name in columns))
+    for row in result["rows"]:
+        cells = []
+        for name in columns:
+            value = row.get(name, float("nan"))
+            cells.append(
+                f"{value:>{len(name) + 2}.2f}"
+                if isinstance(value, float)
+                else f"{value:>{len(name) + 2}}"
+            )
+        print("".join(cells))
+
+
+def main(argv) -> None:
+    del argv
+    if _MODE.value == "fusion":
+        result = bench_model_fusion(_CONFIG.value, _CRITERION.value, _REPEATS.value)
+    else:
+        result = bench_scaling([int(c) for c in _WIDTHS.value], _DIM.value, _REPEATS.value)
+    print_table(result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

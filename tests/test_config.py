@@ -1,0 +1,58 @@
+import os
+
+import pytest
+
+from dcff_jax import plans
+from dcff_jax.config import default_config, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = [
+    "vgg16_cifar",
+    "resnet56_cifar",
+    "resnet110_cifar",
+    "googlenet_cifar",
+    "resnet50_imagenet",
+    "mobilenetv2_imagenet",
+    "default",
+]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_loads_and_its_rates_fit_its_model(name):
+    config = load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+    assert set(default_config().keys()) <= set(config.keys())
+    plans.layer_rates(config.model, config.cprate or [0.0] * plans.LAYOUTS[config.model].num_rates)
+
+
+def test_published_cifar_recipe():
+    config = load_config(os.path.join(ROOT, "configs", "resnet56_cifar.py"))
+    assert (config.learning_rate, config.momentum, config.weight_decay) == (0.1, 0.9, 5e-4)
+    assert (config.batch_size, config.num_epochs, tuple(config.lr_milestones)) == (
+        256,
+        300,
+        (150, 225),
+    )
+
+
+def test_resnet50_presets_and_unknown_preset():
+    path = os.path.join(ROOT, "configs", "resnet50_imagenet.py")
+    cos = load_config(path, "cos-1.52B")
+    assert (cos.lr_schedule, cos.learning_rate, cos.momentum, cos.num_epochs) == (
+        "cosine",
+        0.01,
+        0.99,
+        180,
+    )
+    step = load_config(path)
+    assert (step.lr_schedule, step.num_epochs, tuple(step.lr_milestones)) == (
+        "step",
+        90,
+        (30, 60, 80),
+    )
+    with pytest.raises(ValueError, match="unknown ResNet-50 preset 'cos-9B'"):
+        load_config(path, "cos-9B")
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(os.path.join(ROOT, "configs", "nope.py"))
