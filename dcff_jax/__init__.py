@@ -10,10 +10,10 @@ Layers and models:
 Plans:
   parse_rates, layer_rates, keep_width
 FLOPs, params and export:
-  count_flops, model_counts, compact_variables
+  count_flops, model_counts, compact_variables, load_compact (an exported compact model)
 """
 
-from dcff_jax.export import compact_variables
+from dcff_jax.export import compact_variables, load_compact
 from dcff_jax.flops import count as count_flops
 from dcff_jax.flops import model_counts
 from dcff_jax.fusion import (
@@ -41,6 +41,7 @@ __all__ = [
     "VARIANTS",
     "FusedConv",
     "compact_variables",
+    "load_compact",
     "count_flops",
     "create_model",
     "fuse_kernel",

@@ -40,7 +40,57 @@ def default_config() -> ml_collections.ConfigDict:
     config.half_precision = False  # bfloat16 conv compute; params and fusion math stay float32
     config.checkpoint_every_steps = 1000
     config.log_every_steps = 50
+    # Multi-host (TPU pods, GPU clusters): call jax.distributed.initialize() first. On a TPU pod it
+    # needs no arguments; elsewhere give the coordinator, process count and this process's id.
+    config.distributed = False
+    config.coordinator_address = ""
+    config.num_processes = -1
+    config.process_id = -1
     return config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Check a config before anything is compiled; raise ValueError naming the bad field."""
+    from dcff_jax import fusion, input_pipeline, models, plans
+
+    if config.model not in models.ARCHITECTURES:
+        raise ValueError(
+            f"config.model {config.model!r} is unknown; "
+            f"expected one of {sorted(models.ARCHITECTURES)}"
+        )
+    if config.cprate:
+        plans.layer_rates(config.model, config.cprate)
+    checks = [
+        (config.criterion in fusion.CRITERIA, f"config.criterion must be one of {fusion.CRITERIA}"),
+        (
+            config.dataset in input_pipeline.DATASETS,
+            f"config.dataset must be one of {input_pipeline.DATASETS}",
+        ),
+        (
+            config.lr_schedule in ("multistep", "step", "cosine"),
+            "config.lr_schedule must be multistep, step or cosine",
+        ),
+        (config.num_epochs >= 1, "config.num_epochs must be >= 1"),
+        (config.batch_size >= 1, "config.batch_size must be >= 1"),
+        (config.learning_rate > 0, "config.learning_rate must be > 0"),
+        (0 <= config.momentum < 1, "config.momentum must be in [0, 1)"),
+        (config.weight_decay >= 0, "config.weight_decay must be >= 0"),
+        (config.log_every_steps >= 1, "config.log_every_steps must be >= 1"),
+        (
+            config.steps_per_epoch == -1 or config.steps_per_epoch >= 1,
+            "config.steps_per_epoch must be -1 or >= 1",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    import jax
+
+    if config.batch_size % jax.device_count():
+        raise ValueError(
+            f"config.batch_size {config.batch_size} must be divisible by the {jax.device_count()} "
+            "devices it is split over"
+        )
 
 
 def load_config(path: str, argument: str | None = None) -> ml_collections.ConfigDict:

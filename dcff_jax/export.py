@@ -48,3 +48,101 @@ def compact_variables(fused_variables: Mapping[str, Any]) -> dict[str, Any]:
 
 def _plain(tree):
     return tree.unfreeze() if hasattr(tree, "unfreeze") else dict(tree)
+
+
+def save_compact(directory: str, state, config, record: dict) -> None:
+    """Write the compact model of a fused train state to `directory` (orbax + metadata.json).
+
+    The new export is written beside the old one and swapped in by renames, so a finished export
+    is never lost to an interruption.
+    """
+    import json
+    import os
+    import shutil
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    from dcff_jax import flops, models
+
+    variables = compact_variables(
+        {"params": state.params, "batch_stats": state.batch_stats, "fusion": state.fusion}
+    )
+    variables = jax.device_get(variables)
+    counts = flops.model_counts(config.model, config.cprate or None)
+    metadata = {
+        "architecture": config.model,
+        "cprate": config.cprate,
+        "widths": [
+            layer.kept for layer in models.fused_layers(config.model, config.cprate or None)
+        ],
+        "num_classes": config.num_classes,
+        "image_size": config.image_size,
+        "dataset": config.dataset,
+        "data_dir": config.data_dir,
+        "epoch": record["epoch"],
+        "test_top1": record["test_top1"],
+        "test_top5": record["test_top5"],
+        **counts,
+        "config": config.to_dict(),
+    }
+    directory = os.path.abspath(directory)
+    staging, old = directory + ".new", directory + ".old"
+    shutil.rmtree(staging, ignore_errors=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(staging, "variables"), variables)
+        checkpointer.wait_until_finished()
+    with open(os.path.join(staging, "metadata.json"), "w") as f:
+        json.dump(metadata, f, indent=2, default=str)
+    if os.path.exists(directory):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(directory, old)
+    os.rename(staging, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_compact(directory: str):
+    """(model, variables, metadata) of an exported compact model, ready for model.apply.
+
+    Usage from other JAX code:
+        model, variables, meta = dcff_jax.load_compact("WORKDIR/compact")
+        logits = model.apply(variables, images, train=False)   # images NHWC, normalised
+    """
+    import json
+    import os
+
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from dcff_jax import models
+
+    path = os.path.abspath(directory)
+    meta_path = os.path.join(path, "metadata.json")
+    if not os.path.isfile(meta_path) and os.path.isfile(
+        os.path.join(path + ".old", "metadata.json")
+    ):
+        path = path + ".old"  # an interrupted swap: the previous export is intact
+        meta_path = os.path.join(path, "metadata.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(
+            f"{directory} is not a compact export: no metadata.json (expected WORKDIR/compact)"
+        )
+    with open(meta_path) as f:
+        metadata = json.load(f)
+    model = models.create_model(
+        metadata["architecture"],
+        metadata["cprate"] or None,
+        "compact",
+        num_classes=metadata["num_classes"],
+    )
+    size = metadata["image_size"]
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            variables = checkpointer.restore(os.path.join(path, "variables"), abstract)
+    except Exception as e:
+        raise ValueError(
+            f"the compact export in {path} is corrupt or unreadable ({type(e).__name__}: {e})"
+        ) from e
+    return model, variables, metadata

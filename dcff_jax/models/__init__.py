@@ -78,10 +78,46 @@ def create_model(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedLayer:
+    path: str  # "stage1_block0/conv1"
+    filters: int  # c_out of the original layer
+    kept: int  # m
+
+
+def fused_layers(
+    architecture: str, cprate: str | Sequence[float] | None = None
+) -> list[FusedLayer]:
+    """Every fused conv of the architecture in plan (call) order, traced abstractly."""
+    from dcff_jax.layers import FusedConv
+
+    model = create_model(architecture, cprate, "fused")
+    found: list[FusedLayer] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, FusedConv) and context.method_name == "__call__":
+            module = context.module
+            found.append(FusedLayer("/".join(module.scope.path), module.features, module.kept))
+        return next_fun(*args, **kwargs)
+
+    shape = input_shape(architecture)
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros(shape), train=False))
+    return found
+
+
 def input_shape(architecture: str, batch_size: int = 1) -> tuple[int, int, int, int]:
     """(batch, H, W, 3) of the architecture's dataset."""
     size = ARCHITECTURES[architecture].image_size
     return (batch_size, size, size, 3)
 
 
-__all__ = ["ARCHITECTURES", "VARIANTS", "create_model", "input_shape", "prunable_conv"]
+__all__ = [
+    "ARCHITECTURES",
+    "VARIANTS",
+    "FusedLayer",
+    "create_model",
+    "fused_layers",
+    "input_shape",
+    "prunable_conv",
+]

@@ -1,0 +1,56 @@
+"""Evaluate an exported compact model on its test split.
+
+  python -m dcff_jax.evaluate --checkpoint=WORKDIR/compact [--data_dir=...] [--dataset=...]
+
+Prints a line per metric and, as the LAST line of stdout, {"top1", "top5", "loss", "examples"}.
+"""
+
+import json
+
+from absl import app, flags
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A compact export (WORKDIR/compact).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Overrides the data_dir recorded at export.")
+_DATASET = flags.DEFINE_string("dataset", None, "Overrides the dataset recorded at export.")
+_BATCH = flags.DEFINE_integer("batch_size", 250, "Evaluation batch size (global).")
+flags.mark_flags_as_required(["checkpoint"])
+
+
+def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: int = 250) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from dcff_jax import export, input_pipeline, train
+
+    model, variables, meta = export.load_compact(checkpoint)
+    config = ml_collections.ConfigDict(meta["config"])
+    config.data_dir = data_dir if data_dir is not None else meta["data_dir"]
+    config.dataset = dataset or meta["dataset"]
+    data = input_pipeline.load_data(config)
+    mesh = train.make_mesh()
+    batch = batch_size - batch_size % jax.device_count() or jax.device_count()
+    variables = jax.device_put(variables, NamedSharding(mesh, P()))
+
+    @jax.jit
+    def step(variables, images, labels, mask):
+        x = input_pipeline.normalize(images, data.mean, data.std, jnp.float32)
+        return train.eval_sums(model.apply(variables, x, train=False), labels, mask)
+
+    return train.evaluate(lambda _, *b: step(variables, *b), None, data.test, batch, mesh)
+
+
+def main(argv):
+    del argv
+    result = evaluate_compact(_CHECKPOINT.value, _DATA_DIR.value, _DATASET.value, _BATCH.value)
+    print(
+        f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
+        f"examples {result['examples']}"
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

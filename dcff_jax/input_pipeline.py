@@ -1,0 +1,295 @@
+"""Input pipelines: CIFAR-10 (tfds or a cifar-10-batches-py folder) and ImageNet (tfds), TF-free.
+
+Design:
+  - The host produces uint8 batches (N, H, W, 3) and int32 labels; every host reads only its own
+    slice of each global batch (multi-host) from a per-epoch permutation seeded by (seed, epoch),
+    so the batches depend only on (seed, epoch, step) and a resumed run sees the same ones.
+  - CIFAR-10 lives in memory (150 MB) and is augmented on the device inside the jitted train step
+    (`augment_cifar`: pad-4 random crop + flip, keyed by seed, epoch and step), so the input is
+    never the bottleneck. ImageNet is decoded by tfds' random-access data source and cropped on
+    the host (random-resized-crop 224 + flip; eval resize 256 + centre crop 224) by a thread pool.
+  - Normalisation happens on the device (`normalize`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DATASETS = ("cifar10", "cifar10_folder", "imagenet2012")
+
+
+@dataclasses.dataclass
+class Split:
+    """A random-access split. `load(indices, epoch)` -> (images uint8 (n, H, W, 3), labels (n,))."""
+
+    num_examples: int
+    load: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+    image_size: int
+
+
+@dataclasses.dataclass
+class Data:
+    train: Split
+    test: Split
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    device_augment: bool  # CIFAR: crop + flip inside the train step
+
+
+def load_data(config) -> Data:
+    """The train and test splits named by config.dataset / config.data_dir."""
+    if config.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {config.dataset!r}; expected one of {DATASETS}")
+    if config.dataset == "cifar10_folder":
+        train, test = (
+            _array_split(*read_cifar_folder(config.data_dir, s)) for s in ("train", "test")
+        )
+        return Data(train, test, CIFAR_MEAN, CIFAR_STD, device_augment=True)
+    if config.dataset == "cifar10":
+        train, test = (
+            _array_split(*read_tfds_arrays("cifar10", s, config.data_dir))
+            for s in ("train", "test")
+        )
+        return Data(train, test, CIFAR_MEAN, CIFAR_STD, device_augment=True)
+    train = _imagenet_split(
+        _tfds_source("imagenet2012", "train", config.data_dir), config, train=True
+    )
+    test = _imagenet_split(
+        _tfds_source("imagenet2012", "validation", config.data_dir), config, train=False
+    )
+    return Data(train, test, IMAGENET_MEAN, IMAGENET_STD, device_augment=False)
+
+
+# --- CIFAR-10 -------------------------------------------------------------------------------
+
+_CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def read_cifar_folder(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read the standard `cifar-10-batches-py` folder (data_dir may be it or its parent).
+
+    Returns:
+      images uint8 (n, 32, 32, 3) and labels int32 (n,).
+    """
+    folder = data_dir
+    if os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
+        folder = os.path.join(data_dir, "cifar-10-batches-py")
+    expected = _CIFAR_FILES[split]
+    missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
+    if not os.path.isdir(folder) or missing:
+        raise FileNotFoundError(
+            f"CIFAR-10 folder {folder!r} is missing {missing or 'entirely'}: expected the standard "
+            "cifar-10-batches-py folder (data_batch_1..5, test_batch), e.g. from "
+            "`python ../shared/data/make_cifar10.py DIR`, given as --config.data_dir=DIR"
+        )
+    images, labels = [], []
+    for name in expected:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                batch = _SafeUnpickler(f, encoding="bytes").load()
+            data = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32)
+            batch_labels = np.asarray(batch[b"labels"], np.int32)
+        except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+            raise ValueError(
+                f"{path} is not a CIFAR-10 batch file ({type(e).__name__}: {e})"
+            ) from e
+        if len(batch_labels) != len(data):
+            raise ValueError(f"{path}: {len(data)} images but {len(batch_labels)} labels")
+        images.append(data.transpose(0, 2, 3, 1))
+        labels.append(batch_labels)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """The official files are pickles; allow only what they contain (NumPy arrays, builtins), so a
+    tampered file cannot run code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 pickles bytes
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 file")
+
+
+def read_tfds_arrays(name: str, split: str, data_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """A small tfds dataset (e.g. cifar10) in memory: uint8 (n, H, W, 3), int32 (n,)."""
+    source = _tfds_source(name, split, data_dir)
+    examples = [source[i] for i in range(len(source))]
+    images = np.stack([np.asarray(e["image"], np.uint8) for e in examples])
+    labels = np.asarray([e["label"] for e in examples], np.int32)
+    return images, labels
+
+
+def _tfds_source(name: str, split: str, data_dir: str):
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    except Exception as e:  # tfds raises several types for a missing or unprepared dataset
+        where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
+        raise FileNotFoundError(
+            f"tfds dataset {name!r} split {split!r} is not prepared in {where} "
+            f"({type(e).__name__}: {e}). Prepare it with tfds (e.g. "
+            f"`tfds build {name} --data_dir=DIR`, array_record format) "
+            "and pass --config.data_dir=DIR"
+        ) from e
+
+
+def _array_split(images: np.ndarray, labels: np.ndarray) -> Split:
+    def load(indices, epoch):
+        del epoch
+        return images[indices], labels[indices]
+
+    return Split(len(labels), load, images.shape[1])
+
+
+# --- ImageNet -------------------------------------------------------------------------------
+
+
+def _imagenet_split(source, config, train: bool) -> Split:
+    size = config.image_size
+    pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2)))
+    seed = config.seed
+
+    def one(index: int, epoch: int) -> tuple[np.ndarray, int]:
+        example = source[int(index)]
+        image = np.asarray(example["image"], np.uint8)
+        if train:
+            rng = np.random.default_rng([seed, epoch, int(index)])
+            image = random_resized_crop(image, size, rng)
+            if rng.random() < 0.5:
+                image = image[:, ::-1]
+        else:
+            image = resize_center_crop(image, int(size * 256 / 224), size)
+        return image, int(example["label"])
+
+    def load(indices, epoch):
+        results = list(pool.map(lambda i: one(i, epoch), indices))
+        return np.stack([r[0] for r in results]), np.asarray([r[1] for r in results], np.int32)
+
+    return Split(len(source), load, size)
+
+
+def random_resized_crop(
+    image: np.ndarray, size: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> np.ndarray:
+    """torchvision's RandomResizedCrop: (H, W, 3) uint8 -> (size, size, 3) uint8."""
+    h, w = image.shape[:2]
+    for _ in range(10):
+        area = h * w * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            return _resize(image[top : top + ch, left : left + cw], size, size)
+    side = min(h, w)  # fallback: centre crop, as torchvision
+    top, left = (h - side) // 2, (w - side) // 2
+    return _resize(image[top : top + side, left : left + side], size, size)
+
+
+def resize_center_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray:
+    """Resize the shorter side to `resize`, then centre-crop (size, size)."""
+    h, w = image.shape[:2]
+    scale = resize / min(h, w)
+    nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
+    image = _resize(image, nh, nw)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+
+# --- Batching (host) ------------------------------------------------------------------------
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the training set in an epoch: depends only on (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def train_batches(
+    split: Split, global_batch: int, seed: int, epoch: int, start_step: int, num_steps: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """This process's slices of the epoch's global batches, from `start_step` (for resume).
+
+    Each process yields (global_batch / process_count) examples per step; the last partial global
+    batch of an epoch is dropped so that shapes stay static.
+    """
+    order = epoch_permutation(split.num_examples, seed, epoch)
+    local = global_batch // jax.process_count()
+    offset = jax.process_index() * local
+    for step in range(start_step, num_steps):
+        indices = order[step * global_batch + offset : step * global_batch + offset + local]
+        yield split.load(indices, epoch)
+
+
+def eval_batches(
+    split: Split, global_batch: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """This process's slices of the test set in order; the last batch is padded, with a mask."""
+    local = global_batch // jax.process_count()
+    offset = jax.process_index() * local
+    for start in range(0, split.num_examples, global_batch):
+        wanted = np.arange(start + offset, start + offset + local)
+        valid = wanted < split.num_examples
+        images, labels = split.load(np.where(valid, wanted, 0), 0)
+        yield images, labels, valid
+
+
+def steps_per_epoch(split: Split, global_batch: int, cap: int = -1) -> int:
+    steps = split.num_examples // global_batch
+    if steps == 0:
+        raise ValueError(
+            f"the training set has {split.num_examples} examples, fewer than one global batch "
+            f"of {global_batch}: lower --config.batch_size"
+        )
+    return min(steps, cap) if cap > 0 else steps
+
+
+# --- Device side (inside jit) -------------------------------------------------------------
+
+
+def augment_cifar(images: jax.Array, key: jax.Array) -> jax.Array:
+    """Pad-4 random crop + horizontal flip: uint8 (n, 32, 32, 3) -> uint8 (n, 32, 32, 3)."""
+    n, h, w, _ = images.shape
+    crop_key, flip_key = jax.random.split(key)
+    offsets = jax.random.randint(crop_key, (n, 2), 0, 9)
+    flips = jax.random.bernoulli(flip_key, 0.5, (n,))
+    padded = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+
+    def one(image, offset, flip):
+        crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
+        return jnp.where(flip, crop[:, ::-1], crop)
+
+    return jax.vmap(one)(padded, offsets, flips)
+
+
+def normalize(images: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
+    """uint8 (n, H, W, 3) -> (x / 255 - mean) / std in `dtype`."""
+    x = images.astype(jnp.float32) / 255.0
+    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return x.astype(dtype)

@@ -1,0 +1,41 @@
+"""Shared test helpers: tiny CIFAR folders in the official format, tiny configs."""
+
+import os
+import pickle
+
+import numpy as np
+
+from dcff_jax.config import default_config
+
+
+def write_cifar_folder(root: str, train: int = 64, test: int = 40, seed: int = 0) -> str:
+    """A cifar-10-batches-py folder with random images in the official pickle layout."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    per_batch = [train // 5 + (1 if i < train % 5 else 0) for i in range(5)]
+    for name, n in [(f"data_batch_{i + 1}", per_batch[i]) for i in range(5)] + [
+        ("test_batch", test)
+    ]:
+        labels = rng.integers(0, 10, n)
+        # Images whose mean colour depends on the label, so that a few steps can learn something.
+        base = (labels[:, None] * 25).astype(np.float32)
+        data = np.clip(base + rng.normal(0, 40, (n, 3072)), 0, 255).astype(np.uint8)
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels.tolist()}, f)
+    return root
+
+
+def tiny_config(data_dir: str, **overrides):
+    config = default_config()
+    config.model = "resnet56"
+    config.cprate = "[0.5]*27+[0.5]*3"
+    config.dataset = "cifar10_folder"
+    config.data_dir = data_dir
+    config.batch_size = 16
+    config.num_epochs = 2
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 2
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config

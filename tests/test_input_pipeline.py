@@ -1,0 +1,143 @@
+import os
+import pickle
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from helpers import tiny_config, write_cifar_folder
+
+from dcff_jax import input_pipeline as ip
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_cifar_folder(str(tmp_path_factory.mktemp("cifar")), train=53, test=20)
+
+
+def test_reads_official_layout_folder_or_parent(folder):
+    images, labels = ip.read_cifar_folder(folder, "train")
+    assert images.shape == (53, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.shape == (53,) and labels.dtype == np.int32
+    same, _ = ip.read_cifar_folder(os.path.join(folder, "cifar-10-batches-py"), "train")
+    np.testing.assert_array_equal(images, same)
+    # Channel-last transposition of the official (3, 32, 32) row layout.
+    with open(os.path.join(folder, "cifar-10-batches-py", "data_batch_1"), "rb") as f:
+        raw = pickle.load(f, encoding="bytes")[b"data"][0]
+    np.testing.assert_array_equal(images[0, :, :, 0].ravel(), raw[:1024])
+    np.testing.assert_array_equal(images[0, :, :, 2].ravel(), raw[2048:])
+
+
+def test_missing_and_corrupt_folders_are_explained(tmp_path, folder):
+    with pytest.raises(FileNotFoundError, match="data_batch_1"):
+        ip.read_cifar_folder(str(tmp_path / "nothing"), "train")
+    broken = write_cifar_folder(str(tmp_path / "broken"), train=10, test=5)
+    with open(os.path.join(broken, "cifar-10-batches-py", "test_batch"), "wb") as f:
+        f.write(b"not a pickle at all")
+    with pytest.raises(ValueError, match="test_batch is not a CIFAR-10 batch file"):
+        ip.read_cifar_folder(broken, "test")
+
+
+def test_tampered_pickle_cannot_run_code(tmp_path):
+    root = write_cifar_folder(str(tmp_path / "evil"), train=10, test=5)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with open(os.path.join(root, "cifar-10-batches-py", "test_batch"), "wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": []}, f)
+    with pytest.raises(ValueError, match="refusing to load"):
+        ip.read_cifar_folder(root, "test")
+
+
+def test_real_cifar_from_shared_data_if_present():
+    shared = os.path.join(
+        os.path.dirname(__file__), "..", "..", "shared", "data", "cifar-10-batches-py"
+    )
+    if not os.path.isdir(shared):
+        pytest.skip("../shared/data not beside this checkout")
+    assert sorted(os.listdir(shared))[0].endswith(
+        ".xz"
+    )  # packed: the loader needs the folder written out
+    with pytest.raises(FileNotFoundError, match="make_cifar10.py"):
+        ip.read_cifar_folder(shared, "test")
+
+
+def test_tfds_cifar10_and_imagenet_from_mock_data():
+    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+        data = ip.load_data(tiny_config("", dataset="cifar10"))
+        assert data.train.num_examples == 24 and data.device_augment
+        images, labels = data.train.load(np.arange(5), 0)
+        assert images.shape == (5, 32, 32, 3) and labels.dtype == np.int32
+        config = tiny_config("", dataset="imagenet2012", image_size=64, num_classes=1000)
+        imagenet = ip.load_data(config)
+        a, _ = imagenet.train.load(np.arange(6), epoch=3)
+        b, _ = imagenet.train.load(np.arange(6), epoch=3)
+        c, _ = imagenet.train.load(np.arange(6), epoch=4)
+        assert a.shape == (6, 64, 64, 3) and a.dtype == np.uint8
+        np.testing.assert_array_equal(a, b)  # deterministic given (seed, epoch, index)
+        assert np.any(a != c)
+        test_images, _ = imagenet.test.load(np.arange(3), 0)
+        assert test_images.shape == (3, 64, 64, 3)
+
+
+def test_unprepared_tfds_dataset_is_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not prepared"):
+        ip.load_data(tiny_config(str(tmp_path), dataset="cifar10"))
+
+
+def test_crops_keep_size():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (50, 80, 3), dtype=np.uint8)
+    assert ip.random_resized_crop(image, 24, rng).shape == (24, 24, 3)
+    assert ip.resize_center_crop(image, 27, 24).shape == (24, 24, 3)
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch(folder):
+    split = ip.load_data(tiny_config(folder)).train
+    full = list(ip.train_batches(split, 8, seed=1, epoch=2, start_step=0, num_steps=6))
+    resumed = list(ip.train_batches(split, 8, seed=1, epoch=2, start_step=4, num_steps=6))
+    for (a, la), (b, lb) in zip(full[4:], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(la, lb)
+    other = next(ip.train_batches(split, 8, seed=1, epoch=3, start_step=0, num_steps=1))
+    assert np.any(other[1] != full[0][1])
+    assert ip.steps_per_epoch(split, 8) == 6 and ip.steps_per_epoch(split, 8, cap=2) == 2
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ip.steps_per_epoch(split, 64)
+
+
+def test_eval_batches_cover_the_split_once_with_padding_mask(folder):
+    split = ip.load_data(tiny_config(folder)).test
+    seen = []
+    for images, labels, valid in ip.eval_batches(split, 8):
+        assert images.shape[0] == 8
+        seen.extend(labels[valid].tolist())
+    np.testing.assert_array_equal(seen, split.load(np.arange(20), 0)[1])
+
+
+def test_device_augmentation_is_pad4_crop_and_flip():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)
+    out = np.asarray(ip.augment_cifar(images, jax.random.key(0)))
+    again = np.asarray(ip.augment_cifar(images, jax.random.key(0)))
+    np.testing.assert_array_equal(out, again)
+    padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    for i in range(16):
+        found = any(
+            np.array_equal(out[i], crop) or np.array_equal(out[i], crop[:, ::-1])
+            for dy in range(9)
+            for dx in range(9)
+            for crop in [padded[i, dy : dy + 32, dx : dx + 32]]
+        )
+        assert found, i
+    assert np.any(out != images)
+
+
+def test_normalize_uses_published_statistics():
+    x = np.full((1, 2, 2, 3), 255, np.uint8)
+    y = np.asarray(ip.normalize(x, ip.CIFAR_MEAN, ip.CIFAR_STD))
+    np.testing.assert_allclose(
+        y[0, 0, 0], (1 - np.array(ip.CIFAR_MEAN)) / np.array(ip.CIFAR_STD), rtol=1e-6
+    )

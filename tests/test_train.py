@@ -1,0 +1,236 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from helpers import tiny_config, write_cifar_folder
+
+from dcff_jax import export, train
+from dcff_jax.config import default_config, validate_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_optimizer_is_pytorch_sgd_with_coupled_weight_decay():
+    config = default_config()
+    config.learning_rate, config.momentum, config.weight_decay = 0.1, 0.9, 5e-4
+    tx = train.make_optimizer(config, steps_per_epoch=10)
+    p = {"w": jnp.array([1.0, -2.0])}
+    state = tx.init(p)
+    grads = [jnp.array([0.5, 0.25]), jnp.array([-1.0, 0.75])]
+    # PyTorch SGD: d = g + wd * p; buf = momentum * buf + d (buf = d at first); p -= lr * buf.
+    w, buf = np.array([1.0, -2.0]), None
+    for g in grads:
+        d = np.asarray(g) + 5e-4 * w
+        buf = d if buf is None else 0.9 * buf + d
+        w = w - 0.1 * buf
+        updates, state = tx.update({"w": g}, state, p)
+        p = optax.apply_updates(p, updates)
+    np.testing.assert_allclose(p["w"], w, rtol=1e-6)
+
+
+def test_multistep_schedule_per_epoch():
+    config = default_config()
+    schedule = train.learning_rate_schedule(config, steps_per_epoch=10)
+    assert float(schedule(0)) == pytest.approx(0.1)
+    assert float(schedule(1499)) == pytest.approx(0.1)
+    assert float(schedule(1500)) == pytest.approx(0.01)
+    assert float(schedule(2250)) == pytest.approx(0.001)
+
+
+def test_step_and_cosine_schedules_with_warmup():
+    config = default_config()
+    config.lr_schedule, config.learning_rate, config.warmup_epochs = "step", 0.1, 5
+    config.num_epochs, config.lr_milestones = 90, (30, 60, 80)
+    step = train.learning_rate_schedule(config, 10)
+    assert float(step(0)) < 0.01 and float(step(25)) == pytest.approx(0.052, rel=0.05)
+    assert float(step(100)) == pytest.approx(0.1) and float(step(300)) == pytest.approx(0.01)
+    assert float(step(850)) == pytest.approx(1e-4)
+    config.lr_schedule, config.learning_rate, config.num_epochs = "cosine", 0.01, 180
+    cos = train.learning_rate_schedule(config, 10)
+    assert float(cos(50)) == pytest.approx(0.01, rel=1e-3)
+    assert float(cos(50 + 875)) == pytest.approx(0.005, rel=1e-2)
+    assert float(cos(1799)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("model", "alexnet", "config.model"),
+        ("criterion", "kl", "criterion"),
+        ("cprate", "[0.5]*3", "needs 30"),
+        ("dataset", "mnist", "dataset"),
+        ("num_epochs", 0, "num_epochs"),
+        ("lr_schedule", "poly", "lr_schedule"),
+    ],
+)
+def test_validate_config_names_the_field(field, value, message):
+    config = tiny_config("/nonexistent")
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=message):
+        validate_config(config)
+
+
+def test_missing_data_directory_is_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        train.train_and_evaluate(tiny_config(str(tmp_path / "nope")), str(tmp_path / "wd"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_cifar_folder(str(tmp_path_factory.mktemp("cifar")), train=64, test=24)
+
+
+def main_command(data_dir, workdir, *overrides):
+    return [
+        sys.executable,
+        "-m",
+        "dcff_jax.main",
+        "--config=configs/resnet56_cifar.py",
+        f"--workdir={workdir}",
+        "--config.dataset=cifar10_folder",
+        f"--config.data_dir={data_dir}",
+        "--config.batch_size=16",
+        "--config.num_epochs=2",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=1",
+        "--config.cprate=[0.5]*30",
+        *overrides,
+    ]
+
+
+def run_main(data_dir, workdir, *overrides):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        main_command(data_dir, workdir, *overrides),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    return proc
+
+
+def final_params(workdir):
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    restored = mngr.restore(
+        mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )
+    return mngr.latest_step(), restored["state"]["params"]
+
+
+@pytest.mark.slow
+def test_main_trains_exports_and_resumes_bit_identically_after_sigkill(data_dir, tmp_path):
+    # Uninterrupted reference run: 2 epochs x 4 steps.
+    ref = str(tmp_path / "ref")
+    proc = run_main(data_dir, ref)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch 2/2: test top-1" in proc.stderr and "images/s" in proc.stderr
+    for name in (
+        "config.json",
+        "accuracy.png",
+        "temperature.png",
+        "widths.png",
+        "compact/metadata.json",
+    ):
+        assert os.path.exists(os.path.join(ref, name)), name
+    assert os.listdir(os.path.join(ref, "tensorboard"))
+    ref_step, ref_params = final_params(ref)
+    assert ref_step == 8
+
+    # The same run, killed with SIGKILL mid-epoch 2 (after the checkpoint of step 6), then resumed.
+    killed = str(tmp_path / "killed")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    victim = subprocess.Popen(
+        main_command(data_dir, killed),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 600
+    while not os.path.isdir(os.path.join(killed, "checkpoints", "6")) and time.time() < deadline:
+        assert victim.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not os.path.isdir(os.path.join(killed, "checkpoints", "8"))
+    proc = run_main(data_dir, killed)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step" in proc.stderr
+    step, params = final_params(killed)
+    assert step == ref_step
+    for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # The exported compact model loads in 3 lines and evaluates through the CLI.
+    model, variables, meta = export.load_compact(os.path.join(ref, "compact"))
+    assert meta["architecture"] == "resnet56" and meta["flops"] < meta["base_flops"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-m", "dcff_jax.evaluate", f"--checkpoint={ref}/compact"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["examples"] == 24
+    assert result["top1"] == pytest.approx(meta["test_top1"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_changed_run_definition_on_resume_is_refused(data_dir, tmp_path):
+    workdir = str(tmp_path / "wd")
+    proc = run_main(data_dir, workdir, "--config.num_epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_main(data_dir, workdir, "--config.num_epochs=1", "--config.cprate=[0.2]*30")
+    assert proc.returncode != 0
+    assert "different cprate" in proc.stderr
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    workdir = str(tmp_path / "nan")
+    proc = run_main(data_dir, workdir, "--config.learning_rate=1e30")
+    assert proc.returncode != 0
+    assert "training loss became" in proc.stderr and "last good checkpoint" in proc.stderr
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert steps, "no checkpoint kept"
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    restored = mngr.restore(max(steps), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    leaves = jax.tree.leaves(restored["state"]["params"])
+    assert all(np.all(np.isfinite(x)) for x in leaves)
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    from dcff_jax import checkpoints
+
+    mngr = checkpoints.manager(str(tmp_path / "ckpt"))
+    state = {"w": jnp.arange(4.0)}
+    checkpoints.save(mngr, 1, state, {"best_top1": 1.0})
+    checkpoints.save(mngr, 2, {"w": jnp.arange(4.0) + 1}, {"best_top1": 2.0})
+    # Corrupt every data file of step 2.
+    for dirpath, _, files in os.walk(tmp_path / "ckpt" / "2" / "state"):
+        for f in files:
+            with open(os.path.join(dirpath, f), "wb") as fh:
+                fh.write(b"garbage")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    restored, progress = checkpoints.restore_latest(
+        checkpoints.manager(str(tmp_path / "ckpt")), abstract
+    )
+    np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+    assert progress["best_top1"] == 1.0
+    assert "corrupt or unreadable" in caplog.text
