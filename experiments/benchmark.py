@@ -4,6 +4,9 @@
       the fusion update of every fused layer of a model (one jitted call), after compilation
   python experiments/benchmark.py --mode=fusion_scaling --widths=256,512,1024
       one layer's importance: ours O(c^2) against the published O(c^3) formula
+  python experiments/benchmark.py --mode=input --config=configs/resnet56_cifar.py \
+      --config.dataset=cifar10_folder --config.data_dir=DIR
+      the input pipeline alone (host batches; host + device augmentation), images/s
 
 Timings: median of --repeats runs after one warm-up, blocking on results. Memory: XLA's own
 accounting of the compiled program (temporary buffers, what the update needs beyond its inputs
@@ -30,7 +33,14 @@ from ml_collections import config_flags
 from dcff_jax import fusion, models
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/resnet50_imagenet.py", "Model config.")
-_MODE = flags.DEFINE_enum("mode", "fusion", ["fusion", "fusion_scaling"], "What to measure.")
+_MODE = flags.DEFINE_enum(
+    "mode", "fusion", ["fusion", "fusion_scaling", "input"], "What to measure."
+)
+_BATCH = flags.DEFINE_integer("batch_size", 256, "input: global batch size.")
+_STEPS = flags.DEFINE_integer("steps", 50, "input: batches timed.")
+_TFDS_MOCK = flags.DEFINE_integer(
+    "tfds_mock_examples", 0, "input: > 0 serves tfds datasets from tfds' mock data of this size."
+)
 _CRITERION = flags.DEFINE_enum("criterion", "reference", list(fusion.CRITERIA), "Importance.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs (median reported).")
 _WIDTHS = flags.DEFINE_list("widths", ["256", "512", "1024"], "fusion_scaling: layer widths c.")
@@ -141,10 +151,44 @@ def bench_scaling(widths: list[int], dim: int, repeats: int, eager_max_width: in
     return {"mode": "fusion_scaling", "dim": dim, "rows": rows, "device": device_name()}
 
 
+def bench_input(config, batch_size: int, steps: int) -> dict:
+    """The input pipeline alone: host batches, then host batches + the device augmentation."""
+    from dcff_jax import input_pipeline
+
+    data = input_pipeline.load_data(config)
+    steps = min(steps, input_pipeline.steps_per_epoch(data.train, batch_size))
+
+    @jax.jit
+    def device_side(images, key):
+        if data.device_augment:
+            images = input_pipeline.augment_cifar(images, key)
+        return input_pipeline.normalize(images, data.mean, data.std)
+
+    def host_only():
+        for _ in input_pipeline.train_batches(data.train, batch_size, 0, 0, 0, steps):
+            pass
+
+    def host_and_device():
+        out = None
+        batches = input_pipeline.train_batches(data.train, batch_size, 0, 0, 0, steps)
+        for i, (images, _) in enumerate(batches):
+            out = device_side(images, jax.random.key(i))
+        return out
+
+    jax.block_until_ready(host_and_device())  # compile
+    result = {"mode": "input", "dataset": config.dataset, "batch_size": batch_size, "steps": steps}
+    for name, fn in (("host", host_only), ("host_and_device_augment", host_and_device)):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        result[f"{name}_images_per_sec"] = steps * batch_size / (time.perf_counter() - start)
+    result["device"] = device_name()
+    return result
+
+
 def print_table(result: dict) -> None:
-    if result["mode"] == "fusion":
+    if result["mode"] in ("fusion", "input"):
         for key, value in result.items():
-            print(f"{key:<22}{value:.4f}" if isinstance(value, float) else f"{key:<22}{value}")
+            print(f"{key:<40}{value:.4f}" if isinstance(value, float) else f"{key:<40}{value}")
         return
     columns = (
         "c",
@@ -172,6 +216,14 @@ def main(argv) -> None:
     del argv
     if _MODE.value == "fusion":
         result = bench_model_fusion(_CONFIG.value, _CRITERION.value, _REPEATS.value)
+    elif _MODE.value == "input" and _TFDS_MOCK.value:
+        import tensorflow_datasets as tfds
+
+        with tfds.testing.mock_data(num_examples=_TFDS_MOCK.value):
+            result = bench_input(_CONFIG.value, _BATCH.value, _STEPS.value)
+        result["tfds_mock_examples"] = _TFDS_MOCK.value
+    elif _MODE.value == "input":
+        result = bench_input(_CONFIG.value, _BATCH.value, _STEPS.value)
     else:
         result = bench_scaling([int(c) for c in _WIDTHS.value], _DIM.value, _REPEATS.value)
     print_table(result)
