@@ -219,6 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tx = make_optimizer(config, spe)
     state = create_train_state(model, tx, data.train.image_size, config.seed, mesh)
     mngr = checkpoints.manager(os.path.join(workdir, "checkpoints"))
+    best_mngr = checkpoints.manager(os.path.join(workdir, "checkpoints_best"), max_to_keep=1)
     restored = checkpoints.restore_latest(mngr, jax.tree.map(_abstract, state))
     progress = _Progress()
     if restored is not None:
@@ -276,8 +277,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         checkpoints.save(mngr, int(state.step), state, progress.to_json())
         last_saved = int(state.step)
-        if record["new_best"] and jax.process_index() == 0:
-            export.save_compact(os.path.join(workdir, "compact"), state, config, record)
+        if record["new_best"]:
+            checkpoints.save(best_mngr, int(state.step), state, progress.to_json())
+            if jax.process_index() == 0:
+                export.save_compact(os.path.join(workdir, "compact"), state, config, record)
     if writer is not None:
         writer.close()
     if jax.process_index() == 0:

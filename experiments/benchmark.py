@@ -1,5 +1,9 @@
 """Benchmarks. Prints a table and, as the LAST line of stdout, one JSON object.
 
+  python experiments/benchmark.py --config=configs/vgg16_cifar.py --variant=fused|compact|original \
+      --mode=train|infer --batch_size=64 --steps=10
+      the jitted train step (or eval forward) on synthetic input
+
   python experiments/benchmark.py --mode=fusion --config=configs/resnet50_imagenet.py
       the fusion update of every fused layer of a model (one jitted call), after compilation
   python experiments/benchmark.py --mode=fusion_scaling --widths=256,512,1024
@@ -34,10 +38,13 @@ from dcff_jax import fusion, models
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/resnet50_imagenet.py", "Model config.")
 _MODE = flags.DEFINE_enum(
-    "mode", "fusion", ["fusion", "fusion_scaling", "input"], "What to measure."
+    "mode", "fusion", ["train", "infer", "fusion", "fusion_scaling", "input"], "What to measure."
 )
-_BATCH = flags.DEFINE_integer("batch_size", 256, "input: global batch size.")
-_STEPS = flags.DEFINE_integer("steps", 50, "input: batches timed.")
+_VARIANT = flags.DEFINE_enum(
+    "variant", "fused", ["fused", "compact", "original"], "train/infer: model."
+)
+_BATCH = flags.DEFINE_integer("batch_size", 64, "train/infer/input: global batch size.")
+_STEPS = flags.DEFINE_integer("steps", 10, "train/infer/input: steps (batches) timed.")
 _TFDS_MOCK = flags.DEFINE_integer(
     "tfds_mock_examples", 0, "input: > 0 serves tfds datasets from tfds' mock data of this size."
 )
@@ -151,6 +158,77 @@ def bench_scaling(widths: list[int], dim: int, repeats: int, eager_max_width: in
     return {"mode": "fusion_scaling", "dim": dim, "rows": rows, "device": device_name()}
 
 
+def bench_step(config, variant: str, mode: str, batch_size: int, steps: int) -> dict:
+    """The jitted train step (SGD, batch stats, fusion applied) or eval forward on synthetic input.
+
+    Median over `steps` steps after compilation; every step blocks on its result.
+    """
+    from dcff_jax import input_pipeline, train
+
+    dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+    model = models.create_model(config.model, config.cprate or None, variant, dtype=dtype)
+    size = models.input_shape(config.model)[1]
+    mesh = train.make_mesh()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, config.num_classes, (batch_size,)).astype(np.int32)
+    data = input_pipeline.Data(
+        None, None, input_pipeline.CIFAR_MEAN, input_pipeline.CIFAR_STD, size == 32
+    )
+    tx = train.make_optimizer(config, 100)
+    state = _any_variant_state(model, tx, size, mesh)
+    batch = train.to_global(mesh, images, labels)
+    if mode == "train":
+        step = train.make_train_step(model, tx, data, 0, dtype, mesh)
+        args = (state, *batch)
+    else:
+        step = train.make_eval_step(model, data, dtype, mesh)
+        args = (state, *batch, *train.to_global(mesh, np.ones((batch_size,), bool)))
+    start = time.perf_counter()
+    compiled = step.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        out = compiled(*args)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+        if mode == "train":
+            args = (out[0], *batch)  # the state was donated
+    median = statistics.median(times[1:])
+    return {
+        "mode": mode,
+        "model": config.model,
+        "variant": variant,
+        "batch_size": batch_size,
+        "images_per_sec": batch_size / median,
+        "step_ms_median": 1e3 * median,
+        "compile_s": compile_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "device": device_name(),
+    }
+
+
+def _any_variant_state(model, tx, size: int, mesh):
+    """A TrainState for any variant (original/compact have no fusion collection)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from dcff_jax import train
+
+    def init():
+        variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+        return train.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            fusion=variables.get(fusion.FUSION_COLLECTION, {}),
+            opt_state=tx.init(variables["params"]),
+        )
+
+    return jax.jit(init, out_shardings=NamedSharding(mesh, P()))()
+
+
 def bench_input(config, batch_size: int, steps: int) -> dict:
     """The input pipeline alone: host batches, then host batches + the device augmentation."""
     from dcff_jax import input_pipeline
@@ -186,7 +264,7 @@ def bench_input(config, batch_size: int, steps: int) -> dict:
 
 
 def print_table(result: dict) -> None:
-    if result["mode"] in ("fusion", "input"):
+    if result["mode"] in ("fusion", "input", "train", "infer"):
         for key, value in result.items():
             print(f"{key:<40}{value:.4f}" if isinstance(value, float) else f"{key:<40}{value}")
         return
@@ -214,7 +292,9 @@ def print_table(result: dict) -> None:
 
 def main(argv) -> None:
     del argv
-    if _MODE.value == "fusion":
+    if _MODE.value in ("train", "infer"):
+        result = bench_step(_CONFIG.value, _VARIANT.value, _MODE.value, _BATCH.value, _STEPS.value)
+    elif _MODE.value == "fusion":
         result = bench_model_fusion(_CONFIG.value, _CRITERION.value, _REPEATS.value)
     elif _MODE.value == "input" and _TFDS_MOCK.value:
         import tensorflow_datasets as tfds

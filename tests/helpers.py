@@ -39,3 +39,22 @@ def tiny_config(data_dir: str, **overrides):
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module: str, *args: str, timeout: int = 900):
+    """`python -m module args...` from the repo root on the CPU; the CompletedProcess."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

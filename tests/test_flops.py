@@ -1,9 +1,8 @@
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_module
 
 from dcff_jax import flops
 from dcff_jax.config import load_config
@@ -103,15 +102,7 @@ def test_conv_bn_dense_pool_conventions_on_a_tiny_model():
 
 
 def run_cli(*args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "dcff_jax.flops", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_module("dcff_jax.flops", *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
@@ -128,20 +119,8 @@ def test_cli_cprate_override_and_bad_string():
     out = run_cli("--config=configs/vgg16_cifar.py", "--config.cprate=[0.0]*13")
     last = json.loads(out.strip().splitlines()[-1])
     assert last["flops"] == last["base_flops"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dcff_jax.flops",
-            "--config=configs/vgg16_cifar.py",
-            "--config.cprate=[0.5]*12",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_module(
+        "dcff_jax.flops", "--config=configs/vgg16_cifar.py", "--config.cprate=[0.5]*12"
     )
     assert proc.returncode != 0
     assert "vgg16 needs 13 pruning rates, got 12" in proc.stderr

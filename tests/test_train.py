@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from helpers import tiny_config, write_cifar_folder
+from helpers import run_module, tiny_config, write_cifar_folder
 
 from dcff_jax import export, train
 from dcff_jax.config import default_config, validate_config
@@ -109,16 +109,7 @@ def main_command(data_dir, workdir, *overrides):
 
 
 def run_main(data_dir, workdir, *overrides):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        main_command(data_dir, workdir, *overrides),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    return proc
+    return run_module(*main_command(data_dir, workdir, *overrides)[2:])
 
 
 def final_params(workdir):
@@ -176,15 +167,7 @@ def test_main_trains_exports_and_resumes_bit_identically_after_sigkill(data_dir,
     # The exported compact model loads in 3 lines and evaluates through the CLI.
     model, variables, meta = export.load_compact(os.path.join(ref, "compact"))
     assert meta["architecture"] == "resnet56" and meta["flops"] < meta["base_flops"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run(
-        [sys.executable, "-m", "dcff_jax.evaluate", f"--checkpoint={ref}/compact"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = run_module("dcff_jax.evaluate", f"--checkpoint={ref}/compact")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["examples"] == 24
@@ -234,3 +217,31 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, caplog):
     np.testing.assert_array_equal(restored["w"], np.arange(4.0))
     assert progress["best_top1"] == 1.0
     assert "corrupt or unreadable" in caplog.text
+
+
+def test_half_precision_step_computes_in_bfloat16_and_keeps_float32_state(data_dir):
+    from dcff_jax import fusion, input_pipeline, models
+
+    config = tiny_config(data_dir, model="vgg16", cprate="[0.75]*13", half_precision=True)
+    data = input_pipeline.load_data(config)
+    mesh = train.make_mesh()
+    model = models.create_model(config.model, config.cprate, "fused", dtype=jnp.bfloat16)
+    tx = train.make_optimizer(config, 4)
+    state = train.create_train_state(model, tx, 32, 0, mesh)
+    new_fusion, _ = fusion.update_fusion(state.params, state.fusion, 0, 2)
+    state = state.replace(fusion=new_fusion)
+    step = train.make_train_step(model, tx, data, 0, jnp.bfloat16, mesh)
+    images, labels = next(input_pipeline.train_batches(data.train, 16, 0, 0, 0, 1))
+    lowered = step.lower(state, *train.to_global(mesh, images, labels)).as_text()
+    assert "bf16" in lowered and "convolution" in lowered
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = step(state, *train.to_global(mesh, images, labels))
+    assert np.isfinite(float(metrics["loss"]))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert all(
+        x.dtype == jnp.float32 for x in jax.tree.leaves(state.fusion) if x.dtype != jnp.int32
+    )
+    assert any(
+        np.any(a != np.asarray(b))
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params))
+    )
