@@ -22,8 +22,24 @@ from torch import nn
 VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 VGG16_RATES = [0.5] * 2 + [0.4] * 2 + [0.35] * 3 + [0.85] * 6
 RESNET56_RATES = (
-    [0.7] * 2 + [0.5] * 3 + [0.3] * 2 + [0.4] + [0.8] + [0.7] * 2 + [0.8] * 4 + [0.4] + [0.2] * 2
-    + [0.7] + [0.3] + [0.8] + [0.4] * 2 + [0.7] + [0.3] + [0.4] + [0.8] + [0.0] * 3
+    [0.7] * 2
+    + [0.5] * 3
+    + [0.3] * 2
+    + [0.4]
+    + [0.8]
+    + [0.7] * 2
+    + [0.8] * 4
+    + [0.4]
+    + [0.2] * 2
+    + [0.7]
+    + [0.3]
+    + [0.8]
+    + [0.4] * 2
+    + [0.7]
+    + [0.3]
+    + [0.4]
+    + [0.8]
+    + [0.0] * 3
 )
 
 
@@ -56,7 +72,8 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2, 2))
                 continue
             m = keep(item, VGG16_RATES[i])
-            layers += [FusedConv(cin, item, m, 3, padding=1), nn.BatchNorm2d(m), nn.ReLU(inplace=True)]
+            conv = FusedConv(cin, item, m, 3, padding=1)
+            layers += [conv, nn.BatchNorm2d(m), nn.ReLU(inplace=True)]
             cin, i = m, i + 1
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(cin, 10)
@@ -79,7 +96,8 @@ class Block(nn.Module):
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         if self.stride != 1 or self.cin != self.cout:
             diff = self.cout - self.cin
-            x = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, diff // 2, diff - diff // 2))
+            x = x[:, :, :: self.stride, :: self.stride]
+            x = F.pad(x, (0, 0, 0, 0, diff // 2, diff - diff // 2))
         return F.relu(out + x)
 
 
@@ -135,7 +153,8 @@ def main():
         "device": "cpu",
         "torch": torch.__version__,
     }
-    print(f"{args.model} fused train step, batch {args.batch_size}: {result['images_per_sec']:.1f} images/s")
+    rate = result["images_per_sec"]
+    print(f"{args.model} fused train step, batch {args.batch_size}: {rate:.1f} images/s")
     print(json.dumps(result))
 
 
