@@ -38,13 +38,17 @@ from dcff_jax import fusion, models
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/resnet50_imagenet.py", "Model config.")
 _MODE = flags.DEFINE_enum(
-    "mode", "fusion", ["train", "infer", "fusion", "fusion_scaling", "input"], "What to measure."
+    "mode",
+    "fusion",
+    ["train", "infer", "fusion", "fusion_scaling", "input", "conv_layers"],
+    "What to measure.",
 )
 _VARIANT = flags.DEFINE_enum(
     "variant", "fused", ["fused", "compact", "original"], "train/infer: model."
 )
 _BATCH = flags.DEFINE_integer("batch_size", 64, "train/infer/input: global batch size.")
 _STEPS = flags.DEFINE_integer("steps", 10, "train/infer/input: steps (batches) timed.")
+_SHAPES_OUT = flags.DEFINE_string("shapes_out", "", "conv_layers: also write the shapes as JSON.")
 _TFDS_MOCK = flags.DEFINE_integer(
     "tfds_mock_examples", 0, "input: > 0 serves tfds datasets from tfds' mock data of this size."
 )
@@ -229,6 +233,74 @@ def _any_variant_state(model, tx, size: int, mesh):
     return jax.jit(init, out_shardings=NamedSharding(mesh, P()))()
 
 
+def compact_conv_shapes(config, batch_size: int) -> list[dict]:
+    """Every conv of the compact model: input shape, filters, kernel, stride, padding, bias."""
+    from flax import linen as nn
+
+    model = models.create_model(config.model, config.cprate or None, "compact")
+    shapes = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, nn.Conv) and context.method_name == "__call__":
+            shapes.append(
+                {
+                    "path": "/".join(module.scope.path),
+                    "input": [batch_size, *args[0].shape[1:]],
+                    "filters": module.features,
+                    "kernel": module.kernel_size[0],
+                    "stride": module.strides
+                    if isinstance(module.strides, int)
+                    else module.strides[0],
+                    "padding": module.padding if isinstance(module.padding, int) else 0,
+                    "groups": module.feature_group_count,
+                    "bias": module.use_bias,
+                }
+            )
+        return next_fun(*args, **kwargs)
+
+    shape = models.input_shape(config.model, 1)
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+    return shapes
+
+
+def bench_conv_layers(config, batch_size: int, steps: int) -> dict:
+    """Forward + backward (input and kernel grads) of each compact conv shape, alone, jitted."""
+    rows = []
+    for spec in compact_conv_shapes(config, batch_size):
+        n, h, w, c = spec["input"]
+        k = spec["kernel"]
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((n, h, w, c)), jnp.float32)
+        kernel = jnp.asarray(
+            np.random.default_rng(1).standard_normal((k, k, c // spec["groups"], spec["filters"])),
+            jnp.float32,
+        )
+        pad = [(spec["padding"], spec["padding"])] * 2
+
+        def conv(x, kernel, spec=spec, pad=pad):
+            return jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                (spec["stride"],) * 2,
+                pad,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=spec["groups"],
+            )
+
+        step = jax.jit(jax.grad(lambda x, kern: jnp.sum(conv(x, kern) ** 2) / 2, argnums=(0, 1)))
+        times = time_call(lambda s=step, a=x, b=kernel: s(a, b), steps)
+        rows.append({**spec, "fwd_bwd_ms": 1e3 * statistics.median(times)})
+    total = sum(r["fwd_bwd_ms"] for r in rows)
+    return {
+        "mode": "conv_layers",
+        "model": config.model,
+        "rows": rows,
+        "total_ms": total,
+        "device": device_name(),
+    }
+
+
 def bench_input(config, batch_size: int, steps: int) -> dict:
     """The input pipeline alone: host batches, then host batches + the device augmentation."""
     from dcff_jax import input_pipeline
@@ -292,6 +364,19 @@ def print_table(result: dict) -> None:
 
 def main(argv) -> None:
     del argv
+    if _MODE.value == "conv_layers":
+        result = bench_conv_layers(_CONFIG.value, _BATCH.value, _STEPS.value)
+        if _SHAPES_OUT.value:
+            with open(_SHAPES_OUT.value, "w") as f:
+                json.dump(
+                    [{k: v for k, v in r.items() if k != "fwd_bwd_ms"} for r in result["rows"]], f
+                )
+        for r in result["rows"]:
+            print(
+                f"{r['path']:<32}{str(r['input']):<22}{r['filters']:>6}{r['fwd_bwd_ms']:>10.2f} ms"
+            )
+        print(json.dumps(result))
+        return
     if _MODE.value in ("train", "infer"):
         result = bench_step(_CONFIG.value, _VARIANT.value, _MODE.value, _BATCH.value, _STEPS.value)
     elif _MODE.value == "fusion":

@@ -120,13 +120,39 @@ class ResNet56(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+def time_conv_shapes(path, steps):
+    """Forward + backward of each conv shape alone (as benchmark.py --mode=conv_layers)."""
+    with open(path) as f:
+        shapes = json.load(f)
+    rows = []
+    for spec in shapes:
+        n, h, w, c = spec["input"]
+        x = torch.randn(n, c, h, w, requires_grad=True)
+        k = torch.randn(
+            spec["filters"], c // spec["groups"], spec["kernel"], spec["kernel"], requires_grad=True
+        )
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            y = F.conv2d(x, k, None, spec["stride"], spec["padding"], groups=spec["groups"])
+            (y.square().sum() / 2).backward()
+            x.grad = k.grad = None
+            times.append(time.perf_counter() - start)
+        rows.append({"path": spec["path"], "fwd_bwd_ms": 1e3 * statistics.median(times[1:])})
+    total = sum(r["fwd_bwd_ms"] for r in rows)
+    print(json.dumps({"rows": rows, "total_ms": total, "torch": torch.__version__}))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=["vgg16", "resnet56"], default="vgg16")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument("--conv_shapes", default="", help="time each conv shape of this JSON file")
     args = parser.parse_args()
+    if args.conv_shapes:
+        return time_conv_shapes(args.conv_shapes, args.steps)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
