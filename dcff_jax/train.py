@@ -247,24 +247,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
             state = state.replace(fusion=new_fusion)
             fusion_info = jax.device_get(info)
-        window = _Window(time.time(), int(state.step))
+        step = epoch * spe + first_step  # counted on the host: no device sync per step
+        window = _Window(time.time(), step)
         batches = input_pipeline.train_batches(
             data.train, config.batch_size, config.seed, epoch, first_step, spe
         )
         for images, labels in batches:
             state, metrics = train_step(state, *to_global(mesh, images, labels))
             window.add(metrics)
-            step = int(state.step)  # cheap: the step counter is tiny; keeps host and device in line
+            step += 1
             at_epoch_end = step % spe == 0
             if step % config.log_every_steps == 0 or at_epoch_end:
-                summary = window.flush(step, epoch, spe, config, mngr, last_saved, workdir)
+                summary = window.flush(step, epoch, spe, config, last_saved, workdir)
                 _write_scalars(writer, step, summary)
             if (
                 config.checkpoint_every_steps > 0
                 and step % config.checkpoint_every_steps == 0
                 and not at_epoch_end
             ):
-                window.check_finite(step, epoch, mngr, last_saved, workdir)
+                window.check_finite(step, epoch, last_saved, workdir)
                 checkpoints.save(mngr, step, state, progress.to_json())
                 last_saved = step
         record = _end_of_epoch(
@@ -345,7 +346,7 @@ class _Window:
         self.sums = metrics if self.sums is None else jax.tree.map(jnp.add, self.sums, metrics)
         self.count += 1
 
-    def check_finite(self, step, epoch, mngr, last_saved, workdir):
+    def check_finite(self, step, epoch, last_saved, workdir):
         if self.sums is None:
             return
         loss, broken = float(self.sums["loss"]), float(self.sums["nonfinite_params"])
@@ -362,10 +363,10 @@ class _Window:
                 "lower --config.learning_rate or check the data"
             )
 
-    def flush(self, step, epoch, spe, config, mngr, last_saved, workdir) -> dict:
+    def flush(self, step, epoch, spe, config, last_saved, workdir) -> dict:
         if self.sums is None:
             return {}
-        self.check_finite(step, epoch, mngr, last_saved, workdir)
+        self.check_finite(step, epoch, last_saved, workdir)
         sums = jax.device_get(self.sums)
         now = time.time()
         images_per_s = (step - self.step) * config.batch_size / max(now - self.time, 1e-9)
