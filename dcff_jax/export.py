@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flax import traverse_util
+from flax.core import unfreeze
 
 from dcff_jax.fusion import FUSION_COLLECTION, fuse_kernel
 
@@ -32,8 +33,8 @@ def compact_variables(fused_variables: Mapping[str, Any]) -> dict[str, Any]:
             f"(found {sorted(fused_variables)}): "
             "pass the variables of a fused model"
         )
-    flat_params = traverse_util.flatten_dict(_plain(fused_variables["params"]))
-    flat_fusion = traverse_util.flatten_dict(_plain(fused_variables[FUSION_COLLECTION]))
+    flat_params = traverse_util.flatten_dict(unfreeze(fused_variables["params"]))
+    flat_fusion = traverse_util.flatten_dict(unfreeze(fused_variables[FUSION_COLLECTION]))
     for path, matrix in flat_fusion.items():
         if path[-1] != "matrix":
             continue
@@ -44,10 +45,6 @@ def compact_variables(fused_variables: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in fused_variables.items() if k not in ("params", FUSION_COLLECTION)}
     out["params"] = traverse_util.unflatten_dict(flat_params)
     return out
-
-
-def _plain(tree):
-    return tree.unfreeze() if hasattr(tree, "unfreeze") else dict(tree)
 
 
 def save_compact(directory: str, state, config, record: dict) -> None:

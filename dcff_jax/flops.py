@@ -1,7 +1,7 @@
 """FLOPs and params in the paper's convention (thop 0.0.31), counted from the model itself.
 
-The model is traced abstractly (jax.eval_shape, no FLOP is spent) while a Flax method
-interceptor records every layer call with its input and output shapes:
+The model is traced abstractly (models.trace_calls: jax.eval_shape and a Flax method
+interceptor, no FLOP spent), which records every layer call with its input and output shapes:
 
   conv            output elements x (c_in / groups x kh x kw + 1 if bias)
   batch norm      2 x elements
@@ -23,7 +23,6 @@ import math
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from dcff_jax import models
@@ -72,26 +71,13 @@ def _layer_flops(
 
 def count(model: nn.Module, input_shape: Sequence[int]) -> Counts:
     """FLOPs and params of `model` on one input of `input_shape` (batch included), eval mode."""
-    records: list[LayerCount] = []
-
-    def interceptor(next_fun, args, kwargs, context):
-        y = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and args:
-            found = _layer_flops(context.module, args[0].shape, y.shape)
-            if found is not None:
-                path = "/".join(context.module.scope.path) if context.module.scope else ""
-                records.append(LayerCount(path, found[0], tuple(y.shape), found[1]))
-        return y
-
-    x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
-
-    def init(x):
-        return model.init(jax.random.key(0), x, train=False)
-
-    with nn.intercept_methods(interceptor):
-        variables = jax.eval_shape(init, x)
+    calls, variables = models.trace_calls(model, input_shape)
+    records = []
+    for call in calls:
+        found = _layer_flops(call.module, call.input_shape, call.output_shape)
+        if found is not None:
+            records.append(LayerCount(call.path, found[0], call.output_shape, found[1]))
     params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(variables.get("params", {})))
-    # init runs the forward once; keep the records of that single trace.
     return Counts(sum(r.flops for r in records), int(params), tuple(records))
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+from flax.core import unfreeze
 
 # The published code adds this to the denominator of its KL ratio (REFERENCE.md step 4).
 REFERENCE_EPS = 1e-7
@@ -217,8 +218,8 @@ def kernel_filters(kernel: Array) -> Array:
 
 def _update_fusion(params, fusion, epoch, num_epochs, criterion, t_start, t_end, k):
     t = temperature(jnp.asarray(epoch), num_epochs, t_start, t_end, k)
-    flat_fusion = traverse_util.flatten_dict(_unfreeze(fusion))
-    flat_params = traverse_util.flatten_dict(_unfreeze(params))
+    flat_fusion = traverse_util.flatten_dict(unfreeze(fusion))
+    flat_params = traverse_util.flatten_dict(unfreeze(params))
     layers = sorted({path[:-1] for path in flat_fusion})
     new_flat, info = {}, {}
     for layer in layers:
@@ -266,7 +267,3 @@ def update_fusion(
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     return _update_fusion_jit(params, fusion, epoch, num_epochs, criterion, t_start, t_end, k)
-
-
-def _unfreeze(tree):
-    return tree.unfreeze() if hasattr(tree, "unfreeze") else dict(tree)

@@ -87,7 +87,7 @@ def create_train_state(model, tx, image_size: int, seed: int, mesh: Mesh) -> Tra
             step=jnp.zeros((), jnp.int32),
             params=params,
             batch_stats=variables["batch_stats"],
-            fusion=variables[fusion.FUSION_COLLECTION],
+            fusion=variables.get(fusion.FUSION_COLLECTION, {}),  # {} for original/compact
             opt_state=tx.init(params),
         )
 

@@ -180,7 +180,7 @@ def bench_step(config, variant: str, mode: str, batch_size: int, steps: int) -> 
         None, None, input_pipeline.CIFAR_MEAN, input_pipeline.CIFAR_STD, size == 32
     )
     tx = train.make_optimizer(config, 100)
-    state = _any_variant_state(model, tx, size, mesh)
+    state = train.create_train_state(model, tx, size, 0, mesh)
     batch = train.to_global(mesh, images, labels)
     if mode == "train":
         step = train.make_train_step(model, tx, data, 0, dtype, mesh)
@@ -213,56 +213,28 @@ def bench_step(config, variant: str, mode: str, batch_size: int, steps: int) -> 
     }
 
 
-def _any_variant_state(model, tx, size: int, mesh):
-    """A TrainState for any variant (original/compact have no fusion collection)."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from dcff_jax import train
-
-    def init():
-        variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
-        return train.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=variables["params"],
-            batch_stats=variables["batch_stats"],
-            fusion=variables.get(fusion.FUSION_COLLECTION, {}),
-            opt_state=tx.init(variables["params"]),
-        )
-
-    return jax.jit(init, out_shardings=NamedSharding(mesh, P()))()
-
-
 def compact_conv_shapes(config, batch_size: int) -> list[dict]:
     """Every conv of the compact model: input shape, filters, kernel, stride, padding, bias."""
     from flax import linen as nn
 
     model = models.create_model(config.model, config.cprate or None, "compact")
-    shapes = []
-
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if isinstance(module, nn.Conv) and context.method_name == "__call__":
-            shapes.append(
-                {
-                    "path": "/".join(module.scope.path),
-                    "input": [batch_size, *args[0].shape[1:]],
-                    "filters": module.features,
-                    "kernel": module.kernel_size[0],
-                    "stride": module.strides
-                    if isinstance(module.strides, int)
-                    else module.strides[0],
-                    "padding": module.padding if isinstance(module.padding, int) else 0,
-                    "groups": module.feature_group_count,
-                    "bias": module.use_bias,
-                }
-            )
-        return next_fun(*args, **kwargs)
-
-    shape = models.input_shape(config.model, 1)
-    with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
-    return shapes
+    calls, _ = models.trace_calls(model, models.input_shape(config.model, 1))
+    return [
+        {
+            "path": c.path,
+            "input": [batch_size, *c.input_shape[1:]],
+            "filters": c.module.features,
+            "kernel": c.module.kernel_size[0],
+            "stride": c.module.strides
+            if isinstance(c.module.strides, int)
+            else c.module.strides[0],
+            "padding": c.module.padding if isinstance(c.module.padding, int) else 0,
+            "groups": c.module.feature_group_count,
+            "bias": c.module.use_bias,
+        }
+        for c in calls
+        if isinstance(c.module, nn.Conv)
+    ]
 
 
 def bench_conv_layers(config, batch_size: int, steps: int) -> dict:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from dcff_jax import count_flops, create_model, input_shape, keep_width, layer_rates, models
+from dcff_jax import create_model, input_shape, keep_width, layer_rates, models
 
 RATES = {
     "vgg16": "[0.5]*2+[0.4]*2+[0.35]*3+[0.85]*6",
@@ -75,13 +75,10 @@ def test_fused_widths_follow_plan(arch):
     rates = layer_rates(arch, RATES[arch])
     model = create_model(arch, RATES[arch], "fused")
     fused = traverse_util.flatten_dict(abstract_variables(model, input_shape(arch, 1))["fusion"])
-    # The FLOPs counter records layers in call order, which is the plan order.
-    calls = [r.path for r in count_flops(model, input_shape(arch, 1)).layers if r.kind == "conv"]
-    shapes = [
-        fused[tuple(p.split("/")) + ("matrix",)].shape
-        for p in calls
-        if tuple(p.split("/")) + ("matrix",) in fused
-    ]
+    # fused_layers lists the layers in call order, which is the plan order.
+    layers = models.fused_layers(arch, RATES[arch])
+    shapes = [fused[tuple(layer.path.split("/")) + ("matrix",)].shape for layer in layers]
+    assert shapes == [(layer.kept, layer.filters) for layer in layers]
     want = [(keep_width(c, r), c) for c, r in zip(FULL_WIDTHS[arch], rates, strict=True)]
     assert shapes == want
 

@@ -79,6 +79,35 @@ def create_model(
 
 
 @dataclasses.dataclass(frozen=True)
+class LayerCall:
+    """One module call seen while tracing a model."""
+
+    module: nn.Module
+    path: str  # "stage1_block0/conv1"
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+
+
+def trace_calls(model: nn.Module, shape: Sequence[int]) -> tuple[list[LayerCall], dict]:
+    """Every module __call__ of model.init on an input of `shape`, in call order, traced
+    abstractly (no FLOP spent), and the abstract variables. Leaf layers come in call order."""
+    calls: list[LayerCall] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and args and hasattr(y, "shape"):
+            module = context.module
+            path = "/".join(module.scope.path) if module.scope else ""
+            calls.append(LayerCall(module, path, tuple(args[0].shape), tuple(y.shape)))
+        return y
+
+    x = jax.ShapeDtypeStruct(tuple(shape), jax.numpy.float32)
+    with nn.intercept_methods(interceptor):
+        variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    return calls, variables
+
+
+@dataclasses.dataclass(frozen=True)
 class FusedLayer:
     path: str  # "stage1_block0/conv1"
     filters: int  # c_out of the original layer
@@ -91,19 +120,12 @@ def fused_layers(
     """Every fused conv of the architecture in plan (call) order, traced abstractly."""
     from dcff_jax.layers import FusedConv
 
-    model = create_model(architecture, cprate, "fused")
-    found: list[FusedLayer] = []
-
-    def interceptor(next_fun, args, kwargs, context):
-        if isinstance(context.module, FusedConv) and context.method_name == "__call__":
-            module = context.module
-            found.append(FusedLayer("/".join(module.scope.path), module.features, module.kept))
-        return next_fun(*args, **kwargs)
-
-    shape = input_shape(architecture)
-    with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros(shape), train=False))
-    return found
+    calls, _ = trace_calls(create_model(architecture, cprate, "fused"), input_shape(architecture))
+    return [
+        FusedLayer(c.path, c.module.features, c.module.kept)
+        for c in calls
+        if isinstance(c.module, FusedConv)
+    ]
 
 
 def input_shape(architecture: str, batch_size: int = 1) -> tuple[int, int, int, int]:
@@ -116,8 +138,10 @@ __all__ = [
     "ARCHITECTURES",
     "VARIANTS",
     "FusedLayer",
+    "LayerCall",
     "create_model",
     "fused_layers",
     "input_shape",
     "prunable_conv",
+    "trace_calls",
 ]
