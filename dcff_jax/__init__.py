@@ -11,8 +11,11 @@ Plans:
   parse_rates, layer_rates, keep_width
 FLOPs, params and export:
   count_flops, model_counts, compact_variables, load_compact (an exported compact model)
+Compiling:
+  compiler_options (pass to jax.jit: XLA:CPU settings that make conv-net steps ~2x faster)
 """
 
+from dcff_jax.compiler_options import compiler_options
 from dcff_jax.export import compact_variables, load_compact
 from dcff_jax.flops import count as count_flops
 from dcff_jax.flops import model_counts
@@ -41,6 +44,7 @@ __all__ = [
     "VARIANTS",
     "FusedConv",
     "compact_variables",
+    "compiler_options",
     "load_compact",
     "count_flops",
     "create_model",

@@ -5,6 +5,7 @@
 Prints a line per metric and, as the LAST line of stdout, {"top1", "top5", "loss", "examples"}.
 """
 
+import functools
 import json
 
 from absl import app, flags
@@ -24,6 +25,7 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
     from jax.sharding import PartitionSpec as P
 
     from dcff_jax import export, input_pipeline, train
+    from dcff_jax.compiler_options import compiler_options
 
     model, variables, meta = export.load_compact(checkpoint)
     config = ml_collections.ConfigDict(meta["config"])
@@ -34,7 +36,7 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
     batch = batch_size - batch_size % jax.device_count() or jax.device_count()
     variables = jax.device_put(variables, NamedSharding(mesh, P()))
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options())
     def step(variables, images, labels, mask):
         x = input_pipeline.normalize(images, data.mean, data.std, jnp.float32)
         return train.eval_sums(model.apply(variables, x, train=False), labels, mask)

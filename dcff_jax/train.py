@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dcff_jax import checkpoints, export, fusion, input_pipeline, models
+from dcff_jax.compiler_options import compiler_options
 from dcff_jax.config import validate_config
 
 
@@ -136,6 +137,7 @@ def make_train_step(model, tx, data: input_pipeline.Data, seed: int, dtype, mesh
         in_shardings=(replicated, batch, batch),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
+        compiler_options=compiler_options(),
     )
 
 
@@ -153,7 +155,10 @@ def make_eval_step(model, data: input_pipeline.Data, dtype, mesh: Mesh):
 
     replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     return jax.jit(
-        eval_step, in_shardings=(replicated, batch, batch, batch), out_shardings=replicated
+        eval_step,
+        in_shardings=(replicated, batch, batch, batch),
+        out_shardings=replicated,
+        compiler_options=compiler_options(),
     )
 
 

@@ -1,5 +1,7 @@
 """DCFF in your own Flax CNN: train fused with your own optax loop, export the compact network."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -29,7 +31,8 @@ def train(images, labels, num_epochs=3, steps_per_epoch=20, batch_size=32, seed=
     tx = optax.sgd(0.05, momentum=0.9)
     opt_state = tx.init(params)
 
-    @jax.jit
+    # compiler_options: XLA:CPU settings that make conv steps ~2x faster ({} elsewhere).
+    @functools.partial(jax.jit, compiler_options=dcff_jax.compiler_options())
     def step(params, opt_state, fusion, x, y):
         def loss_fn(p):
             logits = model.apply({"params": p, "fusion": fusion}, x)

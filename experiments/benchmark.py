@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dcff_jax import fusion, models
+from dcff_jax import compiler_options, fusion, models
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/resnet50_imagenet.py", "Model config.")
 _MODE = flags.DEFINE_enum(
@@ -56,6 +56,11 @@ _CRITERION = flags.DEFINE_enum("criterion", "reference", list(fusion.CRITERIA), 
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs (median reported).")
 _WIDTHS = flags.DEFINE_list("widths", ["256", "512", "1024"], "fusion_scaling: layer widths c.")
 _DIM = flags.DEFINE_integer("dim", 1152, "fusion_scaling: filter length d = c_in * kh * kw.")
+_XLA_DEFAULTS = flags.DEFINE_bool(
+    "xla_defaults",
+    False,
+    "train/infer/conv_layers: compile with XLA's defaults, not dcff_jax.compiler_options().",
+)
 
 
 def peak_rss_mb() -> float:
@@ -209,6 +214,7 @@ def bench_step(config, variant: str, mode: str, batch_size: int, steps: int) -> 
         "step_ms_median": 1e3 * median,
         "compile_s": compile_s,
         "peak_rss_mb": peak_rss_mb(),
+        "compiler_options": train.compiler_options(),
         "device": device_name(),
     }
 
@@ -237,7 +243,7 @@ def compact_conv_shapes(config, batch_size: int) -> list[dict]:
     ]
 
 
-def bench_conv_layers(config, batch_size: int, steps: int) -> dict:
+def bench_conv_layers(config, batch_size: int, steps: int, options: dict) -> dict:
     """Forward + backward (input and kernel grads) of each compact conv shape, alone, jitted."""
     rows = []
     for spec in compact_conv_shapes(config, batch_size):
@@ -260,7 +266,10 @@ def bench_conv_layers(config, batch_size: int, steps: int) -> dict:
                 feature_group_count=spec["groups"],
             )
 
-        step = jax.jit(jax.grad(lambda x, kern: jnp.sum(conv(x, kern) ** 2) / 2, argnums=(0, 1)))
+        step = jax.jit(
+            jax.grad(lambda x, kern: jnp.sum(conv(x, kern) ** 2) / 2, argnums=(0, 1)),
+            compiler_options=options,
+        )
         times = time_call(lambda s=step, a=x, b=kernel: s(a, b), steps)
         rows.append({**spec, "fwd_bwd_ms": 1e3 * statistics.median(times)})
     total = sum(r["fwd_bwd_ms"] for r in rows)
@@ -269,6 +278,7 @@ def bench_conv_layers(config, batch_size: int, steps: int) -> dict:
         "model": config.model,
         "rows": rows,
         "total_ms": total,
+        "compiler_options": options,
         "device": device_name(),
     }
 
@@ -337,7 +347,8 @@ def print_table(result: dict) -> None:
 def main(argv) -> None:
     del argv
     if _MODE.value == "conv_layers":
-        result = bench_conv_layers(_CONFIG.value, _BATCH.value, _STEPS.value)
+        options = {} if _XLA_DEFAULTS.value else compiler_options()
+        result = bench_conv_layers(_CONFIG.value, _BATCH.value, _STEPS.value, options)
         if _SHAPES_OUT.value:
             with open(_SHAPES_OUT.value, "w") as f:
                 json.dump(
@@ -350,6 +361,10 @@ def main(argv) -> None:
         print(json.dumps(result))
         return
     if _MODE.value in ("train", "infer"):
+        if _XLA_DEFAULTS.value:  # the "before" of dcff_jax.compiler_options, for the ratio
+            from dcff_jax import train
+
+            train.compiler_options = dict
         result = bench_step(_CONFIG.value, _VARIANT.value, _MODE.value, _BATCH.value, _STEPS.value)
     elif _MODE.value == "fusion":
         result = bench_model_fusion(_CONFIG.value, _CRITERION.value, _REPEATS.value)

@@ -92,6 +92,28 @@ def batch_norm(train: bool, dtype=None, name: str | None = None) -> nn.BatchNorm
     )
 
 
+@jax.custom_jvp
+def residual_relu(y: jax.Array, shortcut: jax.Array) -> jax.Array:
+    """relu(y + shortcut), the end of a residual block; any shape. Same values and gradient.
+
+    Why not nn.relu: in the backward pass XLA:CPU re-derives each block's output, which a
+    weight-gradient conv needs transposed, by fusing the whole chain of elementwise
+    BN-add-ReLU producers back to the stage's first block: O(depth^2) work, half of a ResNet-56
+    train step. XLA never duplicates a reduction into a consumer, so the ReLU is written as a max
+    over a stacked zero, which keeps every block's output a buffer that later ops read.
+    """
+    summed = y + shortcut
+    return jnp.max(jnp.stack([summed, jnp.zeros_like(summed)]), axis=0)
+
+
+@residual_relu.defjvp
+def _residual_relu_jvp(primals, tangents):
+    out = residual_relu(*primals)
+    # relu's derivative (0 at 0, where a max-reduction's would split the tie), masked by the
+    # output so the backward pass reads the materialised buffer too.
+    return out, jnp.where(out > 0, tangents[0] + tangents[1], 0).astype(out.dtype)
+
+
 class AvgPool(nn.Module):
     """nn.AvgPool2d(window, stride) as the published models use it; NHWC."""
 

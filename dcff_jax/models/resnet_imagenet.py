@@ -63,7 +63,7 @@ class Bottleneck(nn.Module):
                 **init,
             )(x)
             shortcut = common.batch_norm(train, self.dtype, name="downsample_bn")(shortcut)
-        return nn.relu(y + shortcut)
+        return common.residual_relu(y, shortcut)
 
 
 class ImageNetResNet(nn.Module):

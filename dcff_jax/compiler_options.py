@@ -1,0 +1,45 @@
+"""XLA compile options that make conv-net steps fast on XLA:CPU (see experiments/RESULTS.md).
+
+jaxlib 0.10's XLA:CPU hands convolutions, elementwise ops and reductions to YNNPACK "library
+fusions" by default. On the CIFAR models' shapes those run 1.5-2.5x slower than XLA's own
+(Eigen) convolutions and loop fusions, so every jitted step here turns them off on CPU:
+
+    step = jax.jit(fn, compiler_options=dcff_jax.compiler_options())
+
+Numerics change only by float reassociation (tests/test_compiler_options.py). GPUs and TPUs get
+{} (the option is CPU-only). Setting the option yourself in XLA_FLAGS wins over ours.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+
+LIBRARY_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+# Empty: no YNNPACK library fusion of any type (convolution, dot, elementwise, reduce).
+CPU_OPTIONS = {LIBRARY_FUSION_OPTION: ""}
+
+
+def compiler_options() -> dict[str, str]:
+    """Options for jax.jit(..., compiler_options=...) on JAX's default backend.
+
+    {} off CPU, when XLA_FLAGS already sets the option, or when this jaxlib does not know it
+    (the option is experimental; a future jaxlib may drop it, and then we change nothing).
+    """
+    if jax.default_backend() != "cpu" or LIBRARY_FUSION_OPTION in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    return dict(CPU_OPTIONS) if _cpu_accepts_options() else {}
+
+
+@functools.cache
+def _cpu_accepts_options() -> bool:
+    try:
+        jax.jit(jnp.negative).lower(jnp.zeros(())).compile(CPU_OPTIONS)
+    except Exception as error:  # noqa: BLE001 - any rejection means: compile without them
+        logging.warning("XLA:CPU rejected %s (%s); compiling with defaults.", CPU_OPTIONS, error)
+        return False
+    return True
