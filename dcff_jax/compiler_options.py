@@ -6,7 +6,7 @@ fusions" by default. On the CIFAR models' shapes those run 1.5-2.5x slower than 
 
     step = jax.jit(fn, compiler_options=dcff_jax.compiler_options())
 
-Numerics change only by float reassociation (tests/test_compiler_options.py). GPUs and TPUs get
+Numerics change only by float reassociation (tests/test_fast_paths.py). GPUs and TPUs get
 {} (the option is CPU-only). Setting the option yourself in XLA_FLAGS wins over ours.
 """
 

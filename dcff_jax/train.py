@@ -95,8 +95,13 @@ def create_train_state(model, tx, image_size: int, seed: int, mesh: Mesh) -> Tra
     return jax.jit(init, out_shardings=NamedSharding(mesh, P()))()
 
 
-def make_train_step(model, tx, data: input_pipeline.Data, seed: int, dtype, mesh: Mesh):
-    """The jitted (state, images uint8, labels) -> (state, metrics) step; the state is donated."""
+def make_train_step(
+    model, tx, data: input_pipeline.Data, seed: int, dtype, mesh: Mesh, options: dict | None = None
+):
+    """The jitted (state, images uint8, labels) -> (state, metrics) step; the state is donated.
+
+    options: XLA compile options; None means dcff_jax.compiler_options(), {} XLA's defaults.
+    """
 
     def train_step(state: TrainState, images, labels):
         key = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -137,12 +142,17 @@ def make_train_step(model, tx, data: input_pipeline.Data, seed: int, dtype, mesh
         in_shardings=(replicated, batch, batch),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
-        compiler_options=compiler_options(),
+        compiler_options=compiler_options() if options is None else options,
     )
 
 
-def make_eval_step(model, data: input_pipeline.Data, dtype, mesh: Mesh):
-    """(state, images, labels, mask) -> sums of loss, top-1 and top-5 hits over valid examples."""
+def make_eval_step(
+    model, data: input_pipeline.Data, dtype, mesh: Mesh, options: dict | None = None
+):
+    """(state, images, labels, mask) -> sums of loss, top-1 and top-5 hits over valid examples.
+
+    options: as for make_train_step.
+    """
 
     def eval_step(state: TrainState, images, labels, mask):
         x = input_pipeline.normalize(images, data.mean, data.std, dtype)
@@ -158,7 +168,7 @@ def make_eval_step(model, data: input_pipeline.Data, dtype, mesh: Mesh):
         eval_step,
         in_shardings=(replicated, batch, batch, batch),
         out_shardings=replicated,
-        compiler_options=compiler_options(),
+        compiler_options=compiler_options() if options is None else options,
     )
 
 

@@ -167,7 +167,7 @@ def bench_scaling(widths: list[int], dim: int, repeats: int, eager_max_width: in
     return {"mode": "fusion_scaling", "dim": dim, "rows": rows, "device": device_name()}
 
 
-def bench_step(config, variant: str, mode: str, batch_size: int, steps: int) -> dict:
+def bench_step(config, variant: str, mode: str, batch_size: int, steps: int, options: dict) -> dict:
     """The jitted train step (SGD, batch stats, fusion applied) or eval forward on synthetic input.
 
     Median over `steps` steps after compilation; every step blocks on its result.
@@ -188,10 +188,10 @@ def bench_step(config, variant: str, mode: str, batch_size: int, steps: int) -> 
     state = train.create_train_state(model, tx, size, 0, mesh)
     batch = train.to_global(mesh, images, labels)
     if mode == "train":
-        step = train.make_train_step(model, tx, data, 0, dtype, mesh)
+        step = train.make_train_step(model, tx, data, 0, dtype, mesh, options)
         args = (state, *batch)
     else:
-        step = train.make_eval_step(model, data, dtype, mesh)
+        step = train.make_eval_step(model, data, dtype, mesh, options)
         args = (state, *batch, *train.to_global(mesh, np.ones((batch_size,), bool)))
     start = time.perf_counter()
     compiled = step.lower(*args).compile()
@@ -214,7 +214,7 @@ def bench_step(config, variant: str, mode: str, batch_size: int, steps: int) -> 
         "step_ms_median": 1e3 * median,
         "compile_s": compile_s,
         "peak_rss_mb": peak_rss_mb(),
-        "compiler_options": train.compiler_options(),
+        "compiler_options": options,
         "device": device_name(),
     }
 
@@ -346,8 +346,8 @@ def print_table(result: dict) -> None:
 
 def main(argv) -> None:
     del argv
+    options = {} if _XLA_DEFAULTS.value else compiler_options()
     if _MODE.value == "conv_layers":
-        options = {} if _XLA_DEFAULTS.value else compiler_options()
         result = bench_conv_layers(_CONFIG.value, _BATCH.value, _STEPS.value, options)
         if _SHAPES_OUT.value:
             with open(_SHAPES_OUT.value, "w") as f:
@@ -361,11 +361,9 @@ def main(argv) -> None:
         print(json.dumps(result))
         return
     if _MODE.value in ("train", "infer"):
-        if _XLA_DEFAULTS.value:  # the "before" of dcff_jax.compiler_options, for the ratio
-            from dcff_jax import train
-
-            train.compiler_options = dict
-        result = bench_step(_CONFIG.value, _VARIANT.value, _MODE.value, _BATCH.value, _STEPS.value)
+        result = bench_step(
+            _CONFIG.value, _VARIANT.value, _MODE.value, _BATCH.value, _STEPS.value, options
+        )
     elif _MODE.value == "fusion":
         result = bench_model_fusion(_CONFIG.value, _CRITERION.value, _REPEATS.value)
     elif _MODE.value == "input" and _TFDS_MOCK.value:

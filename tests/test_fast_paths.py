@@ -43,19 +43,14 @@ def test_compiler_options_turn_off_library_fusions():
 
 def _one_step(options: dict, arch: str, cprate: str):
     """One train step of a fused model compiled with `options`: its loss and param updates."""
-    saved = train.compiler_options
-    train.compiler_options = lambda: options
-    try:
-        model = create_model(arch, cprate, "fused")
-        tx = optax.sgd(0.1)
-        mesh = train.make_mesh()
-        data = input_pipeline.Data(
-            None, None, input_pipeline.CIFAR_MEAN, input_pipeline.CIFAR_STD, True
-        )
-        state = train.create_train_state(model, tx, 32, 0, mesh)
-        step = train.make_train_step(model, tx, data, 0, jnp.float32, mesh)
-    finally:
-        train.compiler_options = saved
+    model = create_model(arch, cprate, "fused")
+    tx = optax.sgd(0.1)
+    mesh = train.make_mesh()
+    data = input_pipeline.Data(
+        None, None, input_pipeline.CIFAR_MEAN, input_pipeline.CIFAR_STD, True
+    )
+    state = train.create_train_state(model, tx, 32, 0, mesh)
+    step = train.make_train_step(model, tx, data, 0, jnp.float32, mesh, options)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, (8,)).astype(np.int32)

@@ -98,9 +98,10 @@ def residual_relu(y: jax.Array, shortcut: jax.Array) -> jax.Array:
 
     Why not nn.relu: in the backward pass XLA:CPU re-derives each block's output, which a
     weight-gradient conv needs transposed, by fusing the whole chain of elementwise
-    BN-add-ReLU producers back to the stage's first block: O(depth^2) work, half of a ResNet-56
-    train step. XLA never duplicates a reduction into a consumer, so the ReLU is written as a max
-    over a stacked zero, which keeps every block's output a buffer that later ops read.
+    BN-add-ReLU producers back to the stage's first block: O(depth^2) work, 43% of a ResNet-56
+    step's op time (experiments/RESULTS.md). XLA never duplicates a reduction into a consumer,
+    so the ReLU is written as a max over a stacked zero, which keeps every block's output a
+    buffer that later ops read.
     """
     summed = y + shortcut
     return jnp.max(jnp.stack([summed, jnp.zeros_like(summed)]), axis=0)
