@@ -157,10 +157,11 @@ def fuse_kernel(kernel: Array, matrix: Array) -> Array:
     Returns:
       (..., m) array in kernel's dtype.
     """
+    compute = jnp.promote_types(kernel.dtype, jnp.float32)  # float32, or float64 under x64
     fused = jnp.einsum(
         "...c,mc->...m",
-        kernel.astype(jnp.float32),
-        matrix.astype(jnp.float32),
+        kernel.astype(compute),
+        matrix.astype(compute),
         precision=jax.lax.Precision.HIGHEST,
     )
     return fused.astype(kernel.dtype)

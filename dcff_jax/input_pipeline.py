@@ -277,12 +277,14 @@ def augment_cifar(images: jax.Array, key: jax.Array) -> jax.Array:
     """Pad-4 random crop + horizontal flip: uint8 (n, 32, 32, 3) -> uint8 (n, 32, 32, 3)."""
     n, h, w, _ = images.shape
     crop_key, flip_key = jax.random.split(key)
-    offsets = jax.random.randint(crop_key, (n, 2), 0, 9)
-    flips = jax.random.bernoulli(flip_key, 0.5, (n,))
+    # Explicit 32-bit dtypes: the same random stream with jax_enable_x64 on (float64 checks).
+    offsets = jax.random.randint(crop_key, (n, 2), 0, 9, dtype=jnp.int32)
+    flips = jax.random.bernoulli(flip_key, jnp.float32(0.5), (n,))
     padded = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
 
     def one(image, offset, flip):
-        crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
+        start = (offset[0], offset[1], jnp.zeros_like(offset[0]))
+        crop = jax.lax.dynamic_slice(image, start, (h, w, image.shape[-1]))
         return jnp.where(flip, crop[:, ::-1], crop)
 
     return jax.vmap(one)(padded, offsets, flips)

@@ -68,8 +68,9 @@ class FusedConv(nn.Module):
         self.variable(fusion.FUSION_COLLECTION, "scores", lambda: initial["scores"])
         self.variable(fusion.FUSION_COLLECTION, "kept", lambda: initial["kept"])
 
-        # The fusion itself is float32 always; only the conv runs in self.dtype.
-        fused_kernel = fusion.fuse_kernel(kernel.astype(jnp.float32), matrix)
+        # The fusion itself is float32 (float64 with float64 params); the conv runs in self.dtype.
+        fusion_dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+        fused_kernel = fusion.fuse_kernel(kernel.astype(fusion_dtype), matrix)
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
         y = jax.lax.conv_general_dilated(
             x.astype(dtype),
@@ -80,5 +81,5 @@ class FusedConv(nn.Module):
             precision=self.precision,
         )
         if bias is not None:
-            y = y + fusion.fuse_kernel(bias.astype(jnp.float32), matrix).astype(dtype)
+            y = y + fusion.fuse_kernel(bias.astype(fusion_dtype), matrix).astype(dtype)
         return y

@@ -112,7 +112,7 @@ def make_train_step(
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats, "fusion": state.fusion}
             logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-            logits = logits.astype(jnp.float32)
+            logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return loss, (logits, updates["batch_stats"])
 
