@@ -33,9 +33,9 @@ if ARGS.coordinator:
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from helpers import tiny_config  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from helpers import tiny_config  # noqa: E402
 
 from dcff_jax import fusion, input_pipeline, models, train  # noqa: E402
 
