@@ -58,3 +58,27 @@ def run_module(module: str, *args: str, timeout: int = 900):
         text=True,
         timeout=timeout,
     )
+
+
+def read_scalars(event_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files of a directory: {tag: [(step, value)]}.
+
+    Reads the TFRecord framing (length, crc, payload, crc) directly; no TensorFlow needed.
+    """
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for name in sorted(os.listdir(event_dir)):
+        with open(os.path.join(event_dir, name), "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            payload = data[offset + 12 : offset + 12 + length]
+            offset += 12 + length + 4
+            event = event_pb2.Event.FromString(payload)
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars

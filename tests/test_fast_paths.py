@@ -112,6 +112,7 @@ def _one_step(options: dict, arch: str, cprate: str, dtype=jnp.float32):
 U32 = 2.0**-24
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "arch,cprate", [("vgg16", "[0.5]*7+[0.8]*6"), ("resnet56", "[0.5]*27+[0.3]*3")]
 )
