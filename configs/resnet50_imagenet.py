@@ -8,42 +8,24 @@ give any string with `--config.cprate='...'`. "step" presets train 90 epochs at 
 
 from dcff_jax.config import default_config
 
-# name: (cprate, lr_schedule, paper FLOPs, paper params, paper top-1)
+# name: (cprate, lr_schedule). Paper FLOPs / params / top-1 of each row: README and
+# tests/test_flops.py; the name is the row's FLOPs.
 PRESETS = {
-    "step-0.96B": (
-        "[0.0]+[0.8]*10+[0.7]*6+[0.6]*10+[0.4]*6+[0.3]*4",
-        "step",
-        "0.96B",
-        "7.40M",
-        71.54,
-    ),
-    "step-1.49B": (
-        "[0.0]+[0.6]*10+[0.5]*6+[0.5]*10+[0.4]*6+[0.2]*4",
-        "step",
-        "1.49B",
-        "10.58M",
-        74.21,
-    ),
-    "step-2.25B": (
-        "[0.0]+[0.35]*10+[0.3]*6+[0.4]*10+[0.3]*6+[0.1]*4",
-        "step",
-        "2.25B",
-        "15.16M",
-        75.18,
-    ),
-    "cos-1.52B": ("[0.0]+([0.5]*10+[0.5]*6)*2+[0.25]*3+[0.0]", "cosine", "1.52B", "11.05M", 75.60),
-    "cos-1.38B": ("[0.0]+([0.7]*7+[0.45]*9)*2+[0.24]*3+[0.0]", "cosine", "1.38B", "11.81M", 74.85),
-    "cos-1.02B": ("[0.0]+([0.43]*7+[0.73]*9)*2+[0.45]*3+[0.0]", "cosine", "1.02B", "6.56M", 73.81),
+    "step-0.96B": ("[0.0]+[0.8]*10+[0.7]*6+[0.6]*10+[0.4]*6+[0.3]*4", "step"),
+    "step-1.49B": ("[0.0]+[0.6]*10+[0.5]*6+[0.5]*10+[0.4]*6+[0.2]*4", "step"),
+    "step-2.25B": ("[0.0]+[0.35]*10+[0.3]*6+[0.4]*10+[0.3]*6+[0.1]*4", "step"),
+    "cos-1.52B": ("[0.0]+([0.5]*10+[0.5]*6)*2+[0.25]*3+[0.0]", "cosine"),
+    "cos-1.38B": ("[0.0]+([0.7]*7+[0.45]*9)*2+[0.24]*3+[0.0]", "cosine"),
+    "cos-1.02B": ("[0.0]+([0.43]*7+[0.73]*9)*2+[0.45]*3+[0.0]", "cosine"),
 }
 
 
 def get_config(preset: str = "step-0.96B"):
     if preset not in PRESETS:
         raise ValueError(f"unknown ResNet-50 preset {preset!r}; known: {sorted(PRESETS)}")
-    cprate, schedule, *_ = PRESETS[preset]
+    cprate, schedule = PRESETS[preset]
     config = default_config()
     config.model = "resnet50"
-    config.preset = preset
     config.cprate = cprate
     config.dataset = "imagenet2012"
     config.image_size = 224

@@ -20,7 +20,9 @@ CONFIGS = [
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_loads_and_its_rates_fit_its_model(name):
     config = load_config(os.path.join(ROOT, "configs", f"{name}.py"))
-    assert set(default_config().keys()) <= set(config.keys())
+    # Exactly the default fields: a misspelt override (config.lr_milestone = ...) would otherwise
+    # add a field that nothing reads, and the recipe would silently keep the default.
+    assert sorted(config.keys()) == sorted(default_config().keys())
     plans.layer_rates(config.model, config.cprate or [0.0] * plans.LAYOUTS[config.model].num_rates)
 
 
@@ -56,3 +58,16 @@ def test_resnet50_presets_and_unknown_preset():
 def test_missing_config_file():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(os.path.join(ROOT, "configs", "nope.py"))
+
+
+def test_a_misspelt_field_in_a_config_file_is_caught(tmp_path):
+    path = tmp_path / "typo.py"
+    path.write_text(
+        "from dcff_jax.config import default_config\n"
+        "def get_config():\n"
+        "    config = default_config()\n"
+        "    config.lr_milestone = (10, 20)\n"
+        "    return config\n"
+    )
+    config = load_config(str(path))
+    assert sorted(config.keys()) != sorted(default_config().keys())

@@ -21,17 +21,26 @@ def load_example():
 
 
 @pytest.mark.parametrize(
-    "arch,cprate",
+    "arch,cprate,size",
     [
-        ("vgg16", "[0.5]*2+[0.4]*2+[0.35]*3+[0.85]*6"),
-        ("resnet56", "[0.6]*27+[0.3]+[0.5]+[0.2]"),
-        ("googlenet", "([0.5]+[0.3]*6)*9+[0.4]"),
+        ("vgg16", "[0.5]*2+[0.4]*2+[0.35]*3+[0.85]*6", 32),
+        ("resnet56", "[0.6]*27+[0.3]+[0.5]+[0.2]", 32),
+        pytest.param("googlenet", "([0.5]+[0.3]*6)*9+[0.4]", 32, marks=pytest.mark.slow),
+        # ResNet-50 ends in the published AvgPool2d(7): 224x224. MobileNetV2 pools globally, so
+        # 64x64 exercises every layer (strides, depthwise convs) at a fraction of the cost.
+        pytest.param(
+            "resnet50",
+            "[0.0]+[0.8]*10+[0.7]*6+[0.6]*10+[0.4]*6+[0.3]*4",
+            224,
+            marks=pytest.mark.slow,
+        ),
+        pytest.param("mobilenetv2", "[0.25]+[0.5]*16+[0.1]*7+[0.2]", 64, marks=pytest.mark.slow),
     ],
 )
-def test_compact_logits_equal_fused_eval_logits(arch, cprate):
+def test_compact_logits_equal_fused_eval_logits(arch, cprate, size):
     fused = create_model(arch, cprate, "fused")
     compact = create_model(arch, cprate, "compact")
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 32, 3)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, size, size, 3)), jnp.float32)
     variables = jax.jit(lambda x: fused.init(jax.random.key(0), x))(x)
     # Soft fusion (T = 1), real batch statistics: the hardest case for the export.
     variables["fusion"], _ = update_fusion(variables["params"], variables["fusion"], 0, 300)
@@ -78,3 +87,44 @@ def test_readme_shows_the_example_verbatim():
         source = f.read()
     body = source.split('if __name__ == "__main__":')[0].strip()
     assert body.split('"""', 2)[2].strip() in readme
+
+
+def test_load_compact_falls_back_to_the_previous_export_after_an_interrupted_swap(tmp_path):
+    """save_compact swaps by renames: compact -> compact.old, compact.new -> compact. Killed
+    between the two, only compact.old exists; load_compact must find it."""
+    import ml_collections
+
+    from dcff_jax import export, train
+
+    cprate = "[0.5]*30"
+    model = create_model("resnet56", cprate, "fused")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    state = train.TrainState(
+        step=jnp.int32(0),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        fusion=variables["fusion"],
+        opt_state=(),
+    )
+    config = ml_collections.ConfigDict(
+        {
+            "model": "resnet56",
+            "cprate": cprate,
+            "num_classes": 10,
+            "image_size": 32,
+            "dataset": "cifar10_folder",
+            "data_dir": "",
+        }
+    )
+    record = {"epoch": 0, "test_top1": 12.5, "test_top5": 50.0}
+    directory = tmp_path / "compact"
+    export.save_compact(str(directory), state, config, record)
+    os.rename(directory, str(directory) + ".old")  # the state between the two renames
+    model, restored, meta = export.load_compact(str(directory))
+    assert meta["test_top1"] == 12.5
+    want = compact_variables(variables)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(a, b)
+    os.rename(str(directory) + ".old", tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="not a compact export"):
+        export.load_compact(str(directory))

@@ -124,3 +124,39 @@ def test_cli_cprate_override_and_bad_string():
     )
     assert proc.returncode != 0
     assert "vgg16 needs 13 pruning rates, got 12" in proc.stderr
+
+
+def mobilenetv2_counts_by_hand(rates=None):
+    """MobileNetV2 (torchvision's layout) at 224x224 in the thop convention, from its table of
+    inverted residual settings: convs without bias, BN 2 x elements, the classifier, and our
+    module global pool ((49 + 1) x 1280). rates=None: the original widths."""
+    flops, params = 0, 0
+
+    def conv(hw, cin, cout, k, stride, groups=1):
+        nonlocal flops, params
+        out = hw // stride
+        flops += out * out * cout * (cin // groups * k * k) + 2 * out * out * cout
+        params += cout * cin // groups * k * k + 2 * cout
+        return out
+
+    hw, cin = conv(224, 3, 32, 3, 2), 32
+    settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1)]
+    for t, c, n, s in [*settings, (6, 160, 3, 2), (6, 320, 1, 1)]:
+        for i in range(n):
+            hidden = cin * t
+            if t != 1:
+                conv(hw, cin, hidden, 1, 1)
+            hw = conv(hw, hidden, hidden, 3, s if i == 0 else 1, groups=hidden)
+            conv(hw, hidden, c, 1, 1)
+            cin = c
+    conv(hw, cin, 1280, 1, 1)
+    flops += (49 + 1) * 1280 + 1280 * 1000
+    params += 1280 * 1000 + 1000
+    return flops, params
+
+
+def test_mobilenetv2_original_counts():
+    counts = flops.model_counts("mobilenetv2", None)
+    # 3,504,872 params is torchvision's mobilenet_v2() exactly.
+    assert counts["base_params"] == counts["params"] == 3_504_872
+    assert (counts["base_flops"], counts["base_params"]) == mobilenetv2_counts_by_hand()

@@ -31,6 +31,30 @@ def test_temperature_matches_published_schedule():
     assert 4000 < fusion.temperature(1, 300) < 5000  # sigmoid in epochs: ~4600 at e = 1
 
 
+def paper_temperature(e, E, t_s, t_e, k):
+    """Eq. (8) as the paper writes it: T(e) = A / (1 + exp(-k e)) + T_s - A / 2 with
+    A = 2 (T_e - T_s)(1 + exp(-k E)) / (1 - exp(-k E)); T(0) = T_s and T(E) = T_e."""
+    a = 2 * (t_e - t_s) * (1 + np.exp(-k * E)) / (1 - np.exp(-k * E))
+    return a / (1 + np.exp(-k * e)) + t_s - a / 2
+
+
+@pytest.mark.parametrize("t_s,t_e,k", [(2.0, 50.0, 0.5), (0.5, 1e3, 0.05), (10.0, 20.0, 3.0)])
+def test_temperature_uses_t_start_t_end_and_k(t_s, t_e, k):
+    # By hand: T_s=2, T_e=50, k=0.5, E=10: A = 96 (1 + e^-5) / (1 - e^-5) = 97.30246...,
+    # T(3) = A / (1 + e^-1.5) + 2 - A / 2 = 32.90078...
+    if (t_s, t_e, k) == (2.0, 50.0, 0.5):
+        assert fusion.temperature(3, 10, t_s, t_e, k) == pytest.approx(32.90078, abs=1e-5)
+    a = 2 * (t_e - t_s) * (1 + np.exp(-k * 10)) / (1 - np.exp(-k * 10))
+    for epoch in (0, 1, 3, 7, 10):
+        want = paper_temperature(epoch, 10, t_s, t_e, k)
+        assert fusion.temperature(epoch, 10, t_s, t_e, k) == pytest.approx(want, rel=1e-12)
+        traced = jax.jit(lambda e: fusion.temperature(e, 10, t_s, t_e, k))(jnp.int32(epoch))
+        # float32 evaluation of ~10 ops whose largest intermediate is A: 16 u * A.
+        assert float(traced) == pytest.approx(want, abs=16 * 2.0**-24 * a)
+    assert fusion.temperature(0, 10, t_s, t_e, k) == pytest.approx(t_s, abs=1e-9 * t_e)
+    assert fusion.temperature(10, 10, t_s, t_e, k) == pytest.approx(t_e, rel=1e-9)
+
+
 def test_temperature_traced_inside_jit():
     jitted = jax.jit(lambda e: fusion.temperature(e, 300))
     for epoch in (0, 1, 5, 150):

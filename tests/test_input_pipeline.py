@@ -87,11 +87,39 @@ def test_unprepared_tfds_dataset_is_explained(tmp_path):
         ip.load_data(tiny_config(str(tmp_path), dataset="cifar10"))
 
 
-def test_crops_keep_size():
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (50, 80, 3), dtype=np.uint8)
-    assert ip.random_resized_crop(image, 24, rng).shape == (24, 24, 3)
-    assert ip.resize_center_crop(image, 27, 24).shape == (24, 24, 3)
+def pil_resize(image, box, width, height):
+    """PIL's own crop (left, top, right, bottom) then bilinear resize: the expected pixels."""
+    from PIL import Image
+
+    cropped = Image.fromarray(image).crop(box) if box else Image.fromarray(image)
+    return np.asarray(cropped.resize((width, height), Image.BILINEAR))
+
+
+def test_resize_center_crop_pixels():
+    image = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    # Shorter side 60 -> 30: (30, 40); centre 24x24 crop starts at top 3, left 8.
+    want = pil_resize(image, None, 40, 30)[3:27, 8:32]
+    np.testing.assert_array_equal(ip.resize_center_crop(image, 30, 24), want)
+
+
+def test_random_resized_crop_pixels():
+    image = np.random.default_rng(0).integers(0, 255, (50, 80, 3), dtype=np.uint8)
+    for seed in range(5):
+        got = ip.random_resized_crop(image, 24, np.random.default_rng(seed))
+        # Replay torchvision's draws (area, log-aspect, then top, left) with the same generator.
+        # Up to 10 tries until the crop fits (none of these seeds needs the centre fallback).
+        rng = np.random.default_rng(seed)
+        for _ in range(10):
+            area = 50 * 80 * rng.uniform(0.08, 1.0)
+            aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+            if 0 < cw <= 80 and 0 < ch <= 50:
+                break
+        else:
+            raise AssertionError("no crop fitted in 10 tries")
+        top, left = rng.integers(0, 50 - ch + 1), rng.integers(0, 80 - cw + 1)
+        want = pil_resize(image, (left, top, left + cw, top + ch), 24, 24)
+        np.testing.assert_array_equal(got, want)
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch(folder):

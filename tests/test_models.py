@@ -49,8 +49,11 @@ def test_three_variants_shapes(arch):
     flat_original = traverse_util.flatten_dict(original["params"])
     # Same names everywhere; fused kernels are full width on output, compact on input.
     assert set(flat_compact) == set(flat_fused) == set(flat_original)
+    # Each fused layer keeps keep_width(c, its own rate); plan order is call order.
+    layers = models.fused_layers(arch, RATES[arch])
+    layer_rate = dict(zip((tuple(layer.path.split("/")) for layer in layers), rates, strict=True))
     for path, (m, c) in matrices.items():
-        assert m == keep_width(c, rates[0]) or m <= c
+        assert m == keep_width(c, layer_rate[path]), path
         fk = flat_fused[path + ("kernel",)].shape
         ck = flat_compact[path + ("kernel",)].shape
         ok = flat_original[path + ("kernel",)].shape

@@ -30,11 +30,12 @@ kaiming_normal_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "normal"
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def torch_default_uniform(scale_axis: int = -2):
-    """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+def torch_default_uniform():
+    """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); fan_in is the
+    product of every kernel axis but the last (output) one."""
 
     def init(key, shape, dtype=jnp.float32):
-        fan_in = math.prod(shape[:-1]) if scale_axis == -2 else shape[scale_axis]
+        fan_in = math.prod(shape[:-1])
         bound = 1.0 / math.sqrt(fan_in)
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
