@@ -15,7 +15,6 @@ Compiling:
   compiler_options (pass to jax.jit: XLA:CPU settings that make conv-net steps ~2x faster)
 """
 
-from dcff_jax.compiler_options import compiler_options
 from dcff_jax.export import compact_variables, load_compact
 from dcff_jax.flops import count as count_flops
 from dcff_jax.flops import model_counts
@@ -35,6 +34,7 @@ from dcff_jax.fusion import (
 from dcff_jax.layers import FusedConv
 from dcff_jax.models import ARCHITECTURES, VARIANTS, create_model, input_shape, prunable_conv
 from dcff_jax.plans import keep_width, layer_rates, parse_rates
+from dcff_jax.xla_options import compiler_options
 
 __version__ = "0.1.0"
 

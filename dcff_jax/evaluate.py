@@ -24,24 +24,25 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from dcff_jax import export, input_pipeline, train
-    from dcff_jax.compiler_options import compiler_options
+    from dcff_jax import export, input_pipeline, steps
+    from dcff_jax.xla_options import compiler_options
 
     model, variables, meta = export.load_compact(checkpoint)
     config = ml_collections.ConfigDict(meta["config"])
     config.data_dir = data_dir if data_dir is not None else meta["data_dir"]
     config.dataset = dataset or meta["dataset"]
     data = input_pipeline.load_data(config)
-    mesh = train.make_mesh()
+    mesh = steps.make_mesh()
     batch = batch_size - batch_size % jax.device_count() or jax.device_count()
     variables = jax.device_put(variables, NamedSharding(mesh, P()))
 
     @functools.partial(jax.jit, compiler_options=compiler_options())
     def step(variables, images, labels, mask):
         x = input_pipeline.normalize(images, data.mean, data.std, jnp.float32)
-        return train.eval_sums(model.apply(variables, x, train=False), labels, mask)
+        return steps.eval_sums(model.apply(variables, x, train=False), labels, mask)
 
-    return train.evaluate(lambda _, *b: step(variables, *b), None, data.test, batch, mesh)
+    batches = input_pipeline.eval_batches(data.test, batch)
+    return steps.evaluate(lambda _, *b: step(variables, *b), None, batches, mesh)
 
 
 def main(argv):

@@ -172,27 +172,27 @@ def bench_step(config, variant: str, mode: str, batch_size: int, steps: int, opt
 
     Median over `steps` steps after compilation; every step blocks on its result.
     """
-    from dcff_jax import input_pipeline, train
+    from dcff_jax import input_pipeline, optim, steps
 
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
     model = models.create_model(config.model, config.cprate or None, variant, dtype=dtype)
     size = models.input_shape(config.model)[1]
-    mesh = train.make_mesh()
+    mesh = steps.make_mesh()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, config.num_classes, (batch_size,)).astype(np.int32)
-    data = input_pipeline.Data(
-        None, None, input_pipeline.CIFAR_MEAN, input_pipeline.CIFAR_STD, size == 32
+    spec = steps.InputSpec(
+        input_pipeline.CIFAR_MEAN, input_pipeline.CIFAR_STD, augment=size == 32, dtype=dtype
     )
-    tx = train.make_optimizer(config, 100)
-    state = train.create_train_state(model, tx, size, 0, mesh)
-    batch = train.to_global(mesh, images, labels)
+    tx = optim.make_optimizer(config, 100)
+    state = steps.create_train_state(model, tx, size, 0, mesh)
+    batch = steps.to_global(mesh, images, labels)
     if mode == "train":
-        step = train.make_train_step(model, tx, data, 0, dtype, mesh, options)
+        step = steps.make_train_step(model, tx, spec, mesh, 0, options)
         args = (state, *batch)
     else:
-        step = train.make_eval_step(model, data, dtype, mesh, options)
-        args = (state, *batch, *train.to_global(mesh, np.ones((batch_size,), bool)))
+        step = steps.make_eval_step(model, spec, mesh, options)
+        args = (state, *batch, *steps.to_global(mesh, np.ones((batch_size,), bool)))
     start = time.perf_counter()
     compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - start

@@ -37,7 +37,7 @@ from helpers import tiny_config  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from dcff_jax import fusion, input_pipeline, models, train  # noqa: E402
+from dcff_jax import fusion, input_pipeline, models, optim, steps  # noqa: E402
 
 
 def as_float64(tree):
@@ -51,11 +51,11 @@ def main():
     # flips a max-pool tie by step 3 and moves the loss by ~1e-3, which would hide real bugs.
     config = tiny_config(ARGS.data_dir, model="vgg16", cprate="[0.75]*13", learning_rate=0.002)
     data = input_pipeline.load_data(config)
-    mesh = train.make_mesh()
+    mesh = steps.make_mesh()
     model = models.create_model(config.model, config.cprate, "fused")
-    tx = train.make_optimizer(config, ARGS.steps)
+    tx = optim.make_optimizer(config, ARGS.steps)
     # The initial state is drawn in float32 in every mode, then widened.
-    state = train.create_train_state(model, tx, 32, config.seed, mesh)
+    state = steps.create_train_state(model, tx, 32, config.seed, mesh)
     x64 = jax.enable_x64(True) if ARGS.float64 else contextlib.nullcontext()
     with x64:
         dtype = jnp.float64 if ARGS.float64 else jnp.float32
@@ -63,13 +63,14 @@ def main():
             state = jax.jit(as_float64, out_shardings=NamedSharding(mesh, P()))(state)
         new_fusion, _ = fusion.update_fusion(state.params, state.fusion, 0, config.num_epochs)
         state = state.replace(fusion=new_fusion)
-        step_fn = train.make_train_step(model, tx, data, config.seed, dtype, mesh)
+        spec = steps.InputSpec(data.mean, data.std, data.device_augment, dtype)
+        step_fn = steps.make_train_step(model, tx, spec, mesh, config.seed)
         losses = []
         batches = input_pipeline.train_batches(
             data.train, config.batch_size, config.seed, 0, 0, ARGS.steps
         )
         for images, labels in batches:
-            state, metrics = step_fn(state, *train.to_global(mesh, images, labels))
+            state, metrics = step_fn(state, *steps.to_global(mesh, images, labels))
             losses.append(float(metrics["loss"]))
         params = {
             jax.tree_util.keystr(path): np.asarray(jax.device_get(x)).astype(np.float64)

@@ -94,12 +94,12 @@ def test_load_compact_falls_back_to_the_previous_export_after_an_interrupted_swa
     between the two, only compact.old exists; load_compact must find it."""
     import ml_collections
 
-    from dcff_jax import export, train
+    from dcff_jax import export, steps
 
     cprate = "[0.5]*30"
     model = create_model("resnet56", cprate, "fused")
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    state = train.TrainState(
+    state = steps.TrainState(
         step=jnp.int32(0),
         params=variables["params"],
         batch_stats=variables["batch_stats"],

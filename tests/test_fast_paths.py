@@ -14,9 +14,10 @@ import optax
 import pytest
 from flax import linen as nn
 
-from dcff_jax import compiler_options, create_model, input_pipeline, train
-from dcff_jax.compiler_options import CPU_OPTIONS, LIBRARY_FUSION_OPTION
+from dcff_jax import compiler_options, create_model, steps
+from dcff_jax.input_pipeline import CIFAR_MEAN, CIFAR_STD
 from dcff_jax.models import common, resnet_cifar
+from dcff_jax.xla_options import CPU_OPTIONS, LIBRARY_FUSION_OPTION
 
 
 def test_compiler_options_on_cpu(monkeypatch):
@@ -77,7 +78,7 @@ def _initial_state(arch: str, cprate: str):
     """A fused model's initial train state (float32, on the host) and its step's pieces."""
     model = create_model(arch, cprate, "fused")
     tx = optax.sgd(0.1)
-    state = train.create_train_state(model, tx, 32, 0, train.make_mesh())
+    state = steps.create_train_state(model, tx, 32, 0, steps.make_mesh())
     return model, tx, jax.device_get(state)
 
 
@@ -88,17 +89,15 @@ def _one_step(options: dict, arch: str, cprate: str, dtype=jnp.float32):
     then widened), so float64 measures the float32 paths' rounding error.
     """
     model, tx, host_state = _initial_state(arch, cprate)
-    mesh = train.make_mesh()
-    data = input_pipeline.Data(
-        None, None, input_pipeline.CIFAR_MEAN, input_pipeline.CIFAR_STD, True
-    )
+    mesh = steps.make_mesh()
     with jax.enable_x64(dtype == jnp.float64):
         state = _float_leaves_to(dtype)(host_state)
-        step = train.make_train_step(model, tx, data, 0, dtype, mesh, options)
+        spec = steps.InputSpec(CIFAR_MEAN, CIFAR_STD, augment=True, dtype=dtype)
+        step = steps.make_train_step(model, tx, spec, mesh, 0, options)
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
         labels = rng.integers(0, 10, (8,)).astype(np.int32)
-        state, metrics = step(state, *train.to_global(mesh, images, labels))
+        state, metrics = step(state, *steps.to_global(mesh, images, labels))
         new_params = jax.device_get(state.params)
     updates = jax.tree.map(
         lambda new, old: np.asarray(new, np.float64) - np.asarray(old, np.float64),

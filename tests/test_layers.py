@@ -13,7 +13,7 @@ def init(layer, x):
 
 def test_output_has_kept_channels_and_state_shapes():
     x = jnp.ones((2, 8, 8, 3))
-    layer = FusedConv(features=16, kept=6, kernel_size=3, padding=1)
+    layer = FusedConv(features=16, kept=6, kernel_size=(3, 3), padding=1)
     variables = init(layer, x)
     assert variables["params"]["kernel"].shape == (3, 3, 3, 16)
     assert variables["params"]["bias"].shape == (16,)
@@ -27,7 +27,7 @@ def test_output_has_kept_channels_and_state_shapes():
 def test_equals_plain_conv_on_selected_filters(strides, padding):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 9, 9, 4)), jnp.float32)
-    layer = FusedConv(features=8, kept=3, kernel_size=3, strides=strides, padding=padding)
+    layer = FusedConv(features=8, kept=3, kernel_size=(3, 3), strides=strides, padding=padding)
     variables = init(layer, x)
     kept = jnp.array([5, 0, 2], jnp.int32)
     variables["params"]["bias"] = jnp.asarray(rng.standard_normal(8), jnp.float32)
@@ -48,7 +48,7 @@ def test_equals_plain_conv_on_selected_filters(strides, padding):
 def test_soft_fusion_is_conv_with_fused_kernel():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((1, 6, 6, 2)), jnp.float32)
-    layer = FusedConv(features=5, kept=2, kernel_size=1, use_bias=False)
+    layer = FusedConv(features=5, kept=2, kernel_size=(1, 1), use_bias=False)
     variables = init(layer, x)
     matrix = jnp.asarray(rng.random((2, 5)), jnp.float32)
     variables["fusion"]["matrix"] = matrix
@@ -60,7 +60,7 @@ def test_soft_fusion_is_conv_with_fused_kernel():
 def test_gradients_reach_every_filter():
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((2, 5, 5, 3)), jnp.float32)
-    layer = FusedConv(features=10, kept=4, kernel_size=3, padding=1)
+    layer = FusedConv(features=10, kept=4, kernel_size=(3, 3), padding=1)
     variables = init(layer, x)
     w = fusion.kernel_filters(variables["params"]["kernel"])
     state, _ = fusion.update_layer(w, fusion.init_fusion_state(10, 4), 1.0, "reference")
@@ -78,7 +78,7 @@ def test_gradients_reach_every_filter():
 
 def test_bfloat16_compute_keeps_float32_params():
     x = jnp.ones((1, 4, 4, 3))
-    layer = FusedConv(features=8, kept=4, kernel_size=3, padding=1, dtype=jnp.bfloat16)
+    layer = FusedConv(features=8, kept=4, kernel_size=(3, 3), padding=1, dtype=jnp.bfloat16)
     variables = init(layer, x)
     assert variables["params"]["kernel"].dtype == jnp.float32
     assert variables["fusion"]["matrix"].dtype == jnp.float32
@@ -87,4 +87,4 @@ def test_bfloat16_compute_keeps_float32_params():
 
 def test_kept_larger_than_features_is_rejected():
     with pytest.raises(ValueError, match="kept width"):
-        init(FusedConv(features=4, kept=5, kernel_size=1), jnp.ones((1, 2, 2, 3)))
+        init(FusedConv(features=4, kept=5, kernel_size=(1, 1)), jnp.ones((1, 2, 2, 3)))

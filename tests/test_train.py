@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import run_module, tiny_config, write_cifar_folder
 
-from dcff_jax import export, train
+from dcff_jax import export, optim, steps, train
 from dcff_jax.config import default_config, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_optimizer_is_pytorch_sgd_with_coupled_weight_decay():
     config = default_config()
     config.learning_rate, config.momentum, config.weight_decay = 0.1, 0.9, 5e-4
-    tx = train.make_optimizer(config, steps_per_epoch=10)
+    tx = optim.make_optimizer(config, steps_per_epoch=10)
     p = {"w": jnp.array([1.0, -2.0])}
     state = tx.init(p)
     grads = [jnp.array([0.5, 0.25]), jnp.array([-1.0, 0.75])]
@@ -49,7 +49,7 @@ def assert_rate(schedule, step: int, want: float, peak: float):
 
 def test_multistep_schedule_per_epoch():
     config = default_config()  # lr 0.1, x0.1 at epochs 150 and 225
-    schedule = train.learning_rate_schedule(config, steps_per_epoch=10)
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch=10)
     for step, want in [(0, 0.1), (1499, 0.1), (1500, 0.01), (2249, 0.01), (2250, 0.001)]:
         assert_rate(schedule, step, want, 0.1)
 
@@ -58,7 +58,7 @@ def test_step_schedule_warmup_ends_and_boundaries():
     config = default_config()
     config.lr_schedule, config.learning_rate, config.warmup_epochs = "step", 0.1, 5
     config.num_epochs, config.lr_milestones = 90, (30, 60, 80)
-    schedule = train.learning_rate_schedule(config, 10)
+    schedule = optim.learning_rate_schedule(config, 10)
     # Linear warm-up over 50 steps from lr/50: lr/50 + (lr - lr/50) * step / 50.
     warm = [(0, 0.002), (25, 0.002 + 0.098 * 25 / 50), (49, 0.002 + 0.098 * 49 / 50)]
     after = [(50, 0.1), (299, 0.1), (300, 0.01), (599, 0.01), (600, 0.001), (799, 0.001)]
@@ -70,7 +70,7 @@ def test_cosine_schedule_warmup_ends_and_boundaries():
     config = default_config()
     config.lr_schedule, config.learning_rate, config.warmup_epochs = "cosine", 0.01, 5
     config.num_epochs = 180
-    schedule = train.learning_rate_schedule(config, 10)
+    schedule = optim.learning_rate_schedule(config, 10)
     # 50 warm-up steps from lr/50, then lr * (1 + cos(pi * t / 1750)) / 2 for t = step - 50.
     for step, want in [(0, 0.0002), (49, 0.0002 + 0.0098 * 49 / 50)]:
         assert_rate(schedule, step, want, 0.01)
@@ -91,7 +91,7 @@ def test_eval_sums_count_top1_and_top5_separately():
     )
     labels = jnp.array([2, 0, 5, 0])
     mask = jnp.array([1, 1, 1, 0])
-    sums = jax.device_get(train.eval_sums(logits, labels, mask))
+    sums = jax.device_get(steps.eval_sums(logits, labels, mask))
     assert (float(sums["top1"]), float(sums["top5"]), float(sums["count"])) == (1.0, 2.0, 3.0)
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     assert float(sums["loss"]) == pytest.approx(float(per_example[:3].sum()), rel=1e-6)
@@ -292,15 +292,16 @@ def test_half_precision_step_computes_in_bfloat16_and_keeps_float32_state(data_d
 
     config = tiny_config(data_dir, model="vgg16", cprate="[0.75]*13", half_precision=True)
     data = input_pipeline.load_data(config)
-    mesh = train.make_mesh()
+    mesh = steps.make_mesh()
     model = models.create_model(config.model, config.cprate, "fused", dtype=jnp.bfloat16)
-    tx = train.make_optimizer(config, 4)
-    state = train.create_train_state(model, tx, 32, 0, mesh)
+    tx = optim.make_optimizer(config, 4)
+    state = steps.create_train_state(model, tx, 32, 0, mesh)
     new_fusion, _ = fusion.update_fusion(state.params, state.fusion, 0, 2)
     state = state.replace(fusion=new_fusion)
-    step = train.make_train_step(model, tx, data, 0, jnp.bfloat16, mesh)
+    spec = steps.InputSpec(data.mean, data.std, data.device_augment, jnp.bfloat16)
+    step = steps.make_train_step(model, tx, spec, mesh)
     images, labels = next(input_pipeline.train_batches(data.train, 16, 0, 0, 0, 1))
-    batch = train.to_global(mesh, images, labels)
+    batch = steps.to_global(mesh, images, labels)
     conv_dtypes = [
         (eqn.invars[0].aval.dtype, eqn.invars[1].aval.dtype, eqn.outvars[0].aval.dtype)
         for eqn in all_equations(step.trace(state, *batch).jaxpr)
@@ -312,7 +313,7 @@ def test_half_precision_step_computes_in_bfloat16_and_keeps_float32_state(data_d
     assert set(conv_dtypes) == {(np.dtype(jnp.bfloat16),) * 3}
     before = jax.tree.map(np.asarray, state.params)
     initial_opt_state = jax.device_get(state.opt_state)
-    state, metrics = step(state, *train.to_global(mesh, images, labels))
+    state, metrics = step(state, *steps.to_global(mesh, images, labels))
     assert np.isfinite(float(metrics["loss"]))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     assert all(
@@ -339,16 +340,16 @@ def test_evaluate_masks_the_padded_last_batch():
     # Every third example a hit, example 0 among them.
     labels = np.where(np.arange(20) % 3 == 0, predicted, (predicted + 1) % 10).astype(np.int32)
     split = input_pipeline.Split(20, lambda idx, _: (images[idx], labels[idx]), 4)
-    mesh = train.make_mesh()
+    mesh = steps.make_mesh()
 
     @jax.jit
     def eval_step(state, batch_images, batch_labels, mask):
         # Predicts class (first pixel value mod 10), with a margin for top-1.
         predicted = batch_images[:, 0, 0, 0].astype(jnp.int32) % 10
         logits = jax.nn.one_hot(predicted, 10) * 10.0
-        return train.eval_sums(logits, batch_labels, mask)
+        return steps.eval_sums(logits, batch_labels, mask)
 
-    result = train.evaluate(eval_step, None, split, 8, mesh)
+    result = steps.evaluate(eval_step, None, input_pipeline.eval_batches(split, 8), mesh)
     hits = predicted == labels
     assert result["examples"] == 20
     assert result["top1"] == pytest.approx(100.0 * hits.mean(), abs=1e-9)
