@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from helpers import run_module, tiny_config, write_cifar_folder
+from helpers import read_scalars, run_module, tiny_config, write_cifar_folder
 
 from dcff_jax import export, optim, steps, train
 from dcff_jax.config import default_config, validate_config
@@ -173,7 +173,18 @@ def test_main_trains_exports_and_resumes_bit_identically_after_sigkill(data_dir,
         "compact/metadata.json",
     ):
         assert os.path.exists(os.path.join(ref, name)), name
-    assert os.listdir(os.path.join(ref, "tensorboard"))
+    # TensorBoard: every scalar in its namespace, one train/loss per step (log_every_steps=1).
+    scalars = read_scalars(os.path.join(ref, "tensorboard"))
+    assert set(scalars) == {
+        *(f"train/{k}" for k in ("loss", "accuracy", "images_per_sec")),
+        *(f"train/{k}" for k in ("epoch_loss", "epoch_accuracy")),
+        *(f"test/{k}" for k in ("top1", "top5", "loss", "best_top1")),
+        *(f"fusion/{k}" for k in ("temperature", "filters_changed", "frozen_layers")),
+    }
+    assert [step for step, _ in scalars["train/loss"]] == list(range(1, 9))
+    assert [step for step, _ in scalars["fusion/temperature"]] == [4, 8]
+    assert scalars["fusion/temperature"][0][1] == pytest.approx(1.0)
+    ref_epoch2 = epoch_line(proc.stderr, 2)
     ref_step, ref_params = final_params(ref)
     assert ref_step == 8
 
@@ -196,7 +207,11 @@ def test_main_trains_exports_and_resumes_bit_identically_after_sigkill(data_dir,
     assert not os.path.isdir(os.path.join(killed, "checkpoints", "8"))
     proc = run_main(data_dir, killed)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from step" in proc.stderr
+    # Resumed mid-epoch 2: the epoch's fusion update (made before the kill: nothing changed,
+    # every layer frozen) is reported as it was, not as an empty update.
+    resumed = f"resumed from step 6 in {killed} (this epoch's fusion update: 0 filters changed, "
+    assert resumed + "55 layers frozen)" in proc.stderr
+    assert epoch_line(proc.stderr, 2).split("| T")[1] == ref_epoch2.split("| T")[1]
     step, params = final_params(killed)
     assert step == ref_step
     for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params), strict=True):
@@ -210,6 +225,12 @@ def test_main_trains_exports_and_resumes_bit_identically_after_sigkill(data_dir,
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["examples"] == 24
     assert result["top1"] == pytest.approx(meta["test_top1"], abs=1e-6)
+
+
+def epoch_line(log: str, epoch: int) -> str:
+    match = re.search(rf"epoch {epoch}/\d+: test top-1.*", log)
+    assert match, log[-2000:]
+    return match.group(0)
 
 
 def frozen_layers_at_epoch(log: str, epoch: int) -> int:
