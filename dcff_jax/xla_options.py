@@ -7,12 +7,11 @@ turns those off on CPU:
 
     step = jax.jit(fn, compiler_options=dcff_jax.compiler_options())
 
-Reductions stay with YNNPACK: XLA's own reduction emitter accumulates float32 sums with far
-larger rounding error, which the cancellation in batch-norm gradients amplifies (a ResNet-56
-step's update was 3500x further from float64 than with YNNPACK's reductions;
-experiments/RESULTS.md). With them kept, accuracy equals XLA's defaults
-(tests/test_fast_paths.py). GPUs and TPUs get {} (the option is CPU-only). Setting the option
-yourself in XLA_FLAGS wins over ours.
+Reductions stay with YNNPACK: XLA's own reduction emitter sums float32 with ~30x the rounding
+error, which the cancellation in batch-norm gradients carries into the update (a ResNet-56
+step 4-6x further from float64 than XLA's defaults; experiments/RESULTS.md). With them kept,
+accuracy equals XLA's defaults (tests/test_fast_paths.py). GPUs and TPUs get {} (the option is
+CPU-only). Setting the option yourself in XLA_FLAGS wins over ours.
 """
 
 from __future__ import annotations

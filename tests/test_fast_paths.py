@@ -28,6 +28,23 @@ def test_compiler_options_on_cpu(monkeypatch):
     assert compiler_options() == {}
 
 
+def _lowered_resnet_gradient(blocks_per_stage: int):
+    """The lowered train-mode gradient of sum(logits^2) of a compact CIFAR ResNet, batch 4."""
+    model = resnet_cifar.CifarResNet(
+        (0.0,) * (1 + 6 * blocks_per_stage), blocks_per_stage, "compact"
+    )
+    x = jnp.ones((4, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+
+    def loss(params):
+        out, _ = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(out**2)
+
+    return jax.jit(jax.grad(loss)).lower(variables["params"])
+
+
 def _library_fusion_bodies(hlo: str) -> list[str]:
     """The fused computations that a compiled HLO text hands to YNNPACK."""
     bodies = {
@@ -45,17 +62,7 @@ def test_compiler_options_keep_only_library_reductions():
     """XLA:CPU (jaxlib 0.10) hands a ResNet gradient's convolutions, dots and reductions to
     YNNPACK; with our options only the reductions (each library fusion contains a reduce, none a
     convolution or dot)."""
-    model = resnet_cifar.CifarResNet((0.0,) * 7, 1, "compact")
-    x = jnp.ones((4, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x)
-
-    def loss(params):
-        out, _ = model.apply(
-            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
-        )
-        return jnp.sum(out**2)
-
-    lowered = jax.jit(jax.grad(loss)).lower(variables["params"])
+    lowered = _lowered_resnet_gradient(blocks_per_stage=1)
     defaults = _library_fusion_bodies(lowered.compile().as_text())
     if not any("convolution(" in body for body in defaults):
         pytest.skip("this jaxlib's XLA:CPU does not hand convolutions to YNNPACK by default")
@@ -82,8 +89,9 @@ def _initial_state(arch: str, cprate: str):
     return model, tx, jax.device_get(state)
 
 
-def _one_step(options: dict, arch: str, cprate: str, dtype=jnp.float32):
-    """One train step compiled with `options`, computed in `dtype`: (loss, updates as float64).
+def _one_step(options: dict, arch: str, cprate: str, dtype=jnp.float32, seed: int = 0):
+    """One train step compiled with `options`, computed in `dtype`: (loss, flat updates, flat
+    batch statistics after the step), as float64.
 
     The initial state, batch and augmentation are the same for every dtype (drawn in float32,
     then widened), so float64 measures the float32 paths' rounding error.
@@ -94,51 +102,63 @@ def _one_step(options: dict, arch: str, cprate: str, dtype=jnp.float32):
         state = _float_leaves_to(dtype)(host_state)
         spec = steps.InputSpec(CIFAR_MEAN, CIFAR_STD, augment=True, dtype=dtype)
         step = steps.make_train_step(model, tx, spec, mesh, 0, options)
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(seed)
         images = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
         labels = rng.integers(0, 10, (8,)).astype(np.int32)
         state, metrics = step(state, *steps.to_global(mesh, images, labels))
-        new_params = jax.device_get(state.params)
+        new_params, stats = jax.device_get((state.params, state.batch_stats))
     updates = jax.tree.map(
         lambda new, old: np.asarray(new, np.float64) - np.asarray(old, np.float64),
         new_params,
         host_state.params,
     )
-    return float(metrics["loss"]), np.concatenate([u.ravel() for u in jax.tree.leaves(updates)])
+    return (
+        float(metrics["loss"]),
+        np.concatenate([u.ravel() for u in jax.tree.leaves(updates)]),
+        np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(stats)]),
+    )
 
 
 # Unit roundoff of float32.
 U32 = 2.0**-24
 
 
+def _relative(x, reference) -> float:
+    return float(np.linalg.norm(x - reference) / np.linalg.norm(reference))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "arch,cprate", [("vgg16", "[0.5]*7+[0.8]*6"), ("resnet56", "[0.5]*27+[0.3]*3")]
 )
-def test_train_step_with_our_options_is_as_accurate_as_xla_defaults(arch, cprate):
-    """Our compile options change how XLA:CPU sums, never how accurately: one fused train step,
-    with our options and with XLA's defaults, each measured against the same step in float64.
+def test_train_step_with_our_options_is_as_accurate_as_xla_defaults(arch, cprate, monkeypatch):
+    """Our compile options change which kernels XLA:CPU uses, never how accurately it computes:
+    one fused train step, with our options and with XLA's defaults, each measured against the
+    same step in float64.
 
-    Bound: two float32 paths that differ only in summation order (blocking, threads) have
-    rounding errors of the same order; we allow 8x. A path that loses accuracy exceeds it by far:
-    bfloat16 or TF32 arithmetic by ~2^15 or ~2^13, and XLA:CPU's own reduction emitter (what our
-    options gave before they kept YNNPACK's reductions) measured 3500x on ResNet-56's update,
-    through the cancellation in batch-norm gradients (experiments/RESULTS.md). The loss gets a
-    floor of 64 ulps of itself, for the case where the defaults happen to round almost exactly.
+    The activations are smooth here (GELU for every ReLU). With ReLU, an activation within
+    rounding of 0 lands on either side in float32 and float64, and its gradient jumps: the
+    update's distance to float64 then varies by 1e3x from batch to batch in every
+    configuration (1.6e-6 or 4e-3, experiments/RESULTS.md), which measures luck, not accuracy.
+
+    Bound: both paths use the same (YNNPACK) reductions and convolutions whose float32 errors
+    are within 1.4x of each other shape by shape, so the whole step's errors are within 2x
+    (measured 0.9-1.1x over 6 batches). The options before issue 10 summed with XLA's own
+    reduction emitter: 4-6x (ResNet-56) and 1.8x (VGG-16) the defaults' update error and
+    6x / 2.5x their batch-statistics error; bfloat16 or TF32 arithmetic would be ~2^15 / 2^13x.
+    Statistics and loss errors sit near u, so they get a floor of 4 u and 64 u respectively.
     """
-    loss64, updates64 = _one_step({}, arch, cprate, jnp.float64)
-    fast_loss, fast_updates = _one_step(compiler_options(), arch, cprate)
-    base_loss, base_updates = _one_step({}, arch, cprate)
-
-    def error(updates):
-        return np.linalg.norm(updates - updates64) / np.linalg.norm(updates64)
-
-    assert error(fast_updates) <= 8 * error(base_updates), (
-        error(fast_updates),
-        error(base_updates),
-    )
-    floor = 64 * U32 * abs(loss64)
-    assert abs(fast_loss - loss64) <= 8 * max(abs(base_loss - loss64), floor)
+    monkeypatch.setattr(nn, "relu", jax.nn.gelu)
+    monkeypatch.setattr(common, "residual_relu", lambda y, shortcut: jax.nn.gelu(y + shortcut))
+    loss64, updates64, stats64 = _one_step({}, arch, cprate, jnp.float64)
+    fast_loss, fast_updates, fast_stats = _one_step(compiler_options(), arch, cprate)
+    base_loss, base_updates, base_stats = _one_step({}, arch, cprate)
+    fast, base = _relative(fast_updates, updates64), _relative(base_updates, updates64)
+    assert fast <= 2 * base, (fast, base)
+    fast, base = _relative(fast_stats, stats64), _relative(base_stats, stats64)
+    assert fast <= 2 * max(base, 4 * U32), (fast, base)
+    fast, base = abs(fast_loss - loss64), abs(base_loss - loss64)
+    assert fast <= 2 * max(base, 64 * U32 * abs(loss64)), (fast, base)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -169,19 +189,7 @@ def test_residual_relu_values_and_gradients_equal_relu(dtype):
 
 def _max_fusion_operands(blocks_per_stage: int) -> int:
     """The most operands of any fusion in the compiled gradient of a compact CIFAR ResNet."""
-    model = resnet_cifar.CifarResNet(
-        (0.0,) * (1 + 6 * blocks_per_stage), blocks_per_stage, "compact"
-    )
-    x = jnp.ones((4, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x)
-
-    def loss(params):
-        out, _ = model.apply(
-            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
-        )
-        return jnp.sum(out**2)
-
-    hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile(compiler_options()).as_text()
+    hlo = _lowered_resnet_gradient(blocks_per_stage).compile(compiler_options()).as_text()
     fusions = re.finditer(r"= \S+ fusion\((.*?)\), kind=", hlo)
     return max(len(re.findall(r"%[\w.\-]+", m.group(1))) for m in fusions)
 
