@@ -82,3 +82,13 @@ def read_scalars(event_dir: str) -> dict[str, list[tuple[int, float]]]:
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
+
+
+# Unit roundoff of float32 and float64.
+U32, U64 = 2.0**-24, 2.0**-53
+
+
+def gamma(n: int, u: float = U32) -> float:
+    """Higham's gamma_n = n u / (1 - n u): a sum of n products computed in floating point, in any
+    order (blocked, pairwise, FMA), is within gamma_n * sum |x_i y_i| of the exact value."""
+    return n * u / (1 - n * u)

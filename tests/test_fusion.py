@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_numpy as ref
+from helpers import U32, gamma
 
 from dcff_jax import fusion
 
@@ -15,8 +16,16 @@ def kaiming_filters(seed, c, d):
 @pytest.mark.parametrize("c,d", [(4, 3), (16, 27), (64, 144), (200, 72)])
 def test_pairwise_distances_match_cdist(c, d):
     w = kaiming_filters(c + d, c, d)
-    got = np.asarray(fusion.pairwise_distances(w))
-    np.testing.assert_allclose(got, ref.published_distances(w), rtol=1e-4, atol=2e-5)
+    got = np.asarray(fusion.pairwise_distances(w)).astype(np.float64)
+    w64 = w.astype(np.float64)
+    want = np.sqrt(((w64[:, None, :] - w64[None, :, :]) ** 2).sum(-1))
+    # Gram form in float32: s = |a|^2 + |b|^2 - 2 a.b is within E = gamma_{d+2} (|a|^2 + |b|^2 +
+    # 2 |a||b|) of exact (|a.b| <= |a||b|), then |sqrt(s') - sqrt(s)| <= E / D, plus the rounding
+    # of the square root (the published cdist is this float64 value, cast).
+    norms = np.linalg.norm(w64, axis=1)
+    bound_sq = gamma(d + 2) * (norms[:, None] + norms[None, :]) ** 2
+    off = ~np.eye(c, dtype=bool)
+    assert np.all(np.abs(got - want)[off] <= bound_sq[off] / want[off] + 2 * U32 * want[off])
     assert np.all(np.diag(got) == 0.0)
     np.testing.assert_array_equal(got, got.T)
 
@@ -57,9 +66,11 @@ def test_temperature_uses_t_start_t_end_and_k(t_s, t_e, k):
 
 def test_temperature_traced_inside_jit():
     jitted = jax.jit(lambda e: fusion.temperature(e, 300))
+    a = 2 * (1e4 - 1.0) * (1 + np.exp(-300)) / (1 - np.exp(-300))  # the largest intermediate
     for epoch in (0, 1, 5, 150):
         want = ref.published_temperature(epoch, 300)
-        assert float(jitted(jnp.int32(epoch))) == pytest.approx(want, rel=1e-5, abs=1e-3)
+        # float32 evaluation of ~10 ops whose largest intermediate is A: 16 u * A.
+        assert float(jitted(jnp.int32(epoch))) == pytest.approx(want, abs=16 * U32 * a)
 
 
 def test_temperature_rejects_nonpositive_epochs():
@@ -73,8 +84,14 @@ def test_proxies_and_reference_scores_match_published(c, d, t):
     w = kaiming_filters(7 * c + d, c, d)
     dist = ref.published_distances(w)
     p = np.asarray(fusion.proxies(dist, t))
-    np.testing.assert_allclose(p, ref.published_softmax_p(dist, t), rtol=2e-5, atol=1e-7)
-    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
+    # Both are float32 softmaxes of the logits -D T (published: -D / (1 / T), rounded twice).
+    # Each logit l is off by <= 2 u |l| between them and exp adds <= 2 ulps per path; a
+    # relative error delta in the logits' exponentials moves p_j by <= 2 delta relative, and
+    # the row sum of c terms adds gamma_c: rtol = 2 (2 u max|l| + 4 u) + 2 gamma_c.
+    rtol = 2 * (2 * U32 * float(np.max(dist)) * t + 4 * U32) + 2 * gamma(c)
+    # atol: the smallest normal float32, below which either path may flush to zero.
+    np.testing.assert_allclose(p, ref.published_softmax_p(dist, t), rtol=rtol, atol=2.0**-126)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=gamma(c) + 2 * rtol)
     got = np.asarray(fusion.importance(dist, t, "reference"))
     want = ref.published_scores(ref.published_softmax_p(dist, t))
     assert np.all(np.isfinite(want))
@@ -135,8 +152,11 @@ def test_fuse_kernel_is_matrix_product_over_filters():
     rng = np.random.default_rng(1)
     kernel = rng.standard_normal((3, 3, 4, 6)).astype(np.float32)
     matrix = rng.random((2, 6)).astype(np.float32)
-    want = np.einsum("hwic,mc->hwim", kernel, matrix)
-    np.testing.assert_allclose(fusion.fuse_kernel(kernel, matrix), want, rtol=1e-5, atol=1e-6)
+    want = np.einsum("hwic,mc->hwim", kernel.astype(np.float64), matrix.astype(np.float64))
+    # A sum of 6 products per entry, then the result rounded: gamma_6 sum |k m| + u |result|.
+    bound = gamma(6) * np.einsum("hwic,mc->hwim", np.abs(kernel), matrix.astype(np.float64))
+    got = np.asarray(fusion.fuse_kernel(kernel, matrix), np.float64)
+    assert np.all(np.abs(got - want) <= bound + U32 * np.abs(want))
 
 
 def test_select_kept_is_top_m_with_stable_slots():

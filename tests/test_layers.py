@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from helpers import U32, gamma
 
 from dcff_jax import FusedConv, fusion
 
@@ -54,9 +55,14 @@ def test_soft_fusion_is_conv_with_fused_kernel():
     variables = init(layer, x)
     matrix = jnp.asarray(rng.random((2, 5)), jnp.float32)
     variables["fusion"]["matrix"] = matrix
-    kernel = variables["params"]["kernel"]  # (1, 1, 2, 5)
-    want = jnp.einsum("nhwi,ic,mc->nhwm", x, kernel[0, 0], matrix)
-    np.testing.assert_allclose(layer.apply(variables, x), want, rtol=1e-5, atol=1e-6)
+    x64, w64, f64 = (np.asarray(a, np.float64) for a in (x, variables["params"]["kernel"], matrix))
+    want = np.einsum("nhwi,ic,mc->nhwm", x64, w64[0, 0], f64)
+    # Fused kernel: sums of 5 products; conv: sums of 2 products of it. Both in float32, in any
+    # order: within gamma_5 + gamma_2 + gamma_5 gamma_2 <= gamma_8 of sum |x| |w| |f|, and the
+    # result is rounded once more (u |y|).
+    magnitude = np.einsum("nhwi,ic,mc->nhwm", np.abs(x64), np.abs(w64[0, 0]), f64)
+    got = np.asarray(layer.apply(variables, x), np.float64)
+    assert np.all(np.abs(got - want) <= gamma(8) * magnitude + U32 * np.abs(want))
 
 
 def test_gradients_reach_every_filter():

@@ -36,7 +36,8 @@ def test_optimizer_is_pytorch_sgd_with_coupled_weight_decay():
         w = w - 0.1 * buf
         updates, state = tx.update({"w": g}, state, p)
         p = optax.apply_updates(p, updates)
-    np.testing.assert_allclose(p["w"], w, rtol=1e-6)
+    # float32 against float64: ~5 rounded ops per step, 2 steps, values of the size of w.
+    np.testing.assert_allclose(p["w"], w, rtol=16 * 2.0**-24)
 
 
 def assert_rate(schedule, step: int, want: float, peak: float):
@@ -94,7 +95,8 @@ def test_eval_sums_count_top1_and_top5_separately():
     sums = jax.device_get(steps.eval_sums(logits, labels, mask))
     assert (float(sums["top1"]), float(sums["top5"]), float(sums["count"])) == (1.0, 2.0, 3.0)
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    assert float(sums["loss"]) == pytest.approx(float(per_example[:3].sum()), rel=1e-6)
+    # The same 3 positive float32 terms summed in another order: gamma_3 < 4 u relative.
+    assert float(sums["loss"]) == pytest.approx(float(per_example[:3].sum()), rel=4 * 2.0**-24)
 
 
 @pytest.mark.parametrize(
