@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_numpy as ref
-from helpers import U32, gamma
+from helpers import U32, U64, gamma
 
 from dcff_jax import fusion
 
@@ -13,30 +13,63 @@ def kaiming_filters(seed, c, d):
     return (rng.standard_normal((c, d)) * np.sqrt(2.0 / d)).astype(np.float32)
 
 
+def distance_error_bound(w: np.ndarray) -> np.ndarray:
+    """(c, c) bound on |pairwise_distances(w) - exact| off the diagonal, w (c, d) float32.
+
+    Gram form in float32: s = |a|^2 + |b|^2 - 2 a.b is within E = gamma_{d+2} (|a| + |b|)^2 of
+    exact (|a.b| <= |a||b|), then |sqrt(s') - sqrt(s)| <= E / D, plus the square root's rounding.
+    """
+    w64 = w.astype(np.float64)
+    norms = np.linalg.norm(w64, axis=1)
+    exact = np.sqrt(((w64[:, None, :] - w64[None, :, :]) ** 2).sum(-1))
+    with np.errstate(divide="ignore"):
+        return gamma(w.shape[1] + 2) * (norms[:, None] + norms[None, :]) ** 2 / exact + U32 * exact
+
+
+def softmax_rtol(logit_error: float, max_logit: float, c: int) -> float:
+    """Relative bound between two float32 row-softmaxes of c logits that differ by at most
+    `logit_error`: each logit also rounds (u |l|) and exp adds <= 2 ulps per path; a relative
+    error delta in the exponentials moves p_j by <= 2 delta, and the row sum adds gamma_c."""
+    return 2 * (logit_error + 2 * U32 * max_logit + 4 * U32) + 2 * gamma(c)
+
+
+def score_bound(p64: np.ndarray, relative_error: float, eps: float = 0.0) -> np.ndarray:
+    """(c,) bound on the error of score_j = sum_i p_ji (log p_ji - mean_k log(p_ki + eps)) when
+    every p and log carries `relative_error` (relative; absolute for logs) and the sums gamma_c:
+    first order, 2 (relative_error + 8 u + 2 gamma_c) sum_i p_ji (1 + |log p_ji| + |M_i|)."""
+    c = p64.shape[0]
+    log_p = np.log(np.maximum(p64, np.finfo(np.float64).tiny))
+    mean_log_q = np.mean(np.log(p64 + eps), axis=0) if eps else np.mean(log_p, axis=0)
+    magnitude = np.sum(p64 * (1 + np.abs(log_p) + np.abs(mean_log_q)[None, :]), axis=1)
+    return 2 * (relative_error + 8 * U32 + 2 * gamma(c)) * magnitude
+
+
 @pytest.mark.parametrize("c,d", [(4, 3), (16, 27), (64, 144), (200, 72)])
 def test_pairwise_distances_match_cdist(c, d):
     w = kaiming_filters(c + d, c, d)
     got = np.asarray(fusion.pairwise_distances(w)).astype(np.float64)
     w64 = w.astype(np.float64)
     want = np.sqrt(((w64[:, None, :] - w64[None, :, :]) ** 2).sum(-1))
-    # Gram form in float32: s = |a|^2 + |b|^2 - 2 a.b is within E = gamma_{d+2} (|a|^2 + |b|^2 +
-    # 2 |a||b|) of exact (|a.b| <= |a||b|), then |sqrt(s') - sqrt(s)| <= E / D, plus the rounding
-    # of the square root (the published cdist is this float64 value, cast).
-    norms = np.linalg.norm(w64, axis=1)
-    bound_sq = gamma(d + 2) * (norms[:, None] + norms[None, :]) ** 2
-    off = ~np.eye(c, dtype=bool)
-    assert np.all(np.abs(got - want)[off] <= bound_sq[off] / want[off] + 2 * U32 * want[off])
+    off = ~np.eye(c, dtype=bool)  # the published cdist is this float64 value, cast
+    assert np.all(np.abs(got - want)[off] <= distance_error_bound(w)[off])
     assert np.all(np.diag(got) == 0.0)
     np.testing.assert_array_equal(got, got.T)
 
 
+def schedule_tolerance(num_epochs, t_s=1.0, t_e=1e4, k=1.0, u=U64) -> float:
+    """~10 floating-point ops whose largest intermediate is A = 2 (T_e - T_s)(1 + e^-kE) /
+    (1 - e^-kE), and T = A / (1 + e^-ke) + T_s - A / 2 cancels: 16 u A absolute."""
+    return 16 * u * 2 * (t_e - t_s) * (1 + np.exp(-k * num_epochs)) / (1 - np.exp(-k * num_epochs))
+
+
 def test_temperature_matches_published_schedule():
     for num_epochs in (1, 3, 90, 300):
+        tolerance = schedule_tolerance(num_epochs)
         for epoch in range(0, num_epochs + 1, max(1, num_epochs // 7)):
             want = ref.published_temperature(epoch, num_epochs)
-            assert fusion.temperature(epoch, num_epochs) == pytest.approx(want, rel=1e-12)
-    assert fusion.temperature(0, 300) == pytest.approx(1.0, abs=1e-9)
-    assert fusion.temperature(300, 300) == pytest.approx(1e4, rel=1e-9)
+            assert fusion.temperature(epoch, num_epochs) == pytest.approx(want, abs=tolerance)
+    assert fusion.temperature(0, 300) == pytest.approx(1.0, abs=schedule_tolerance(300))
+    assert fusion.temperature(300, 300) == pytest.approx(1e4, abs=schedule_tolerance(300))
     assert 4000 < fusion.temperature(1, 300) < 5000  # sigmoid in epochs: ~4600 at e = 1
 
 
@@ -53,24 +86,23 @@ def test_temperature_uses_t_start_t_end_and_k(t_s, t_e, k):
     # T(3) = A / (1 + e^-1.5) + 2 - A / 2 = 32.90078...
     if (t_s, t_e, k) == (2.0, 50.0, 0.5):
         assert fusion.temperature(3, 10, t_s, t_e, k) == pytest.approx(32.90078, abs=1e-5)
-    a = 2 * (t_e - t_s) * (1 + np.exp(-k * 10)) / (1 - np.exp(-k * 10))
+    tolerance64 = schedule_tolerance(10, t_s, t_e, k)
     for epoch in (0, 1, 3, 7, 10):
         want = paper_temperature(epoch, 10, t_s, t_e, k)
-        assert fusion.temperature(epoch, 10, t_s, t_e, k) == pytest.approx(want, rel=1e-12)
+        assert fusion.temperature(epoch, 10, t_s, t_e, k) == pytest.approx(want, abs=tolerance64)
         traced = jax.jit(lambda e: fusion.temperature(e, 10, t_s, t_e, k))(jnp.int32(epoch))
-        # float32 evaluation of ~10 ops whose largest intermediate is A: 16 u * A.
-        assert float(traced) == pytest.approx(want, abs=16 * 2.0**-24 * a)
-    assert fusion.temperature(0, 10, t_s, t_e, k) == pytest.approx(t_s, abs=1e-9 * t_e)
-    assert fusion.temperature(10, 10, t_s, t_e, k) == pytest.approx(t_e, rel=1e-9)
+        assert float(traced) == pytest.approx(want, abs=schedule_tolerance(10, t_s, t_e, k, U32))
+    assert fusion.temperature(0, 10, t_s, t_e, k) == pytest.approx(t_s, abs=tolerance64)
+    assert fusion.temperature(10, 10, t_s, t_e, k) == pytest.approx(t_e, abs=tolerance64)
 
 
 def test_temperature_traced_inside_jit():
     jitted = jax.jit(lambda e: fusion.temperature(e, 300))
-    a = 2 * (1e4 - 1.0) * (1 + np.exp(-300)) / (1 - np.exp(-300))  # the largest intermediate
     for epoch in (0, 1, 5, 150):
         want = ref.published_temperature(epoch, 300)
-        # float32 evaluation of ~10 ops whose largest intermediate is A: 16 u * A.
-        assert float(jitted(jnp.int32(epoch))) == pytest.approx(want, abs=16 * U32 * a)
+        assert float(jitted(jnp.int32(epoch))) == pytest.approx(
+            want, abs=schedule_tolerance(300, u=U32)
+        )
 
 
 def test_temperature_rejects_nonpositive_epochs():
@@ -84,18 +116,18 @@ def test_proxies_and_reference_scores_match_published(c, d, t):
     w = kaiming_filters(7 * c + d, c, d)
     dist = ref.published_distances(w)
     p = np.asarray(fusion.proxies(dist, t))
-    # Both are float32 softmaxes of the logits -D T (published: -D / (1 / T), rounded twice).
-    # Each logit l is off by <= 2 u |l| between them and exp adds <= 2 ulps per path; a
-    # relative error delta in the logits' exponentials moves p_j by <= 2 delta relative, and
-    # the row sum of c terms adds gamma_c: rtol = 2 (2 u max|l| + 4 u) + 2 gamma_c.
-    rtol = 2 * (2 * U32 * float(np.max(dist)) * t + 4 * U32) + 2 * gamma(c)
-    # atol: the smallest normal float32, below which either path may flush to zero.
+    # Both are float32 softmaxes of the logits -D T (published: -D / (1 / T), rounded twice:
+    # 2 u |l| apart); atol: the smallest normal float32, below which either may flush to zero.
+    rtol = softmax_rtol(2 * U32 * float(np.max(dist)) * t, float(np.max(dist)) * t, c)
     np.testing.assert_allclose(p, ref.published_softmax_p(dist, t), rtol=rtol, atol=2.0**-126)
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=gamma(c) + 2 * rtol)
     got = np.asarray(fusion.importance(dist, t, "reference"))
-    want = ref.published_scores(ref.published_softmax_p(dist, t))
+    p_published = ref.published_softmax_p(dist, t)
+    want = ref.published_scores(p_published)
     assert np.all(np.isfinite(want))
-    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-5 * np.abs(want).max())
+    # O(c^2) against the literal O(c^3) formula, both float32, proxies rtol apart.
+    bound = score_bound(p_published.astype(np.float64), rtol, eps=fusion.REFERENCE_EPS)
+    assert np.all(np.abs(got - want) <= bound)
 
 
 @pytest.mark.parametrize("t", [50.0, 500.0, 4600.0, 1e4])
@@ -112,6 +144,12 @@ def test_reference_scores_are_non_finite_exactly_where_published_are(t):
     assert not np.all(np.isfinite(got))
 
 
+def exact_log_proxies(dist, t: float) -> np.ndarray:
+    logits = -np.asarray(dist, np.float64) * t
+    log_p = logits - logits.max(axis=1, keepdims=True)
+    return log_p - np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+
+
 def test_exact_scores_finite_at_every_temperature_and_match_float64():
     w = kaiming_filters(3, 40, 27)
     dist = ref.published_distances(w)
@@ -119,15 +157,28 @@ def test_exact_scores_finite_at_every_temperature_and_match_float64():
         got = np.asarray(fusion.importance(dist, t, "exact"))
         assert np.all(np.isfinite(got))
         want = ref.exact_scores(dist, t)
-        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max())
+        # float32 log_softmax of logits up to L = max |D T|: each log-proxy within
+        # (4 L + 2 c + 8) u of float64 (logit rounding, max-shift, logsumexp of c terms).
+        relative = (4 * float(np.max(dist)) * t + 2 * 40 + 8) * U32
+        bound = score_bound(np.exp(exact_log_proxies(dist, t)), relative)
+        assert np.all(np.abs(got - want) <= bound + gamma(40) * np.abs(want))
 
 
 def test_exact_and_reference_agree_where_both_finite():
     w = kaiming_filters(4, 24, 18)
     dist = np.asarray(fusion.pairwise_distances(w))
-    a = np.asarray(fusion.importance(dist, 1.0, "reference"))
-    b = np.asarray(fusion.importance(dist, 1.0, "exact"))
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(b).max())
+    a = np.asarray(fusion.importance(dist, 1.0, "reference"), np.float64)
+    b = np.asarray(fusion.importance(dist, 1.0, "exact"), np.float64)
+    # They differ by the epsilon exactly: in float64, sum_i p_ji (M_i - M_i^eps) with
+    # M^eps = mean_k log(p_ki + 1e-7); each side within its float32 bound of that.
+    p = np.exp(exact_log_proxies(dist, 1.0))
+    eps_effect = p @ (
+        np.mean(np.log(p), axis=0) - np.mean(np.log(p + fusion.REFERENCE_EPS), axis=0)
+    )
+    relative = softmax_rtol(2 * U32 * float(np.max(dist)), float(np.max(dist)), 24)
+    bound = score_bound(p, relative, fusion.REFERENCE_EPS) + score_bound(p, relative)
+    assert np.all(np.abs((a - b) - eps_effect) <= bound)
+    assert np.all(np.abs(eps_effect) > 0)
 
 
 def test_importance_rejects_unknown_criterion():
@@ -205,7 +256,11 @@ def test_update_layer_selects_published_top_m_and_matrix_rows():
     p = ref.published_softmax_p(ref.published_distances(w), 1.0)
     want_scores = ref.published_scores(p)
     assert set(np.asarray(state["kept"])) == set(np.argsort(-want_scores)[:7])
-    np.testing.assert_allclose(state["matrix"], p[np.asarray(state["kept"])], rtol=1e-4, atol=1e-7)
+    # The matrix rows are proxies of our float32 distances; the published ones of cdist's.
+    d_error = float(np.max(distance_error_bound(w)[~np.eye(20, dtype=bool)]))
+    max_logit = float(np.max(ref.published_distances(w)))
+    rtol = softmax_rtol(d_error + 2 * U32 * max_logit, max_logit, 20)
+    np.testing.assert_allclose(state["matrix"], p[np.asarray(state["kept"])], rtol=rtol, atol=0)
 
 
 def test_exact_criterion_keeps_changing_selection_where_reference_freezes():
@@ -251,9 +306,19 @@ def test_update_fusion_updates_every_layer_like_update_layer():
             else params["block"]["conv1"]["kernel"]
         )
         old = tree["conv0"] if path == "conv0" else tree["block"]["conv1"]
-        want, _ = fusion.update_layer(fusion.kernel_filters(kernel), old, 1.0, "reference")
-        for name in ("matrix", "scores", "kept"):
-            np.testing.assert_allclose(layer[name], want[name], rtol=1e-6)
+        # The same temperature as update_fusion's traced float32 T(0), which may differ from 1.
+        t = float(fusion.temperature(jnp.asarray(0), jnp.asarray(10)))
+        filters = fusion.kernel_filters(kernel)
+        want, _ = fusion.update_layer(filters, old, t, "reference")
+        np.testing.assert_array_equal(layer["kept"], want["kept"])
+        # Same float32 arithmetic, compiled as one program or op by op: rounding order only.
+        c = filters.shape[0]
+        max_logit = float(np.max(fusion.pairwise_distances(filters))) * t
+        rtol = softmax_rtol(0.0, max_logit, c)
+        np.testing.assert_allclose(layer["matrix"], want["matrix"], rtol=rtol, atol=2.0**-126)
+        p = np.asarray(fusion.proxies(fusion.pairwise_distances(filters), t), np.float64)
+        bound = score_bound(p, rtol, fusion.REFERENCE_EPS)
+        assert np.all(np.abs(np.asarray(layer["scores"]) - np.asarray(want["scores"])) <= bound)
     assert new["conv0"]["matrix"].shape == (8, 16)
 
 
