@@ -51,7 +51,8 @@ def save_compact(directory: str, state, config, record: dict) -> None:
     """Write the compact model of a fused train state to `directory` (orbax + metadata.json).
 
     The new export is written beside the old one and swapped in by renames, so a finished export
-    is never lost to an interruption.
+    is never lost to an interruption. With several processes every one must call it (the orbax
+    save is collective); process 0 writes the metadata and swaps.
     """
     import json
     import os
@@ -85,17 +86,33 @@ def save_compact(directory: str, state, config, record: dict) -> None:
     }
     directory = os.path.abspath(directory)
     staging, old = directory + ".new", directory + ".old"
-    shutil.rmtree(staging, ignore_errors=True)
+    primary = jax.process_index() == 0
+    if primary:
+        shutil.rmtree(staging, ignore_errors=True)
+    _barrier("dcff_export_staging_clean")
+    # Collective: every process calls it (orbax synchronises them); the primary writes.
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(staging, "variables"), variables)
         checkpointer.wait_until_finished()
-    with open(os.path.join(staging, "metadata.json"), "w") as f:
-        json.dump(metadata, f, indent=2, default=str)
-    if os.path.exists(directory):
+    if primary:
+        with open(os.path.join(staging, "metadata.json"), "w") as f:
+            json.dump(metadata, f, indent=2, default=str)
+        if os.path.exists(directory):
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(directory, old)
+        os.rename(staging, directory)
         shutil.rmtree(old, ignore_errors=True)
-        os.rename(directory, old)
-    os.rename(staging, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    _barrier("dcff_export_swapped")
+
+
+def _barrier(name: str) -> None:
+    """Every process waits here for the others (a no-op with one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def load_compact(directory: str):

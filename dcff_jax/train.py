@@ -100,7 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         record = end_of_epoch(run, state, epoch, progress, window)
         checkpoints.save(run.checkpoints, int(state.step), state, progress.to_json())
         last_saved = int(state.step)
-        if record["new_best"] and jax.process_index() == 0:
+        if record["new_best"]:  # every process: the export's orbax save is collective
             export.save_compact(os.path.join(workdir, "compact"), state, config, record)
     run.writer.close()
     if jax.process_index() == 0:

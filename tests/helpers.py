@@ -92,3 +92,12 @@ def gamma(n: int, u: float = U32) -> float:
     """Higham's gamma_n = n u / (1 - n u): a sum of n products computed in floating point, in any
     order (blocked, pairwise, FMA), is within gamma_n * sum |x_i y_i| of the exact value."""
     return n * u / (1 - n * u)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

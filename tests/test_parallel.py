@@ -2,13 +2,12 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from helpers import write_cifar_folder
+from helpers import free_port, write_cifar_folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -101,12 +100,6 @@ def test_eight_devices_match_one_device(data_dir, tmp_path, float64_run):
         result = run_with_params(data_dir, tmp_path, f"f32_{devices}", 4, devices)
         assert result["devices"] == devices
         assert_within_float32_budget(result, float64_run)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -1,0 +1,128 @@
+"""The whole `python -m dcff_jax.main` on 2 jax.distributed processes on localhost.
+
+Every collective (orbax checkpoint and export saves, barriers, the sharded steps) must be reached
+by both processes: before issue 11's fix process 0 hung in the export's save, which only it
+called, until the coordination service aborted both after 5 minutes.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import ROOT, free_port, run_module, write_cifar_folder
+
+# Each step finishes in seconds; a process still running after this is hung.
+TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_cifar_folder(str(tmp_path_factory.mktemp("cifar")), train=64, test=24)
+
+
+def main_args(data_dir, workdir):
+    return [
+        "-m",
+        "dcff_jax.main",
+        "--config=configs/vgg16_cifar.py",
+        f"--workdir={workdir}",
+        "--config.dataset=cifar10_folder",
+        f"--config.data_dir={data_dir}",
+        "--config.batch_size=16",
+        "--config.num_epochs=2",
+        "--config.steps_per_epoch=4",
+        "--config.cprate=[0.75]*13",
+        "--config.learning_rate=0.002",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=2",
+    ]
+
+
+def start_processes(data_dir, workdir, num_processes=2):
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                *main_args(data_dir, workdir),
+                "--config.distributed=True",
+                f"--config.coordinator_address={address}",
+                f"--config.num_processes={num_processes}",
+                f"--config.process_id={i}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(num_processes)
+    ]
+
+
+def finish(procs):
+    outputs = []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise AssertionError("a process hung: " + proc.communicate()[1][-3000:]) from None
+        assert proc.returncode == 0, err[-3000:]
+        outputs.append(err)
+    return outputs
+
+
+def evaluate(workdir):
+    out = run_module("dcff_jax.evaluate", f"--checkpoint={workdir}/compact", timeout=TIMEOUT_S)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_main_on_two_processes_trains_resumes_and_exports_like_one(data_dir, tmp_path):
+    workdir = str(tmp_path / "two")
+    # Epoch 1, then both processes are killed once its checkpoint (step 4) is committed...
+    procs = start_processes(data_dir, workdir)
+    deadline = time.time() + TIMEOUT_S
+    while not os.path.isdir(os.path.join(workdir, "checkpoints", "4")):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), [
+            p.communicate()[1][-2000:] for p in procs if p.poll() is not None
+        ]
+        time.sleep(0.05)
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # ... and epoch 2 runs on a restart of both, resumed from there.
+    logs = finish(start_processes(data_dir, workdir))
+    assert all("resumed from step" in log for log in logs)
+    assert all("epoch 2/2: test top-1" in log for log in logs)
+    assert sorted(os.listdir(os.path.join(workdir, "compact"))) == ["metadata.json", "variables"]
+    # Only process 0 writes TensorBoard events: one file per start (2), not one per process.
+    assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 2
+
+    # The same run on 1 process with 2 devices, uninterrupted: the same compact model.
+    single = str(tmp_path / "one")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    proc = subprocess.run(
+        [sys.executable, *main_args(data_dir, single)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, one = evaluate(workdir), evaluate(single)
+    assert two["examples"] == one["examples"] == 24
+    # Percent; 2e-3 of the split is below one example (1/24): the same predictions.
+    assert two["top1"] == pytest.approx(one["top1"], abs=0.2)
+    assert two["top5"] == pytest.approx(one["top5"], abs=0.2)
