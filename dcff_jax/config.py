@@ -46,6 +46,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.coordinator_address = ""
     config.num_processes = -1
     config.process_id = -1
+    # A process that stops answering (killed, preempted, hung host) is declared dead after this
+    # many seconds; every other process then aborts instead of waiting in a collective forever.
+    config.heartbeat_timeout_s = 100
     return config
 
 
@@ -76,6 +79,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (0 <= config.momentum < 1, "config.momentum must be in [0, 1)"),
         (config.weight_decay >= 0, "config.weight_decay must be >= 0"),
         (config.log_every_steps >= 1, "config.log_every_steps must be >= 1"),
+        (config.heartbeat_timeout_s >= 1, "config.heartbeat_timeout_s must be >= 1"),
         (
             config.steps_per_epoch == -1 or config.steps_per_epoch >= 1,
             "config.steps_per_epoch must be -1 or >= 1",

@@ -5,6 +5,7 @@ workdir resumes where the first stopped.
 """
 
 import logging as pylogging
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -31,9 +32,9 @@ def main(argv):
     import jax
 
     if config.distributed:
-        kwargs = {}
+        kwargs = {"heartbeat_timeout_seconds": config.heartbeat_timeout_s}
         if config.coordinator_address:
-            kwargs = dict(
+            kwargs.update(
                 coordinator_address=config.coordinator_address,
                 num_processes=config.num_processes,
                 process_id=config.process_id,
@@ -49,7 +50,33 @@ def main(argv):
         jax.device_count(),
         jax.devices()[0].platform,
     )
-    train.train_and_evaluate(config, _WORKDIR.value)
+    try:
+        train.train_and_evaluate(config, _WORKDIR.value)
+    except jax.errors.JaxRuntimeError as error:
+        if jax.process_count() == 1 or not _lost_a_peer(error):
+            raise
+        logging.error(
+            "process %d: a collective failed because another process died or was preempted "
+            "(%s). Restart every process with the same command: the run resumes from its last "
+            "checkpoint in %s/checkpoints.",
+            jax.process_index(),
+            str(error).splitlines()[0][:200],
+            _WORKDIR.value,
+        )
+        logging.flush()
+        # Skip jax.distributed's shutdown barrier: the dead process can never reach it, and
+        # waiting would end in an abort after shutdown_timeout.
+        os._exit(EXIT_PEER_LOST)
+
+
+# Exit status of a process whose peer died (EX_TEMPFAIL: restarting every process resumes).
+EXIT_PEER_LOST = 75
+_PEER_LOST_SIGNS = ("Connection reset", "Connection refused", "Gloo", "UNAVAILABLE", "DEADLINE")
+
+
+def _lost_a_peer(error: Exception) -> bool:
+    """Whether a runtime error is a collective that lost another process (not a bug here)."""
+    return any(sign in str(error) for sign in _PEER_LOST_SIGNS)
 
 
 if __name__ == "__main__":

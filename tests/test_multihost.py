@@ -42,7 +42,7 @@ def main_args(data_dir, workdir):
     ]
 
 
-def start_processes(data_dir, workdir, num_processes=2):
+def start_processes(data_dir, workdir, num_processes=2, extra=()):
     address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
@@ -55,6 +55,7 @@ def start_processes(data_dir, workdir, num_processes=2):
                 f"--config.coordinator_address={address}",
                 f"--config.num_processes={num_processes}",
                 f"--config.process_id={i}",
+                *extra,
             ],
             cwd=ROOT,
             env=env,
@@ -80,6 +81,15 @@ def finish(procs):
     return outputs
 
 
+def wait_for_checkpoint(workdir, step, procs):
+    deadline = time.time() + TIMEOUT_S
+    while not os.path.isdir(os.path.join(workdir, "checkpoints", str(step))):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), [
+            p.communicate()[1][-2000:] for p in procs if p.poll() is not None
+        ]
+        time.sleep(0.05)
+
+
 def evaluate(workdir):
     out = run_module("dcff_jax.evaluate", f"--checkpoint={workdir}/compact", timeout=TIMEOUT_S)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -91,12 +101,7 @@ def test_main_on_two_processes_trains_resumes_and_exports_like_one(data_dir, tmp
     workdir = str(tmp_path / "two")
     # Epoch 1, then both processes are killed once its checkpoint (step 4) is committed...
     procs = start_processes(data_dir, workdir)
-    deadline = time.time() + TIMEOUT_S
-    while not os.path.isdir(os.path.join(workdir, "checkpoints", "4")):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), [
-            p.communicate()[1][-2000:] for p in procs if p.poll() is not None
-        ]
-        time.sleep(0.05)
+    wait_for_checkpoint(workdir, 4, procs)
     for proc in procs:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -126,3 +131,34 @@ def test_main_on_two_processes_trains_resumes_and_exports_like_one(data_dir, tmp
     # Percent; 2e-3 of the split is below one example (1/24): the same predictions.
     assert two["top1"] == pytest.approx(one["top1"], abs=0.2)
     assert two["top5"] == pytest.approx(one["top5"], abs=0.2)
+
+
+HEARTBEAT_S = 10
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_in_bounded_time_and_a_restart_resumes(data_dir, tmp_path):
+    """A worker dies mid-epoch: the survivor, blocked in the next collective, is aborted by the
+    coordination service once the heartbeat times out (not after 5 minutes, not never), and
+    restarting every worker resumes from the last checkpoint."""
+    workdir = str(tmp_path / "wd")
+    beat = (f"--config.heartbeat_timeout_s={HEARTBEAT_S}",)
+    procs = start_processes(data_dir, workdir, extra=beat)
+    wait_for_checkpoint(workdir, 2, procs)
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait()
+    killed = time.time()
+    try:
+        _, err = procs[0].communicate(timeout=6 * HEARTBEAT_S)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        raise AssertionError("the surviving process did not exit") from None
+    # The heartbeat, then the error's propagation (polled every few seconds).
+    assert time.time() - killed < 6 * HEARTBEAT_S
+    # One line saying what happened and what to do, no traceback; EX_TEMPFAIL.
+    assert procs[0].returncode == 75, err[-3000:]
+    assert "another process died or was preempted" in err and "Traceback" not in err
+    assert not os.path.isdir(os.path.join(workdir, "checkpoints", "8"))
+    logs = finish(start_processes(data_dir, workdir, extra=beat))
+    assert all("resumed from step" in log for log in logs)
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "8"))
