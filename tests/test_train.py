@@ -291,12 +291,20 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, caplog):
             with open(os.path.join(dirpath, f), "wb") as fh:
                 fh.write(b"garbage")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    restored, progress = checkpoints.restore_latest(
-        checkpoints.manager(str(tmp_path / "ckpt")), abstract
-    )
+    mngr = checkpoints.manager(str(tmp_path / "ckpt"))
+    restored, progress = checkpoints.restore_latest(mngr, abstract)
     np.testing.assert_array_equal(restored["w"], np.arange(4.0))
     assert progress["best_top1"] == 1.0
     assert "corrupt or unreadable" in caplog.text
+    # The bad step is kept, aside, and the run can save that step again (no crash loop).
+    quarantined = os.listdir(tmp_path / "ckpt_quarantine")
+    assert len(quarantined) == 1 and quarantined[0].startswith("2-")
+    assert mngr.all_steps() == [1]
+    checkpoints.save(mngr, 2, {"w": jnp.arange(4.0) + 5}, {"best_top1": 3.0})
+    restored, progress = checkpoints.restore_latest(
+        checkpoints.manager(str(tmp_path / "ckpt")), abstract
+    )
+    np.testing.assert_array_equal(restored["w"], np.arange(4.0) + 5)
 
 
 def all_equations(jaxpr):
