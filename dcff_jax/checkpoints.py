@@ -16,6 +16,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from dcff_jax.errors import CheckpointError
+
 
 def manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
@@ -83,7 +85,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[An
             continue
         return restored["state"], dict(restored["progress"])
     if mngr.all_steps():
-        raise RuntimeError(
+        raise CheckpointError(
             f"no readable checkpoint in {mngr.directory} "
             f"(all of {sorted(mngr.all_steps())} failed); "
             "start a new run in another --workdir, or restore the directory from a backup"

@@ -53,11 +53,12 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Check a config before anything is compiled; raise ValueError naming the bad field."""
+    """Check a config before anything is compiled; raise ConfigError naming the bad field."""
     from dcff_jax import fusion, input_pipeline, models, plans
+    from dcff_jax.errors import ConfigError
 
     if config.model not in models.ARCHITECTURES:
-        raise ValueError(
+        raise ConfigError(
             f"config.model {config.model!r} is unknown; "
             f"expected one of {sorted(models.ARCHITECTURES)}"
         )
@@ -87,11 +88,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise ConfigError(message)
     import jax
 
     if config.batch_size % jax.device_count():
-        raise ValueError(
+        raise ConfigError(
             f"config.batch_size {config.batch_size} must be divisible by the {jax.device_count()} "
             "devices it is split over"
         )
@@ -103,7 +104,9 @@ def load_config(path: str, argument: str | None = None) -> ml_collections.Config
     import os
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        from dcff_jax.errors import MissingFileError
+
+        raise MissingFileError(
             f"config file {path!r} does not exist (expected e.g. configs/vgg16_cifar.py)"
         )
     spec = importlib.util.spec_from_file_location(f"dcff_config_{abs(hash(path))}", path)

@@ -10,6 +10,8 @@ import json
 
 from absl import app, flags
 
+from dcff_jax import errors
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A compact export (WORKDIR/compact).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Overrides the data_dir recorded at export.")
 _DATASET = flags.DEFINE_string("dataset", None, "Overrides the dataset recorded at export.")
@@ -47,6 +49,8 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
 
 def main(argv):
     del argv
+    if _BATCH.value < 1:
+        raise errors.ConfigError(f"--batch_size must be >= 1, got {_BATCH.value}")
     result = evaluate_compact(_CHECKPOINT.value, _DATA_DIR.value, _DATASET.value, _BATCH.value)
     print(
         f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
@@ -56,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(errors.cli(main))

@@ -13,6 +13,7 @@ from typing import Any
 from flax import traverse_util
 from flax.core import unfreeze
 
+from dcff_jax.errors import DataError, MissingFileError
 from dcff_jax.fusion import FUSION_COLLECTION, fuse_kernel
 
 
@@ -139,7 +140,7 @@ def load_compact(directory: str):
         path = path + ".old"  # an interrupted swap: the previous export is intact
         meta_path = os.path.join(path, "metadata.json")
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{directory} is not a compact export: no metadata.json (expected WORKDIR/compact)"
         )
     with open(meta_path) as f:
@@ -156,7 +157,7 @@ def load_compact(directory: str):
         with ocp.StandardCheckpointer() as checkpointer:
             variables = checkpointer.restore(os.path.join(path, "variables"), abstract)
     except Exception as e:
-        raise ValueError(
+        raise DataError(
             f"the compact export in {path} is corrupt or unreadable ({type(e).__name__}: {e})"
         ) from e
     return model, variables, metadata

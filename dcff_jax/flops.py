@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import jax
 from flax import linen as nn
 
-from dcff_jax import models
+from dcff_jax import errors, models
 from dcff_jax.layers import FusedConv
 from dcff_jax.models import common
 
@@ -143,4 +143,4 @@ if __name__ == "__main__":
     )
     _LAYERS = flags.DEFINE_bool("layers", False, "Also print one row per counted layer.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(errors.cli(main))

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dcff_jax.errors import ConfigError, DataError, MissingFileError
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,7 +53,7 @@ class Data:
 def load_data(config) -> Data:
     """The train and test splits named by config.dataset / config.data_dir."""
     if config.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {config.dataset!r}; expected one of {DATASETS}")
+        raise ConfigError(f"unknown dataset {config.dataset!r}; expected one of {DATASETS}")
     if config.dataset == "cifar10_folder":
         train, test = (
             _array_split(*read_cifar_folder(config.data_dir, s)) for s in ("train", "test")
@@ -89,7 +91,7 @@ def read_cifar_folder(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray
     expected = _CIFAR_FILES[split]
     missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
     if not os.path.isdir(folder) or missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"CIFAR-10 folder {folder!r} is missing {missing or 'entirely'}: expected the standard "
             "cifar-10-batches-py folder (data_batch_1..5, test_batch), e.g. from "
             "`python ../shared/data/make_cifar10.py DIR`, given as --config.data_dir=DIR"
@@ -103,11 +105,9 @@ def read_cifar_folder(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray
             data = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32)
             batch_labels = np.asarray(batch[b"labels"], np.int32)
         except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
-            raise ValueError(
-                f"{path} is not a CIFAR-10 batch file ({type(e).__name__}: {e})"
-            ) from e
+            raise DataError(f"{path} is not a CIFAR-10 batch file ({type(e).__name__}: {e})") from e
         if len(batch_labels) != len(data):
-            raise ValueError(f"{path}: {len(data)} images but {len(batch_labels)} labels")
+            raise DataError(f"{path}: {len(data)} images but {len(batch_labels)} labels")
         images.append(data.transpose(0, 2, 3, 1))
         labels.append(batch_labels)
     return np.concatenate(images), np.concatenate(labels)
@@ -147,7 +147,7 @@ def _tfds_source(name: str, split: str, data_dir: str):
         return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except Exception as e:  # tfds raises several types for a missing or unprepared dataset
         where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"tfds dataset {name!r} split {split!r} is not prepared in {where} "
             f"({type(e).__name__}: {e}). Prepare it with tfds (e.g. "
             f"`tfds build {name} --data_dir=DIR`, array_record format) "
@@ -263,7 +263,7 @@ def eval_batches(
 def steps_per_epoch(split: Split, global_batch: int, cap: int = -1) -> int:
     steps = split.num_examples // global_batch
     if steps == 0:
-        raise ValueError(
+        raise ConfigError(
             f"the training set has {split.num_examples} examples, fewer than one global batch "
             f"of {global_batch}: lower --config.batch_size"
         )

@@ -15,6 +15,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from dcff_jax.errors import DivergedError
+
 
 class TrainWindow:
     """Train metrics accumulated on the device between log lines (no per-step host sync)."""
@@ -30,8 +32,8 @@ class TrainWindow:
         self.count += 1
 
     def check_finite(self, step: int, epoch: int, last_saved: int, checkpoint_dir: str) -> None:
-        """Raise FloatingPointError, naming the last good checkpoint, on a non-finite loss or
-        parameter in this window."""
+        """Raise DivergedError (a FloatingPointError), naming the last good checkpoint, on a
+        non-finite loss or parameter in this window."""
         if self.sums is None:
             return
         loss, broken = float(self.sums["loss"]), float(self.sums["nonfinite_params"])
@@ -42,7 +44,7 @@ class TrainWindow:
             if not math.isfinite(loss)
             else f"{loss} with {broken:.0f} non-finite parameters"
         )
-        raise FloatingPointError(
+        raise DivergedError(
             f"the training loss became {what} by step {step} (epoch {epoch + 1}): stopping. "
             f"The last good checkpoint (step {last_saved}) in {checkpoint_dir} is kept; "
             "lower --config.learning_rate or check the data"

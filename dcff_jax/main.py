@@ -10,6 +10,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dcff_jax import errors
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
 )
@@ -80,4 +82,4 @@ def _lost_a_peer(error: Exception) -> bool:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(errors.cli(main))

@@ -18,6 +18,8 @@ import dataclasses
 import re
 from collections.abc import Callable, Sequence
 
+from dcff_jax.errors import ConfigError
+
 MAX_REPEAT = 100_000
 MAX_ENTRIES = 100_000
 
@@ -46,10 +48,10 @@ class _Parser:
             pos = match.end()
         return tokens
 
-    def error(self, what: str, pos: int | None = None) -> ValueError:
+    def error(self, what: str, pos: int | None = None) -> ConfigError:
         if pos is None:
             pos = self.tokens[self.pos][2] if self.pos < len(self.tokens) else len(self.text)
-        return ValueError(
+        return ConfigError(
             f"bad pruning-rate string at character {pos}: {what}\n  {self.text}\n  {' ' * pos}^\n"
             "expected e.g. '[0.5]*2+[0.4]*2' "
             "(lists of rates, '*' integer repetition, '+', parentheses)"
@@ -145,11 +147,11 @@ def parse_rates(text: str) -> tuple[float, ...]:
     """Parse a published pruning-rate string into a tuple of rates in [0, 1).
 
     Raises:
-      ValueError naming the position and the problem: bad syntax, a rate outside [0, 1), a
-      non-integer or absurd repetition count.
+      ConfigError (a ValueError) naming the position and the problem: bad syntax, a rate
+      outside [0, 1), a non-integer or absurd repetition count.
     """
     if not isinstance(text, str):
-        raise ValueError(f"a pruning-rate string must be a str, got {type(text).__name__}")
+        raise ConfigError(f"a pruning-rate string must be a str, got {type(text).__name__}")
     return tuple(_Parser(text).parse())
 
 
@@ -257,20 +259,20 @@ def layer_rates(architecture: str, rates: str | Sequence[float]) -> tuple[float,
     """Expand a rate string (or parsed list) to one rate per fused conv, in model order.
 
     Raises:
-      ValueError for an unknown architecture, a bad string, or the wrong number of entries (the
-      message says how many were expected and why).
+      ConfigError (a ValueError) for an unknown architecture, a bad string, or the wrong number
+      of entries (the message says how many were expected and why).
     """
     if architecture not in LAYOUTS:
-        raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(LAYOUTS)}")
+        raise ConfigError(f"unknown architecture {architecture!r}; known: {sorted(LAYOUTS)}")
     parsed = parse_rates(rates) if isinstance(rates, str) else tuple(float(r) for r in rates)
     for r in parsed:
         if not 0.0 <= r < 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"rate {r} is outside [0, 1): a rate is the fraction of filters pruned"
             )
     layout = LAYOUTS[architecture]
     if len(parsed) != layout.num_rates:
-        raise ValueError(
+        raise ConfigError(
             f"{architecture} needs {layout.num_rates} pruning rates, got {len(parsed)}: "
             f"{layout.why}"
         )

@@ -19,6 +19,7 @@ import ml_collections
 
 from dcff_jax import checkpoints, export, fusion, input_pipeline, logs, models, optim, steps
 from dcff_jax.config import validate_config
+from dcff_jax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -229,7 +230,7 @@ def _check_or_save_config(config, workdir: str) -> None:
             saved = json.load(f)
         changed = [k for k in _RUN_DEFINING if k in saved and saved[k] != config.to_dict()[k]]
         if changed:
-            raise ValueError(
+            raise ConfigError(
                 f"{workdir} holds a run with a different {', '.join(changed)} "
                 f"(saved: {[saved[k] for k in changed]}, "
                 f"now: {[config.to_dict()[k] for k in changed]}); "

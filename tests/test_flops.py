@@ -122,8 +122,10 @@ def test_cli_cprate_override_and_bad_string():
     proc = run_module(
         "dcff_jax.flops", "--config=configs/vgg16_cifar.py", "--config.cprate=[0.5]*12"
     )
-    assert proc.returncode != 0
-    assert "vgg16 needs 13 pruning rates, got 12" in proc.stderr
+    # A user error: one message, no traceback, exit status 2.
+    assert proc.returncode == 2
+    assert "error: vgg16 needs 13 pruning rates, got 12" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def mobilenetv2_counts_by_hand(rates=None):

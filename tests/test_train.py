@@ -260,7 +260,7 @@ def test_changed_run_definition_on_resume_is_refused(data_dir, tmp_path):
     proc = run_main(data_dir, workdir, "--config.num_epochs=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_main(data_dir, workdir, "--config.num_epochs=1", "--config.cprate=[0.2]*30")
-    assert proc.returncode != 0
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "different cprate" in proc.stderr
 
 
@@ -268,7 +268,7 @@ def test_changed_run_definition_on_resume_is_refused(data_dir, tmp_path):
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     workdir = str(tmp_path / "nan")
     proc = run_main(data_dir, workdir, "--config.learning_rate=1e30")
-    assert proc.returncode != 0
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "training loss became" in proc.stderr and "last good checkpoint" in proc.stderr
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
     assert steps, "no checkpoint kept"
@@ -385,3 +385,24 @@ def test_evaluate_masks_the_padded_last_batch():
     assert result["examples"] == 20
     assert result["top1"] == pytest.approx(100.0 * hits.mean(), abs=1e-9)
     assert 0 < hits.sum() < 20
+
+
+@pytest.mark.parametrize(
+    "module,args,message",
+    [
+        ("dcff_jax.main", ("--config.data_dir=/nonexistent",), "CIFAR-10 folder '/nonexistent"),
+        ("dcff_jax.main", ("--config.cprate=[0.5]*2+[0.4",), "bad pruning-rate string"),
+        ("dcff_jax.main", ("--config.batch_size=0",), "config.batch_size must be >= 1"),
+        ("dcff_jax.evaluate", ("--checkpoint=/nonexistent",), "is not a compact export"),
+        ("dcff_jax.evaluate", ("--checkpoint=x", "--batch_size=0"), "--batch_size must be >= 1"),
+    ],
+)
+def test_user_errors_print_one_message_without_traceback(tmp_path, module, args, message):
+    if module == "dcff_jax.main":
+        common = ("--config=configs/vgg16_cifar.py", f"--workdir={tmp_path}/wd")
+        args = (*common, "--config.dataset=cifar10_folder", *args)
+    proc = run_module(module, *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
