@@ -6,6 +6,7 @@ workdir resumes where the first stopped.
 
 import logging as pylogging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -42,7 +43,7 @@ def main(argv):
                 process_id=config.process_id,
             )
         jax.distributed.initialize(**kwargs)
-    from dcff_jax import train
+    from dcff_jax import preemption, train
 
     logging.info(
         "JAX process %d/%d, %d local / %d global devices: %s",
@@ -52,8 +53,14 @@ def main(argv):
         jax.device_count(),
         jax.devices()[0].platform,
     )
+    stop = preemption.StopRequest().install()
     try:
-        train.train_and_evaluate(config, _WORKDIR.value)
+        train.train_and_evaluate(config, _WORKDIR.value, stop)
+    except train.Stopped as stopped:
+        logging.warning("%s", stopped)
+        logging.flush()
+        stop.uninstall()
+        sys.exit(preemption.EXIT_STOPPED)
     except jax.errors.JaxRuntimeError as error:
         if jax.process_count() == 1 or not _lost_a_peer(error):
             raise

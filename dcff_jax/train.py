@@ -87,8 +87,23 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train (or resume) the run in `workdir`; returns the final progress record."""
+class Stopped(Exception):
+    """The run stopped on request (SIGTERM, SIGINT) after saving a checkpoint at `step`."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint_dir: str):
+        super().__init__(
+            f"{signal_name}: saved a checkpoint at step {step} in {checkpoint_dir}; "
+            "run the same command again to resume from it"
+        )
+        self.step = step
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop=None) -> dict:
+    """Train (or resume) the run in `workdir`; returns the final progress record.
+
+    stop: an optional preemption.StopRequest; when it fires, the current step is finished and
+    checkpointed, and Stopped is raised.
+    """
     validate_config(config)
     _check_or_save_config(config, workdir)
     run = setup(config, workdir)
@@ -97,12 +112,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for epoch in range(int(state.step) // run.steps_per_epoch, config.num_epochs):
         if int(state.step) == epoch * run.steps_per_epoch:
             state, progress.fusion_info = update_fusion(run, state, epoch)
-        state, window, last_saved = train_epoch(run, state, epoch, progress, last_saved)
+        state, window, last_saved, stopping = train_epoch(
+            run, state, epoch, progress, last_saved, stop
+        )
         record = end_of_epoch(run, state, epoch, progress, window)
         checkpoints.save(run.checkpoints, int(state.step), state, progress.to_json())
         last_saved = int(state.step)
         if record["new_best"]:  # every process: the export's orbax save is collective
             export.save_compact(os.path.join(workdir, "compact"), state, config, record)
+        if stopping and epoch + 1 < config.num_epochs:
+            raise Stopped(stop.signal_name, last_saved, run.checkpoint_dir)
     run.writer.close()
     if jax.process_index() == 0:
         _final_report(config, workdir, progress)
@@ -150,8 +169,11 @@ def update_fusion(run: Run, state: steps.TrainState, epoch: int):
     return state.replace(fusion=new_fusion), summary
 
 
-def train_epoch(run: Run, state, epoch: int, progress: Progress, last_saved: int):
-    """The rest of an epoch from state.step: (state, its metrics window, last saved step)."""
+def train_epoch(run: Run, state, epoch: int, progress: Progress, last_saved: int, stop=None):
+    """The rest of an epoch from state.step: (state, its metrics window, last saved step,
+    whether to stop after the epoch's evaluation and checkpoint).
+
+    When `stop` asks for it mid-epoch: checkpoints the step just finished and raises Stopped."""
     config, spe = run.config, run.steps_per_epoch
     first_step = int(state.step) - epoch * spe
     step = epoch * spe + first_step  # counted on the host: no device sync per step
@@ -173,7 +195,15 @@ def train_epoch(run: Run, state, epoch: int, progress: Progress, last_saved: int
             window.check_finite(step, epoch, last_saved, run.checkpoint_dir)
             checkpoints.save(run.checkpoints, step, state, progress.to_json())
             last_saved = step
-    return state, window, last_saved
+        # Asked every step: with several processes it is the preemption sync point.
+        if stop is not None and stop.stop_at(step):
+            if at_epoch_end:  # evaluate and checkpoint the epoch first
+                return state, window, last_saved, True
+            window.check_finite(step, epoch, last_saved, run.checkpoint_dir)
+            if last_saved != step:
+                checkpoints.save(run.checkpoints, step, state, progress.to_json())
+            raise Stopped(stop.signal_name, step, run.checkpoint_dir)
+    return state, window, last_saved, False
 
 
 def end_of_epoch(run: Run, state, epoch: int, progress: Progress, window) -> dict:

@@ -406,3 +406,47 @@ def test_user_errors_print_one_message_without_traceback(tmp_path, module, args,
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_that_step_and_the_resume_is_bit_identical(data_dir, tmp_path, sig):
+    """Preemption (SIGTERM) or Ctrl-C mid-epoch 2: the step in flight finishes, is checkpointed
+    (no periodic checkpoint would cover it here), one line says where, exit 75; running the same
+    command again ends with the uninterrupted run's parameters, bit for bit."""
+    sparse = "--config.checkpoint_every_steps=100"
+    ref = str(tmp_path / "ref")
+    proc = run_main(data_dir, ref, sparse)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    workdir = str(tmp_path / "stopped")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    victim = subprocess.Popen(
+        main_command(data_dir, workdir, sparse),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 600
+    while not os.path.isdir(os.path.join(workdir, "checkpoints", "4")) and time.time() < deadline:
+        assert victim.poll() is None, "the run ended before it could be stopped"
+        time.sleep(0.05)
+    victim.send_signal(sig)
+    _, err = victim.communicate(timeout=600)
+    assert victim.returncode == 75, err[-3000:]
+    assert "Traceback" not in err
+    match = re.search(r"saved a checkpoint at step (\d+) in .*checkpoints; run the same", err)
+    assert match, err[-3000:]
+    step = int(match.group(1))
+    assert 5 <= step <= 7  # mid-epoch 2, saved although no periodic checkpoint was due
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [4, step]
+    proc = run_main(data_dir, workdir, sparse)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from step {step}" in proc.stderr
+    for a, b in zip(
+        jax.tree.leaves(final_params(ref)[1]),
+        jax.tree.leaves(final_params(workdir)[1]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
