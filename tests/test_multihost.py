@@ -7,11 +7,13 @@ called, until the coordination service aborted both after 5 minutes.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from helpers import ROOT, free_port, run_module, write_cifar_folder
 
@@ -162,3 +164,49 @@ def test_a_killed_process_stops_the_other_in_bounded_time_and_a_restart_resumes(
     logs = finish(start_processes(data_dir, workdir, extra=beat))
     assert all("resumed from step" in log for log in logs)
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "8"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resume_matches(data_dir, tmp_path):
+    """JAX's preemption notifier: SIGTERM on one worker, both stop after the same step with a
+    checkpoint there (exit 75), and the restart ends with the parameters of an uninterrupted
+    2-process run, bit for bit."""
+    sparse = ("--config.checkpoint_every_steps=100",)
+    ref = str(tmp_path / "ref")
+    finish(start_processes(data_dir, ref, extra=sparse))
+    workdir = str(tmp_path / "stopped")
+    procs = start_processes(data_dir, workdir, extra=sparse)
+    wait_for_checkpoint(workdir, 4, procs)
+    procs[1].send_signal(signal.SIGTERM)
+    errs = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+        assert proc.returncode == 75, err[-3000:]
+        errs.append(err)
+    steps = {int(re.search(r"saved a checkpoint at step (\d+)", e).group(1)) for e in errs}
+    assert len(steps) == 1, steps
+    (step,) = steps
+    assert 5 <= step <= 7
+    finish(start_processes(data_dir, workdir, extra=sparse))
+    ref_params, params = final_params(ref), final_params(workdir)
+    assert len(ref_params) == 4 * 13 + 2  # per conv: kernel, bias, BN scale and bias; classifier
+    for a, b in zip(ref_params, params, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def final_params(workdir):
+    """The newest checkpoint's params as NumPy arrays (the saving run's devices belonged to
+    other processes, so they are not restored as jax.Arrays)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+    path = os.path.join(workdir, "checkpoints", str(max(steps)), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata.tree
+    as_numpy = jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+        tree,
+        is_leaf=lambda x: hasattr(x, "shape"),
+    )
+    return jax.tree.leaves(checkpointer.restore(path, restore_args=as_numpy)["params"])
