@@ -20,6 +20,10 @@ from helpers import ROOT, free_port, run_module, write_cifar_folder
 # Each step finishes in seconds; a process still running after this is hung.
 TIMEOUT_S = 240
 
+# One xdist worker runs every multi-process test, one after the other (`--dist loadgroup`):
+# side by side on 2 cores their processes compile slower than gloo's 30 s rendezvous allows.
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -157,9 +161,11 @@ def test_a_killed_process_stops_the_other_in_bounded_time_and_a_restart_resumes(
         raise AssertionError("the surviving process did not exit") from None
     # The heartbeat, then the error's propagation (polled every few seconds).
     assert time.time() - killed < 6 * HEARTBEAT_S
-    # One line saying what happened and what to do, no traceback; EX_TEMPFAIL.
+    # One line saying what happened and what to do, and no traceback through our code (orbax
+    # may log its own background thread's failure when the peer died during a save); EX_TEMPFAIL.
     assert procs[0].returncode == 75, err[-3000:]
-    assert "another process died or was preempted" in err and "Traceback" not in err
+    assert "another process died or was preempted" in err
+    assert "/dcff_jax/" not in err.split("another process died or was preempted")[0], err[-3000:]
     assert not os.path.isdir(os.path.join(workdir, "checkpoints", "8"))
     logs = finish(start_processes(data_dir, workdir, extra=beat))
     assert all("resumed from step" in log for log in logs)
