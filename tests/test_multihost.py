@@ -20,9 +20,9 @@ from helpers import ROOT, free_port, run_module, write_cifar_folder
 # Each step finishes in seconds; a process still running after this is hung.
 TIMEOUT_S = 240
 
-# One xdist worker runs every multi-process test, one after the other (`--dist loadgroup`):
-# side by side on 2 cores their processes compile slower than gloo's 30 s rendezvous allows.
-pytestmark = pytest.mark.xdist_group("multiprocess")
+# Run alone, after the rest (`.ci/run`): next to other tests on 2 cores, one process can reach
+# the first collective more than gloo's 30 s rendezvous after the other.
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 @pytest.fixture(scope="module")

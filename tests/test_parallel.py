@@ -103,7 +103,7 @@ def test_eight_devices_match_one_device(data_dir, tmp_path, float64_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("multiprocess")  # see tests/test_multihost.py
+@pytest.mark.multiprocess  # run alone: see tests/test_multihost.py
 def test_two_processes_agree_with_each_other_and_one_process(data_dir, tmp_path, float64_run):
     address = f"127.0.0.1:{free_port()}"
     outs = [str(tmp_path / f"process{i}.npz") for i in range(2)]
