@@ -51,12 +51,19 @@ def quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.rename(source, target)
+    barrier(f"dcff_quarantine_{step}")
+    mngr.reload()
+    return target
+
+
+def barrier(name: str) -> None:
+    """Every process waits here for the others (a no-op with one process)."""
+    import jax
+
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(f"dcff_quarantine_{step}")
-    mngr.reload()
-    return target
+        multihost_utils.sync_global_devices(name)
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict] | None:

@@ -62,7 +62,7 @@ def save_compact(directory: str, state, config, record: dict) -> None:
     import jax
     import orbax.checkpoint as ocp
 
-    from dcff_jax import flops, models
+    from dcff_jax import checkpoints, flops, models
 
     variables = compact_variables(
         {"params": state.params, "batch_stats": state.batch_stats, "fusion": state.fusion}
@@ -90,7 +90,7 @@ def save_compact(directory: str, state, config, record: dict) -> None:
     primary = jax.process_index() == 0
     if primary:
         shutil.rmtree(staging, ignore_errors=True)
-    _barrier("dcff_export_staging_clean")
+    checkpoints.barrier("dcff_export_staging_clean")
     # Collective: every process calls it (orbax synchronises them); the primary writes.
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(staging, "variables"), variables)
@@ -103,17 +103,7 @@ def save_compact(directory: str, state, config, record: dict) -> None:
             os.rename(directory, old)
         os.rename(staging, directory)
         shutil.rmtree(old, ignore_errors=True)
-    _barrier("dcff_export_swapped")
-
-
-def _barrier(name: str) -> None:
-    """Every process waits here for the others (a no-op with one process)."""
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+    checkpoints.barrier("dcff_export_swapped")
 
 
 def load_compact(directory: str):

@@ -75,11 +75,9 @@ def main(argv):
         logging.flush()
         # Skip jax.distributed's shutdown barrier: the dead process can never reach it, and
         # waiting would end in an abort after shutdown_timeout.
-        os._exit(EXIT_PEER_LOST)
+        os._exit(preemption.EXIT_STOPPED)
 
 
-# Exit status of a process whose peer died (EX_TEMPFAIL: restarting every process resumes).
-EXIT_PEER_LOST = 75
 _PEER_LOST_SIGNS = ("Connection reset", "Connection refused", "Gloo", "UNAVAILABLE", "DEADLINE")
 
 

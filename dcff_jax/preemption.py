@@ -14,7 +14,8 @@ import sys
 
 import jax
 
-# Exit status after a clean stop (EX_TEMPFAIL: the same command resumes).
+# Exit status after a stop the same command resumes from (EX_TEMPFAIL): a stop signal, or in a
+# multi-process run a lost peer (dcff_jax.main).
 EXIT_STOPPED = 75
 
 
