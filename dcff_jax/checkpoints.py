@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import orbax.checkpoint as ocp
 
-from dcff_jax.errors import CheckpointError
+from dcff_jax.errors import CheckpointError, ConfigError
 
 
 def manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
@@ -40,8 +41,6 @@ def quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
     """Move an unreadable step out of the manager's directory (never delete it: it may be
     recoverable), so that the step can be saved again instead of failing with
     StepAlreadyExistsError on every restart. Returns where it went."""
-    import time
-
     import jax
 
     source = os.path.join(str(mngr.directory), str(step))
@@ -56,6 +55,34 @@ def quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
     return target
 
 
+class Timer:
+    """Time-based checkpoints: due once `minutes` have passed since the last checkpoint.
+
+    Asked only every `check_every` steps, and with several processes process 0's clock decides
+    (a broadcast), so every process saves at the same step; 0 minutes turns it off."""
+
+    def __init__(self, minutes: float, check_every: int):
+        self.seconds = 60.0 * minutes
+        self.check_every = check_every
+        self.reset()
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if self.seconds <= 0 or step % self.check_every:
+            return False
+        import jax
+
+        due = time.monotonic() - self.last >= self.seconds
+        if jax.process_count() > 1:
+            import numpy as np
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+        return due
+
+
 def barrier(name: str) -> None:
     """Every process waits here for the others (a no-op with one process)."""
     import jax
@@ -64,6 +91,36 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def shape_mismatches(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> list[str]:
+    """'name: saved (a, b), config (c, d)' for each array whose saved shape differs from the one
+    the config builds (also arrays present on one side only); [] when the metadata is unreadable
+    (then the checkpoint is damaged, not from another config)."""
+
+    try:
+        saved = ocp.StandardCheckpointer().metadata(
+            os.path.join(str(mngr.directory), str(step), "state")
+        )
+        saved = _flat_shapes(getattr(saved, "item_metadata", saved).tree)
+    except Exception:  # noqa: BLE001 - no readable metadata: a damaged checkpoint
+        return []
+    wanted = _flat_shapes(abstract_state)
+    return [
+        f"{name}: saved {saved.get(name, 'absent')}, config {wanted.get(name, 'absent')}"
+        for name in sorted(set(saved) | set(wanted))
+        if saved.get(name) != wanted.get(name)
+    ]
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    import jax
+
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): tuple(leaf.shape)
+        for path, leaf in flat
+    }
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict] | None:
@@ -80,6 +137,14 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[An
                 ),
             )
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            mismatch = shape_mismatches(mngr, step, abstract_state)
+            if mismatch:
+                raise ConfigError(
+                    f"checkpoint {os.path.join(str(mngr.directory), str(step))} was saved by a "
+                    f"run with another config: {'; '.join(mismatch[:5])}"
+                    f"{f' (and {len(mismatch) - 5} more)' if len(mismatch) > 5 else ''}; "
+                    "resume with that run's config (WORKDIR/config.json) or use a new --workdir"
+                ) from e
             moved = quarantine(mngr, step)
             logging.error(
                 "checkpoint %s is corrupt or unreadable (%s: %s); moved it to %s and falling "

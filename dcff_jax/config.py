@@ -38,7 +38,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Run.
     config.seed = 0
     config.half_precision = False  # bfloat16 conv compute; params and fusion math stay float32
-    config.checkpoint_every_steps = 1000
+    config.checkpoint_every_steps = 1000  # 0: only at epoch ends (and on a stop signal)
+    # Also checkpoint once this many minutes have passed since the last checkpoint (checked every
+    # log_every_steps steps); 0 turns it off. For long epochs on preemptible machines.
+    config.checkpoint_every_minutes = 0.0
     config.log_every_steps = 50
     # Multi-host (TPU pods, GPU clusters): call jax.distributed.initialize() first. On a TPU pod it
     # needs no arguments; elsewhere give the coordinator, process count and this process's id.
@@ -64,6 +67,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.cprate:
         plans.layer_rates(config.model, config.cprate)
+    arch = models.ARCHITECTURES[config.model]
+    if arch.fixed_input_size and config.image_size != arch.image_size:
+        raise ConfigError(
+            f"{config.model} takes {arch.image_size} px images only (its classifier sees a fixed "
+            f"spatial size), not config.image_size={config.image_size}"
+        )
     checks = [
         (config.criterion in fusion.CRITERIA, f"config.criterion must be one of {fusion.CRITERIA}"),
         (
@@ -76,10 +85,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         ),
         (config.num_epochs >= 1, "config.num_epochs must be >= 1"),
         (config.batch_size >= 1, "config.batch_size must be >= 1"),
+        (config.num_classes >= 2, "config.num_classes must be >= 2"),
+        (config.image_size >= 8, "config.image_size must be >= 8"),
         (config.learning_rate > 0, "config.learning_rate must be > 0"),
         (0 <= config.momentum < 1, "config.momentum must be in [0, 1)"),
         (config.weight_decay >= 0, "config.weight_decay must be >= 0"),
         (config.log_every_steps >= 1, "config.log_every_steps must be >= 1"),
+        (config.checkpoint_every_steps >= 0, "config.checkpoint_every_steps must be >= 0"),
+        (config.checkpoint_every_minutes >= 0, "config.checkpoint_every_minutes must be >= 0"),
         (config.heartbeat_timeout_s >= 1, "config.heartbeat_timeout_s must be >= 1"),
         (
             config.steps_per_epoch == -1 or config.steps_per_epoch >= 1,

@@ -38,6 +38,37 @@ class DivergedError(UserError, FloatingPointError):
     """The loss or a parameter became NaN/inf; the last good checkpoint is kept."""
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl `flags_parser` for the CLIs: a bad flag, an unknown `--config.x` field or a config
+    file that cannot be loaded is a user error (one line, exit status 2), not a traceback."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        _exit(f"{error} (see --helpshort)")
+    except (AttributeError, KeyError) as error:  # ml_collections: no such field
+        named = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        _exit(
+            f"{', '.join(named) or 'a --config override'}: {str(error).strip(chr(34) + chr(39))!r} "
+            "is not a field of the config "
+            "(the fields are listed in dcff_jax/config.py and the config file)"
+        )
+    except OSError as error:  # config_flags: the config file cannot be read
+        _exit(f"cannot load the config file: {str(error).splitlines()[-1].strip()}")
+
+
+def no_positional_arguments(argv: list[str]) -> None:
+    """Refuse stray words on a command line (a flag without its --, a missing '=')."""
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments {argv[1:]}: every setting is a flag, --name=value")
+
+
+def _exit(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
 def cli(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     """Wrap an absl main: a UserError becomes 'error: <message>' on stderr and exit status 2."""
 
@@ -46,7 +77,6 @@ def cli(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
         try:
             return main(argv)
         except UserError as error:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)
+            _exit(str(error))
 
     return run

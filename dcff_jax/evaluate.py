@@ -34,6 +34,7 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
     config.data_dir = data_dir if data_dir is not None else meta["data_dir"]
     config.dataset = dataset or meta["dataset"]
     data = input_pipeline.load_data(config)
+    input_pipeline.check_fits(config, data, config.data_dir or config.dataset)
     mesh = steps.make_mesh()
     batch = batch_size - batch_size % jax.device_count() or jax.device_count()
     variables = jax.device_put(variables, NamedSharding(mesh, P()))
@@ -48,7 +49,7 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
 
 
 def main(argv):
-    del argv
+    errors.no_positional_arguments(argv)
     if _BATCH.value < 1:
         raise errors.ConfigError(f"--batch_size must be >= 1, got {_BATCH.value}")
     result = evaluate_compact(_CHECKPOINT.value, _DATA_DIR.value, _DATASET.value, _BATCH.value)
@@ -60,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(errors.cli(main))
+    app.run(errors.cli(main), flags_parser=errors.parse_flags)

@@ -133,15 +133,21 @@ def load_compact(directory: str):
         raise MissingFileError(
             f"{directory} is not a compact export: no metadata.json (expected WORKDIR/compact)"
         )
-    with open(meta_path) as f:
-        metadata = json.load(f)
-    model = models.create_model(
-        metadata["architecture"],
-        metadata["cprate"] or None,
-        "compact",
-        num_classes=metadata["num_classes"],
-    )
-    size = metadata["image_size"]
+    try:
+        with open(meta_path) as f:
+            metadata = json.load(f)
+        model = models.create_model(
+            metadata["architecture"],
+            metadata["cprate"] or None,
+            "compact",
+            num_classes=metadata["num_classes"],
+        )
+        size = metadata["image_size"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(
+            f"{meta_path} is truncated or not a dcff-jax export's metadata "
+            f"({type(e).__name__}: {e}); re-export the model or restore the file"
+        ) from e
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
     try:
         with ocp.StandardCheckpointer() as checkpointer:

@@ -123,7 +123,7 @@ def format_layers(counts: Counts) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-    del argv
+    errors.no_positional_arguments(argv)
     config = _CONFIG.value
     counts = model_counts(config.model, config.cprate or None)
     if _LAYERS.value:
@@ -143,4 +143,4 @@ if __name__ == "__main__":
     )
     _LAYERS = flags.DEFINE_bool("layers", False, "Also print one row per counted layer.")
     flags.mark_flags_as_required(["config"])
-    app.run(errors.cli(main))
+    app.run(errors.cli(main), flags_parser=errors.parse_flags)

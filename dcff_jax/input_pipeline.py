@@ -39,6 +39,7 @@ class Split:
     num_examples: int
     load: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
     image_size: int
+    label_range: tuple[int, int]  # smallest and largest label the split can hold
 
 
 @dataclasses.dataclass
@@ -60,6 +61,11 @@ def load_data(config) -> Data:
         )
         return Data(train, test, CIFAR_MEAN, CIFAR_STD, device_augment=True)
     if config.dataset == "cifar10":
+        if config.data_dir and _is_cifar_folder(config.data_dir):
+            raise ConfigError(
+                f"{config.data_dir} is a cifar-10-batches-py folder, which tfds cannot read; "
+                "use --config.dataset=cifar10_folder for it"
+            )
         train, test = (
             _array_split(*read_tfds_arrays("cifar10", s, config.data_dir))
             for s in ("train", "test")
@@ -74,9 +80,33 @@ def load_data(config) -> Data:
     return Data(train, test, IMAGENET_MEAN, IMAGENET_STD, device_augment=False)
 
 
+def check_fits(config, data: Data, where: str) -> None:
+    """Refuse data the config cannot train on, before anything is compiled: labels outside
+    [0, config.num_classes), or images of another size than config.image_size."""
+    for name, split in (("train", data.train), ("test", data.test)):
+        low, high = split.label_range
+        if low < 0 or high >= config.num_classes:
+            raise DataError(
+                f"the {name} labels in {where} range over [{low}, {high}] but "
+                f"config.num_classes is {config.num_classes}; set --config.num_classes={high + 1} "
+                "(and a model whose classifier has that many outputs)"
+            )
+        if split.image_size != config.image_size:
+            raise ConfigError(
+                f"the {name} images in {where} are {split.image_size} px but config.image_size "
+                f"is {config.image_size}; set --config.image_size={split.image_size}"
+            )
+
+
 # --- CIFAR-10 -------------------------------------------------------------------------------
 
 _CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def _is_cifar_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "data_batch_1")) or os.path.isdir(
+        os.path.join(path, "cifar-10-batches-py")
+    )
 
 
 def read_cifar_folder(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -91,9 +121,10 @@ def read_cifar_folder(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray
     expected = _CIFAR_FILES[split]
     missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
     if not os.path.isdir(folder) or missing:
+        relative = "" if os.path.isabs(folder) else f" (relative to {os.getcwd()})"
         raise MissingFileError(
-            f"CIFAR-10 folder {folder!r} is missing {missing or 'entirely'}: expected the standard "
-            "cifar-10-batches-py folder (data_batch_1..5, test_batch), e.g. from "
+            f"CIFAR-10 folder {folder!r}{relative} is missing {missing or 'entirely'}: expected "
+            "the standard cifar-10-batches-py folder (data_batch_1..5, test_batch), e.g. from "
             "`python ../shared/data/make_cifar10.py DIR`, given as --config.data_dir=DIR"
         )
     images, labels = [], []
@@ -155,12 +186,18 @@ def _tfds_source(name: str, split: str, data_dir: str):
         ) from e
 
 
+def _num_classes(source) -> int:
+    """The label count a tfds source declares (ImageNet: 1000)."""
+    return source.dataset_info.features["label"].num_classes
+
+
 def _array_split(images: np.ndarray, labels: np.ndarray) -> Split:
     def load(indices, epoch):
         del epoch
         return images[indices], labels[indices]
 
-    return Split(len(labels), load, images.shape[1])
+    label_range = (int(labels.min()), int(labels.max())) if len(labels) else (0, 0)
+    return Split(len(labels), load, images.shape[1], label_range)
 
 
 # --- ImageNet -------------------------------------------------------------------------------
@@ -187,7 +224,7 @@ def _imagenet_split(source, config, train: bool) -> Split:
         results = list(pool.map(lambda i: one(i, epoch), indices))
         return np.stack([r[0] for r in results]), np.asarray([r[1] for r in results], np.int32)
 
-    return Split(len(source), load, size)
+    return Split(len(source), load, size, (0, _num_classes(source) - 1))
 
 
 def random_resized_crop(

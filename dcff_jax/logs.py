@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +32,9 @@ class TrainWindow:
         self.sums = metrics if self.sums is None else jax.tree.map(jnp.add, self.sums, metrics)
         self.count += 1
 
-    def check_finite(self, step: int, epoch: int, last_saved: int, checkpoint_dir: str) -> None:
-        """Raise DivergedError (a FloatingPointError), naming the last good checkpoint, on a
-        non-finite loss or parameter in this window."""
+    def check_finite(self, step: int, epoch: int, last_checkpoint: Callable[[], str]) -> None:
+        """Raise DivergedError (a FloatingPointError) on a non-finite loss or parameter in this
+        window; last_checkpoint() says which checkpoint on disk is the last good one."""
         if self.sums is None:
             return
         loss, broken = float(self.sums["loss"]), float(self.sums["nonfinite_params"])
@@ -46,8 +47,7 @@ class TrainWindow:
         )
         raise DivergedError(
             f"the training loss became {what} by step {step} (epoch {epoch + 1}): stopping. "
-            f"The last good checkpoint (step {last_saved}) in {checkpoint_dir} is kept; "
-            "lower --config.learning_rate or check the data"
+            f"{last_checkpoint()}; lower --config.learning_rate or check the data"
         )
 
     def flush(self, step: int, epoch: int, steps_per_epoch: int, total_steps: int, batch: int):

@@ -28,10 +28,14 @@ class _QuietLibraries(pylogging.Filter):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    errors.no_positional_arguments(argv)
     pylogging.getLogger("absl").addFilter(_QuietLibraries())
     config = _CONFIG.value
+    try:
+        config.model  # noqa: B018 - config_flags defers a failed load to the first field access
+    except OSError as error:
+        message = str(error).strip().splitlines()[-1].strip()
+        raise errors.MissingFileError(f"cannot load --config: {message}") from error
     import jax
 
     if config.distributed:
@@ -87,4 +91,4 @@ def _lost_a_peer(error: Exception) -> bool:
 
 
 if __name__ == "__main__":
-    app.run(errors.cli(main))
+    app.run(errors.cli(main), flags_parser=errors.parse_flags)

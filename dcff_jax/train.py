@@ -16,10 +16,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
 from dcff_jax import checkpoints, export, fusion, input_pipeline, logs, models, optim, steps
 from dcff_jax.config import validate_config
-from dcff_jax.errors import ConfigError
+from dcff_jax.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass
@@ -56,14 +57,24 @@ class Run:
     eval_step: Any
     checkpoints: Any  # orbax CheckpointManager
     writer: logs.Writer
+    timer: checkpoints.Timer  # time-based checkpoints (config.checkpoint_every_minutes)
+    config_saved: bool = False  # config.json is written with this start's first checkpoint
 
     @property
     def checkpoint_dir(self) -> str:
         return os.path.join(self.workdir, "checkpoints")
 
+    def describe_last_checkpoint(self) -> str:
+        """Which checkpoint a restart would resume from, as found on disk now."""
+        step = self.checkpoints.latest_step()
+        if step is None:
+            return f"no checkpoint was saved yet in {self.checkpoint_dir}"
+        return f"the last good checkpoint, step {step} in {self.checkpoint_dir}, is kept"
+
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     data = input_pipeline.load_data(config)
+    input_pipeline.check_fits(config, data, config.data_dir or config.dataset)
     spe = input_pipeline.steps_per_epoch(data.train, config.batch_size, config.steps_per_epoch)
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
     model = models.create_model(
@@ -84,6 +95,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         eval_step=steps.make_eval_step(model, spec, mesh),
         checkpoints=checkpoints.manager(os.path.join(workdir, "checkpoints")),
         writer=logs.Writer(workdir),
+        timer=checkpoints.Timer(config.checkpoint_every_minutes, config.log_every_steps),
     )
 
 
@@ -105,7 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop=Non
     checkpointed, and Stopped is raised.
     """
     validate_config(config)
-    _check_or_save_config(config, workdir)
+    _check_config(config, workdir)
     run = setup(config, workdir)
     state, progress = initial_or_restored_state(run)
     last_saved = int(state.step)
@@ -116,7 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop=Non
             run, state, epoch, progress, last_saved, stop
         )
         record = end_of_epoch(run, state, epoch, progress, window)
-        checkpoints.save(run.checkpoints, int(state.step), state, progress.to_json())
+        save_checkpoint(run, int(state.step), state, progress)
         last_saved = int(state.step)
         if record["new_best"]:  # every process: the export's orbax save is collective
             export.save_compact(os.path.join(workdir, "compact"), state, config, record)
@@ -146,6 +158,15 @@ def initial_or_restored_state(run: Run) -> tuple[steps.TrainState, Progress]:
         progress.fusion_info["frozen"],
     )
     return state, progress
+
+
+def save_checkpoint(run: Run, step: int, state, progress: Progress) -> None:
+    """Checkpoint `step` (every process: the save is collective); config.json with the first."""
+    checkpoints.save(run.checkpoints, step, state, progress.to_json())
+    run.timer.reset()
+    if not run.config_saved:
+        _save_config(run.config, run.workdir)
+        run.config_saved = True
 
 
 def update_fusion(run: Run, state: steps.TrainState, epoch: int):
@@ -187,21 +208,22 @@ def train_epoch(run: Run, state, epoch: int, progress: Progress, last_saved: int
         step += 1
         at_epoch_end = step % spe == 0
         if step % config.log_every_steps == 0 or at_epoch_end:
-            window.check_finite(step, epoch, last_saved, run.checkpoint_dir)
+            window.check_finite(step, epoch, run.describe_last_checkpoint)
             total = config.num_epochs * spe
             run.writer.scalars(step, window.flush(step, epoch, spe, total, config.batch_size))
         every = config.checkpoint_every_steps
-        if every > 0 and step % every == 0 and not at_epoch_end:
-            window.check_finite(step, epoch, last_saved, run.checkpoint_dir)
-            checkpoints.save(run.checkpoints, step, state, progress.to_json())
+        due = (every > 0 and step % every == 0) or run.timer.due(step)
+        if due and not at_epoch_end:
+            window.check_finite(step, epoch, run.describe_last_checkpoint)
+            save_checkpoint(run, step, state, progress)
             last_saved = step
         # Asked every step: with several processes it is the preemption sync point.
         if stop is not None and stop.stop_at(step):
             if at_epoch_end:  # evaluate and checkpoint the epoch first
                 return state, window, last_saved, True
-            window.check_finite(step, epoch, last_saved, run.checkpoint_dir)
+            window.check_finite(step, epoch, run.describe_last_checkpoint)
             if last_saved != step:
-                checkpoints.save(run.checkpoints, step, state, progress.to_json())
+                save_checkpoint(run, step, state, progress)
             raise Stopped(stop.signal_name, step, run.checkpoint_dir)
     return state, window, last_saved, False
 
@@ -240,36 +262,61 @@ def _abstract(x):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
 
-# Fields that decide the model, the data order or the schedule: a resumed run must keep them.
-_RUN_DEFINING = (
-    "model",
-    "cprate",
-    "criterion",
-    "dataset",
-    "batch_size",
-    "num_epochs",
-    "steps_per_epoch",
-    "seed",
+# Fields that may differ when a run resumes: where things are read and written, how often, and
+# how processes find each other. Every other field defines the run (model, plan, data, schedule,
+# temperature, optimizer, seed, precision): a resumed run must keep it.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "data_dir",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "checkpoint_every_minutes",
+        "distributed",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
+        "heartbeat_timeout_s",
+    }
 )
 
 
-def _check_or_save_config(config, workdir: str) -> None:
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        changed = [k for k in _RUN_DEFINING if k in saved and saved[k] != config.to_dict()[k]]
-        if changed:
-            raise ConfigError(
-                f"{workdir} holds a run with a different {', '.join(changed)} "
-                f"(saved: {[saved[k] for k in changed]}, "
-                f"now: {[config.to_dict()[k] for k in changed]}); "
-                "use a new --workdir, or the saved values to resume"
-            )
+def changed_run_fields(saved: dict, config: dict) -> dict[str, tuple[Any, Any]]:
+    """{field: (saved, now)} for every run-defining field that differs (JSON values compared, so
+    a tuple equals its saved list). A field the saved run did not have is not a change."""
+    now = json.loads(json.dumps(config))
+    return {
+        key: (saved[key], now[key])
+        for key in sorted(now)
+        if key not in RESUMABLE_CHANGES and key in saved and saved[key] != now[key]
+    }
+
+
+def _check_config(config, workdir: str) -> None:
+    """Refuse to resume a workdir whose saved run differs in a run-defining field."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path} is not valid JSON ({e}); restore it from the run's first start, or use a "
+            "new --workdir"
+        ) from e
+    changed = changed_run_fields(saved, config.to_dict())
+    if changed:
+        listed = "; ".join(f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items())
+        raise ConfigError(
+            f"{workdir} holds a run with different settings ({listed}); resume with the saved "
+            "values or use a new --workdir"
+        )
+
+
+def _save_config(config, workdir: str) -> None:
+    """config.json, written by process 0 with the first checkpoint of each start (so a run that
+    failed before saving anything can be retried with other values)."""
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(config.to_json(indent=2))
+        (epath.Path(workdir) / "config.json").write_text(config.to_json(indent=2))
 
 
 def _final_report(config, workdir: str, progress: Progress) -> None:

@@ -370,7 +370,7 @@ def test_evaluate_masks_the_padded_last_batch():
     predicted = images[:, 0, 0, 0].astype(np.int32) % 10
     # Every third example a hit, example 0 among them.
     labels = np.where(np.arange(20) % 3 == 0, predicted, (predicted + 1) % 10).astype(np.int32)
-    split = input_pipeline.Split(20, lambda idx, _: (images[idx], labels[idx]), 4)
+    split = input_pipeline.Split(20, lambda idx, _: (images[idx], labels[idx]), 4, (0, 9))
     mesh = steps.make_mesh()
 
     @jax.jit

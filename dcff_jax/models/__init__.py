@@ -24,19 +24,22 @@ class Architecture:
     build: Callable[..., nn.Module]  # (layer_rates, variant, num_classes, dtype) -> module
     image_size: int
     num_classes: int
+    # Whether the classifier sees a fixed spatial size (flatten after a fixed-window pool): then
+    # every input must be image_size px; global-pool architectures take any size.
+    fixed_input_size: bool
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "vgg16": Architecture(VGG, 32, 10),
+    "vgg16": Architecture(VGG, 32, 10, True),
     "resnet56": Architecture(
-        lambda r, **kw: CifarResNet(r, plans.RESNET_CIFAR_BLOCKS["resnet56"], **kw), 32, 10
+        lambda r, **kw: CifarResNet(r, plans.RESNET_CIFAR_BLOCKS["resnet56"], **kw), 32, 10, False
     ),
     "resnet110": Architecture(
-        lambda r, **kw: CifarResNet(r, plans.RESNET_CIFAR_BLOCKS["resnet110"], **kw), 32, 10
+        lambda r, **kw: CifarResNet(r, plans.RESNET_CIFAR_BLOCKS["resnet110"], **kw), 32, 10, False
     ),
-    "googlenet": Architecture(GoogLeNet, 32, 10),
-    "resnet50": Architecture(ImageNetResNet, 224, 1000),
-    "mobilenetv2": Architecture(MobileNetV2, 224, 1000),
+    "googlenet": Architecture(GoogLeNet, 32, 10, True),
+    "resnet50": Architecture(ImageNetResNet, 224, 1000, True),
+    "mobilenetv2": Architecture(MobileNetV2, 224, 1000, False),
 }
 
 
