@@ -126,8 +126,11 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict] | None:
     """(state, progress) of the newest readable checkpoint, or None when there is none.
 
-    An unreadable checkpoint is logged with its path and skipped in favour of the one before it.
+    An unreadable checkpoint is skipped in favour of the one before it, and once an older one has
+    restored it is moved aside (quarantine) and logged with its path. When none is readable,
+    nothing is moved and CheckpointError says so.
     """
+    unreadable = []  # (step, error), newest first
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             restored = mngr.restore(
@@ -145,21 +148,27 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[An
                     f"{f' (and {len(mismatch) - 5} more)' if len(mismatch) > 5 else ''}; "
                     "resume with that run's config (WORKDIR/config.json) or use a new --workdir"
                 ) from e
-            moved = quarantine(mngr, step)
-            logging.error(
-                "checkpoint %s is corrupt or unreadable (%s: %s); moved it to %s and falling "
-                "back to the previous one",
-                os.path.join(str(mngr.directory), str(step)),
-                type(e).__name__,
-                str(e)[:300],
-                moved,
-            )
+            unreadable.append((step, e))
             continue
+        # Only now that an older step restored: move the newer unreadable ones aside.
+        for bad, error in unreadable:
+            moved = quarantine(mngr, bad)
+            logging.error(
+                "checkpoint %s is corrupt or unreadable (%s: %s); moved it to %s and resumed "
+                "from step %d",
+                os.path.join(str(mngr.directory), str(bad)),
+                type(error).__name__,
+                str(error)[:300],
+                moved,
+                step,
+            )
         return restored["state"], dict(restored["progress"])
-    if mngr.all_steps():
+    if unreadable:
+        first = unreadable[0][1]
         raise CheckpointError(
-            f"no readable checkpoint in {mngr.directory} "
-            f"(all of {sorted(mngr.all_steps())} failed); "
-            "start a new run in another --workdir, or restore the directory from a backup"
+            f"no readable checkpoint in {mngr.directory}: steps "
+            f"{sorted(s for s, _ in unreadable)} all failed (newest: {type(first).__name__}: "
+            f"{str(first).splitlines()[0][:200]}). Nothing was moved or deleted; restore the "
+            "directory from a backup, or use a new --workdir"
         )
     return None

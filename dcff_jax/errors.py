@@ -55,7 +55,38 @@ def parse_flags(argv: list[str]) -> list[str]:
             "(the fields are listed in dcff_jax/config.py and the config file)"
         )
     except OSError as error:  # config_flags: the config file cannot be read
-        _exit(f"cannot load the config file: {str(error).splitlines()[-1].strip()}")
+        _exit(f"cannot load --config: {str(error).splitlines()[-1].strip()}")
+
+
+# errno values of a full disk, a quota and a file-size limit, as OSError or as tensorstore text.
+_FULL = {28: "the disk is full", 122: "the disk quota is exceeded", 27: "a file-size limit was hit"}
+
+
+def disk_full(error: BaseException) -> tuple[str, str] | None:
+    """(path, what happened) when `error` (or an error it was raised from) is a write that ran
+    out of space; None otherwise. Orbax's tensorstore reports these as text, Python as OSError."""
+    import re
+
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _FULL:
+            return str(error.filename or "?"), _FULL[error.errno]
+        code = re.search(r"os_error_code='(\d+)'", str(error))
+        if code and int(code.group(1)) in _FULL:
+            path = re.search(r'Failed writing: "([^"]+)"', str(error))
+            return (path.group(1) if path else "?"), _FULL[int(code.group(1))]
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def loaded_config(config):
+    """The value of a --config flag, checked: config_flags defers a failed load (a missing or
+    unreadable file) to the first field access, which would otherwise be a traceback."""
+    try:
+        config.model  # noqa: B018
+    except OSError as error:
+        message = str(error).strip().splitlines()[-1].strip()
+        raise MissingFileError(f"cannot load --config: {message}") from error
+    return config
 
 
 def no_positional_arguments(argv: list[str]) -> None:

@@ -124,7 +124,10 @@ def format_layers(counts: Counts) -> str:
 
 def main(argv: Sequence[str]) -> None:
     errors.no_positional_arguments(argv)
-    config = _CONFIG.value
+    config = errors.loaded_config(_CONFIG.value)
+    from dcff_jax.config import validate_config
+
+    validate_config(config)
     counts = model_counts(config.model, config.cprate or None)
     if _LAYERS.value:
         compact = models.create_model(config.model, config.cprate or None, "compact")

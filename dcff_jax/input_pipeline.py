@@ -122,8 +122,9 @@ def read_cifar_folder(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray
     missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
     if not os.path.isdir(folder) or missing:
         relative = "" if os.path.isabs(folder) else f" (relative to {os.getcwd()})"
+        what = f"lacks {missing}" if os.path.isdir(folder) else "does not exist"
         raise MissingFileError(
-            f"CIFAR-10 folder {folder!r}{relative} is missing {missing or 'entirely'}: expected "
+            f"CIFAR-10 folder {folder!r}{relative} {what}: expected "
             "the standard cifar-10-batches-py folder (data_batch_1..5, test_batch), e.g. from "
             "`python ../shared/data/make_cifar10.py DIR`, given as --config.data_dir=DIR"
         )

@@ -21,21 +21,36 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(pylogging.Filter):
-    """Orbax logs every file it writes at INFO; keep its warnings and errors only."""
+    """Orbax logs every file it writes at INFO: keep its warnings and errors only, and those
+    without the traceback of its background threads (the same error reaches main, and there a
+    bug keeps its traceback)."""
 
     def filter(self, record):
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        record.exc_info, record.exc_text = None, None
+        return record.levelno >= pylogging.WARNING
+
+
+def _quiet_library_noise() -> None:
+    pylogging.getLogger("absl").addFilter(_QuietLibraries())
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        # After a failed orbax save, tensorstore's pending writes call back into orbax's closed
+        # asyncio loop, once per array; the save's own error is reported where it is raised.
+        if "Event loop is closed" not in str(unraisable.exc_value):
+            default_hook(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def main(argv):
     errors.no_positional_arguments(argv)
-    pylogging.getLogger("absl").addFilter(_QuietLibraries())
-    config = _CONFIG.value
-    try:
-        config.model  # noqa: B018 - config_flags defers a failed load to the first field access
-    except OSError as error:
-        message = str(error).strip().splitlines()[-1].strip()
-        raise errors.MissingFileError(f"cannot load --config: {message}") from error
+    _quiet_library_noise()
+    config = errors.loaded_config(_CONFIG.value)
+    if not _WORKDIR.value:
+        raise errors.ConfigError("--workdir is empty; give the run's directory, --workdir=DIR")
     import jax
 
     if config.distributed:
@@ -65,8 +80,15 @@ def main(argv):
         logging.flush()
         stop.uninstall()
         sys.exit(preemption.EXIT_STOPPED)
-    except jax.errors.JaxRuntimeError as error:
-        if jax.process_count() == 1 or not _lost_a_peer(error):
+    except Exception as error:
+        full = errors.disk_full(error)
+        if full is not None:
+            _exit_disk_full(*full, train.last_checkpoint(_WORKDIR.value))
+        if (
+            not isinstance(error, jax.errors.JaxRuntimeError)
+            or jax.process_count() == 1
+            or not _lost_a_peer(error)
+        ):
             raise
         logging.error(
             "process %d: a collective failed because another process died or was preempted "
@@ -80,6 +102,19 @@ def main(argv):
         # Skip jax.distributed's shutdown barrier: the dead process can never reach it, and
         # waiting would end in an abort after shutdown_timeout.
         os._exit(preemption.EXIT_STOPPED)
+
+
+def _exit_disk_full(path: str, what: str, last_checkpoint: str) -> None:
+    print(
+        f"error: could not write {path}: {what}. Free space and run the same command again; "
+        f"{last_checkpoint}",
+        file=sys.stderr,
+        flush=True,
+    )
+    logging.flush()
+    # Orbax's writer threads still hold the failed save; an orderly interpreter exit would print
+    # their teardown errors. Nothing else is pending: finished checkpoints are already committed.
+    os._exit(errors.EXIT_USER_ERROR)
 
 
 _PEER_LOST_SIGNS = ("Connection reset", "Connection refused", "Gloo", "UNAVAILABLE", "DEADLINE")

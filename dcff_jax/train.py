@@ -65,11 +65,7 @@ class Run:
         return os.path.join(self.workdir, "checkpoints")
 
     def describe_last_checkpoint(self) -> str:
-        """Which checkpoint a restart would resume from, as found on disk now."""
-        step = self.checkpoints.latest_step()
-        if step is None:
-            return f"no checkpoint was saved yet in {self.checkpoint_dir}"
-        return f"the last good checkpoint, step {step} in {self.checkpoint_dir}, is kept"
+        return last_checkpoint(self.workdir)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -97,6 +93,17 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         writer=logs.Writer(workdir),
         timer=checkpoints.Timer(config.checkpoint_every_minutes, config.log_every_steps),
     )
+
+
+def last_checkpoint(workdir: str) -> str:
+    """Which checkpoint a restart would resume from, as found on disk now (a sentence)."""
+    directory = epath.Path(workdir) / "checkpoints"
+    finished = (
+        [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+    )
+    if not finished:
+        return f"no checkpoint was saved yet in {directory}"
+    return f"the last good checkpoint, step {max(finished)} in {directory}, is kept"
 
 
 class Stopped(Exception):
