@@ -101,3 +101,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The float32 error budget of a few SGD steps, relative: 2^14 u ~ 1e-3. Batch-norm gradients
+# cancel and ReLU/max-pool kinks make the gradient jump wherever rounding moves an activation
+# across one, so a correct float32 run is 3e-8..1.4e-5 away from float64 after 4 steps
+# (measured over 6 device counts, compile options and ISA caps: 70x under the budget); the
+# less accurate reductions our compile options used before issue 10 were 1.6e-3 away
+# (experiments/RESULTS.md).
+F32_BUDGET = 2**14 * U32
+
+
+def relative_distance(a: dict, b: dict) -> float:
+    """||a - b|| / ||b|| over every parameter."""
+    diff = np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in b))
+    return float(diff / np.sqrt(sum(np.sum(b[k] ** 2) for k in b)))
+
+
+def checkpoint_params(workdir: str) -> tuple[int, dict[str, np.ndarray]]:
+    """(step, {path: array}) of the newest checkpoint's params, read as NumPy arrays: the saving
+    run's devices (another device count, other processes) need not exist here."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+    path = os.path.join(workdir, "checkpoints", str(max(steps)), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata.tree
+    as_numpy = jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+        tree,
+        is_leaf=lambda x: hasattr(x, "shape"),
+    )
+    params = checkpointer.restore(path, restore_args=as_numpy)["params"]
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return max(steps), {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}

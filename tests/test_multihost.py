@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ROOT, free_port, run_module, write_cifar_folder
+from helpers import ROOT, checkpoint_params, free_port, run_module, write_cifar_folder
 
 # Each step finishes in seconds; a process still running after this is hung.
 TIMEOUT_S = 240
@@ -201,18 +201,4 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resume_matches(d
 
 
 def final_params(workdir):
-    """The newest checkpoint's params as NumPy arrays (the saving run's devices belonged to
-    other processes, so they are not restored as jax.Arrays)."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
-    path = os.path.join(workdir, "checkpoints", str(max(steps)), "state")
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(path).item_metadata.tree
-    as_numpy = jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-        tree,
-        is_leaf=lambda x: hasattr(x, "shape"),
-    )
-    return jax.tree.leaves(checkpointer.restore(path, restore_args=as_numpy)["params"])
+    return list(checkpoint_params(workdir)[1].values())

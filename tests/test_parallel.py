@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import free_port, write_cifar_folder
+from helpers import F32_BUDGET, free_port, relative_distance, write_cifar_folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -38,15 +38,6 @@ def data_dir(tmp_path_factory):
     return write_cifar_folder(str(tmp_path_factory.mktemp("cifar")), train=64, test=16)
 
 
-# Unit roundoff of float32 and float64.
-U32, U64 = 2.0**-24, 2.0**-53
-# The float32 error budget of a few SGD steps, relative: 2^14 u ~ 1e-3. Batch-norm gradients
-# cancel and ReLU/max-pool kinks make the gradient jump wherever rounding moves an activation
-# across one, so a correct float32 run is 3e-8..1.4e-5 away from float64 after 4 steps
-# (measured over 6 device counts, compile options and ISA caps: 70x under the budget); the
-# less accurate reductions our compile options used before issue 10 were 1.6e-3 away
-# (experiments/RESULTS.md).
-F32_BUDGET = 2**14 * U32
 # Float64 runs that differ only in summation order (device count) amplify the same rounding
 # pattern by the same factor as float32 runs do (<= 2^14 above), scaled by U64 / U32 = 2^-29;
 # 1e-9 leaves a margin of ~1e4. A logic difference (statistics over the local batch only, a
@@ -58,12 +49,6 @@ def losses_and_params(result):
     with np.load(result["params_out"]) as f:
         params = {k: f[k] for k in f.files}
     return np.asarray(result["losses"]), params
-
-
-def relative_distance(a: dict, b: dict) -> float:
-    """||a - b|| / ||b|| over every parameter."""
-    diff = np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in b))
-    return float(diff / np.sqrt(sum(np.sum(b[k] ** 2) for k in b)))
 
 
 def run_with_params(data_dir, tmp_path, name, steps, devices=1, extra=()):
