@@ -16,13 +16,26 @@ import time
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 
+from dcff_jax import storage
 from dcff_jax.errors import CheckpointError, ConfigError
 
 
 def manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(storage.resolve(directory), options=options)
+
+
+def latest_step(directory: str) -> int | None:
+    """The newest committed step in `directory` (orbax's own rule: on object stores a step
+    folder may exist before its save has committed), without creating anything."""
+    path = storage.resolve(directory)
+    if not path.exists():
+        return None
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    with ocp.CheckpointManager(path, options=options) as mngr:
+        return mngr.latest_step()
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, progress: dict) -> None:
@@ -43,13 +56,16 @@ def quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
     StepAlreadyExistsError on every restart. Returns where it went."""
     import jax
 
-    source = os.path.join(str(mngr.directory), str(step))
-    target = os.path.join(
-        str(mngr.directory) + "_quarantine", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    source = epath.Path(mngr.directory) / str(step)
+    aside = epath.Path(str(mngr.directory) + "_quarantine")
+    target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.rename(source, target)
+        # A file first: on an object store a folder exists only once something is in it.
+        storage.ensure_dir(aside)
+        (aside / "README.txt").write_text(
+            "Checkpoints found unreadable when the run resumed, moved here intact; see its log.\n"
+        )
+        source.rename(target)
     barrier(f"dcff_quarantine_{step}")
     mngr.reload()
     return target
@@ -100,7 +116,7 @@ def shape_mismatches(mngr: ocp.CheckpointManager, step: int, abstract_state: Any
 
     try:
         saved = ocp.StandardCheckpointer().metadata(
-            os.path.join(str(mngr.directory), str(step), "state")
+            epath.Path(mngr.directory) / str(step) / "state"
         )
         saved = _flat_shapes(getattr(saved, "item_metadata", saved).tree)
     except Exception:  # noqa: BLE001 - no readable metadata: a damaged checkpoint

@@ -48,28 +48,56 @@ def compact_variables(fused_variables: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def save_compact(directory: str, state, config, record: dict) -> None:
-    """Write the compact model of a fused train state to `directory` (orbax + metadata.json).
+# The compact export's layout: DIRECTORY/LATEST names the current version, DIRECTORY/v<N>/ holds
+# it (variables/ and metadata.json). LATEST is written last, in one write, so a reader never
+# sees a half-written version, on a local disk or on an object store without atomic renames.
+POINTER = "LATEST"
+KEEP_VERSIONS = 2  # the current one and the one before (a reader may be loading it)
 
-    The new export is written beside the old one and swapped in by renames, so a finished export
-    is never lost to an interruption. With several processes every one must call it (the orbax
-    save is collective); process 0 writes the metadata and swaps.
+
+def save_compact(directory: str, state, config, record: dict) -> None:
+    """Write the compact model of a fused train state as a new version under `directory`.
+
+    The version is complete (orbax variables + metadata.json) before the pointer names it, so
+    an interruption at any point leaves the previous export loadable. With several processes
+    every one must call it (the orbax save is collective); process 0 writes the metadata and the
+    pointer.
     """
     import json
-    import os
-    import shutil
 
     import jax
     import orbax.checkpoint as ocp
 
-    from dcff_jax import checkpoints, flops, models
+    from dcff_jax import checkpoints, storage
 
-    variables = compact_variables(
-        {"params": state.params, "batch_stats": state.batch_stats, "fusion": state.fusion}
+    variables = jax.device_get(
+        compact_variables(
+            {"params": state.params, "batch_stats": state.batch_stats, "fusion": state.fusion}
+        )
     )
-    variables = jax.device_get(variables)
-    counts = flops.model_counts(config.model, config.cprate or None)
-    metadata = {
+    root = storage.resolve(directory)
+    current = _current_version(root)
+    version = f"v{int(current[1:]) + 1 if current else 1}"
+    primary = jax.process_index() == 0
+    if primary and (root / version).exists():  # left by an interrupted export: never named
+        (root / version).rmtree()
+    checkpoints.barrier("dcff_export_version_clean")
+    # Collective: every process calls it (orbax synchronises them); the primary writes.
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(root / version / "variables", variables)
+        checkpointer.wait_until_finished()
+    if primary:
+        metadata = json.dumps(_metadata(config, record), indent=2, default=str)
+        (root / version / "metadata.json").write_text(metadata)
+        storage.write_text_atomic(root / POINTER, version + "\n")
+        _remove_old_versions(root, keep=version)
+    checkpoints.barrier("dcff_export_published")
+
+
+def _metadata(config, record: dict) -> dict:
+    from dcff_jax import flops, models
+
+    return {
         "architecture": config.model,
         "cprate": config.cprate,
         "widths": [
@@ -82,28 +110,30 @@ def save_compact(directory: str, state, config, record: dict) -> None:
         "epoch": record["epoch"],
         "test_top1": record["test_top1"],
         "test_top5": record["test_top5"],
-        **counts,
+        **flops.model_counts(config.model, config.cprate or None),
         "config": config.to_dict(),
     }
-    directory = os.path.abspath(directory)
-    staging, old = directory + ".new", directory + ".old"
-    primary = jax.process_index() == 0
-    if primary:
-        shutil.rmtree(staging, ignore_errors=True)
-    checkpoints.barrier("dcff_export_staging_clean")
-    # Collective: every process calls it (orbax synchronises them); the primary writes.
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(staging, "variables"), variables)
-        checkpointer.wait_until_finished()
-    if primary:
-        with open(os.path.join(staging, "metadata.json"), "w") as f:
-            json.dump(metadata, f, indent=2, default=str)
-        if os.path.exists(directory):
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(directory, old)
-        os.rename(staging, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    checkpoints.barrier("dcff_export_swapped")
+
+
+def _current_version(root) -> str | None:
+    """The version LATEST names ('v3'), or None before the first export."""
+    pointer = root / POINTER
+    if not pointer.exists():
+        return None
+    version = pointer.read_text().strip()
+    if not (version.startswith("v") and version[1:].isdigit()):
+        raise DataError(f"{pointer} names {version!r}, not an export version (v1, v2, ...)")
+    return version
+
+
+def _remove_old_versions(root, keep: str) -> None:
+    versions = sorted(
+        (int(p.name[1:]) for p in root.iterdir() if p.name[:1] == "v" and p.name[1:].isdigit()),
+        reverse=True,
+    )
+    for number in versions:
+        if number <= int(keep[1:]) - KEEP_VERSIONS:
+            (root / f"v{number}").rmtree()
 
 
 def load_compact(directory: str):
@@ -114,28 +144,17 @@ def load_compact(directory: str):
         logits = model.apply(variables, images, train=False)   # images NHWC, normalised
     """
     import json
-    import os
 
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from dcff_jax import models
+    from dcff_jax import models, storage
 
-    path = os.path.abspath(directory)
-    meta_path = os.path.join(path, "metadata.json")
-    if not os.path.isfile(meta_path) and os.path.isfile(
-        os.path.join(path + ".old", "metadata.json")
-    ):
-        path = path + ".old"  # an interrupted swap: the previous export is intact
-        meta_path = os.path.join(path, "metadata.json")
-    if not os.path.isfile(meta_path):
-        raise MissingFileError(
-            f"{directory} is not a compact export: no metadata.json (expected WORKDIR/compact)"
-        )
+    path = _export_version(storage.resolve(directory), directory)
+    meta_path = path / "metadata.json"
     try:
-        with open(meta_path) as f:
-            metadata = json.load(f)
+        metadata = json.loads(meta_path.read_text())
         model = models.create_model(
             metadata["architecture"],
             metadata["cprate"] or None,
@@ -151,9 +170,22 @@ def load_compact(directory: str):
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            variables = checkpointer.restore(os.path.join(path, "variables"), abstract)
+            variables = checkpointer.restore(path / "variables", abstract)
     except Exception as e:
         raise DataError(
             f"the compact export in {path} is corrupt or unreadable ({type(e).__name__}: {e})"
         ) from e
     return model, variables, metadata
+
+
+def _export_version(root, given: str):
+    """The directory holding the current export under `root`: the version LATEST names, or
+    root itself for an export written before versions (metadata.json directly inside)."""
+    version = _current_version(root)
+    if version is not None:
+        return root / version
+    if (root / "metadata.json").exists():
+        return root
+    raise MissingFileError(
+        f"{given} is not a compact export: no {POINTER} or metadata.json (expected WORKDIR/compact)"
+    )

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from dcff_jax.errors import ConfigError, DataError, MissingFileError
 
@@ -55,6 +56,13 @@ def load_data(config) -> Data:
     """The train and test splits named by config.dataset / config.data_dir."""
     if config.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {config.dataset!r}; expected one of {DATASETS}")
+    if "://" in config.data_dir and config.dataset != "cifar10_folder":
+        raise ConfigError(
+            f"--config.data_dir={config.data_dir}: tfds datasets ({config.dataset}) cannot be "
+            "read from an object store (tfds' array_record reader opens local files only). Copy "
+            "the prepared dataset to a local disk (gcloud storage cp -r) or mount the bucket "
+            "(gcsfuse) and pass that local path; cifar10_folder can read gs:// directly"
+        )
     if config.dataset == "cifar10_folder":
         train, test = (
             _array_split(*read_cifar_folder(config.data_dir, s)) for s in ("train", "test")
@@ -115,24 +123,30 @@ def read_cifar_folder(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray
     Returns:
       images uint8 (n, 32, 32, 3) and labels int32 (n,).
     """
-    folder = data_dir
-    if os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
-        folder = os.path.join(data_dir, "cifar-10-batches-py")
+    from dcff_jax import storage
+
+    # epath: a local folder or one on an object store (read whole: 150 MB in all).
+    if storage.is_remote(data_dir):
+        storage.check_backend(data_dir)
+    folder = epath.Path(data_dir)
+    if (folder / "cifar-10-batches-py").is_dir():
+        folder = folder / "cifar-10-batches-py"
     expected = _CIFAR_FILES[split]
-    missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
-    if not os.path.isdir(folder) or missing:
-        relative = "" if os.path.isabs(folder) else f" (relative to {os.getcwd()})"
-        what = f"lacks {missing}" if os.path.isdir(folder) else "does not exist"
+    missing = [f for f in expected if not (folder / f).is_file()]
+    if not folder.is_dir() or missing:
+        local = not storage.is_remote(data_dir) and not os.path.isabs(data_dir)
+        relative = f" (relative to {os.getcwd()})" if local else ""
+        what = f"lacks {missing}" if folder.is_dir() else "does not exist"
         raise MissingFileError(
-            f"CIFAR-10 folder {folder!r}{relative} {what}: expected "
+            f"CIFAR-10 folder {str(folder)!r}{relative} {what}: expected "
             "the standard cifar-10-batches-py folder (data_batch_1..5, test_batch), e.g. from "
             "`python ../shared/data/make_cifar10.py DIR`, given as --config.data_dir=DIR"
         )
     images, labels = [], []
     for name in expected:
-        path = os.path.join(folder, name)
+        path = folder / name
         try:
-            with open(path, "rb") as f:
+            with path.open("rb") as f:
                 batch = _SafeUnpickler(f, encoding="bytes").load()
             data = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32)
             batch_labels = np.asarray(batch[b"labels"], np.int32)

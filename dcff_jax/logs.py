@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 
@@ -131,7 +130,10 @@ class Writer:
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            from dcff_jax import storage
+
+            # tensorboardX writes gs:// itself (google-cloud-storage, part of the gcs extra).
+            self._writer = SummaryWriter(str(storage.resolve(workdir) / "tensorboard"))
 
     def scalars(self, step: int, scalars: dict[str, float]) -> None:
         if self._writer is None:

@@ -21,14 +21,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(pylogging.Filter):
-    """Orbax logs every file it writes at INFO: keep its warnings and errors only, and those
-    without the traceback of its background threads (the same error reaches main, and there a
-    bug keeps its traceback)."""
+    """Libraries log every file they write (orbax) or read (gcsfs) at INFO: keep their warnings
+    and errors only, and orbax's without the traceback of its background threads (the same
+    error reaches main, and there a bug keeps its traceback)."""
 
     def filter(self, record):
-        if "/orbax/" not in record.pathname:
+        if "/dcff_jax/" in record.pathname or "/absl/" in record.pathname:
             return True
-        record.exc_info, record.exc_text = None, None
+        if "/orbax/" in record.pathname:
+            record.exc_info, record.exc_text = None, None
         return record.levelno >= pylogging.WARNING
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from dcff_jax import fusion
 
 
@@ -52,10 +50,16 @@ def write_plots(
 
 
 def _save(fig, workdir: str, name: str) -> str:
+    import io
+
     import matplotlib.pyplot as plt
 
-    path = os.path.join(workdir, name)
+    from dcff_jax import storage
+
+    path = storage.resolve(workdir) / name
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    return path
+    path.write_bytes(png.getvalue())
+    return str(path)

@@ -16,9 +16,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from etils import epath
 
-from dcff_jax import checkpoints, export, fusion, input_pipeline, logs, models, optim, steps
+from dcff_jax import (
+    checkpoints,
+    export,
+    fusion,
+    input_pipeline,
+    logs,
+    models,
+    optim,
+    steps,
+    storage,
+)
 from dcff_jax.config import validate_config
 from dcff_jax.errors import ConfigError, DataError
 
@@ -96,14 +105,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
 
 def last_checkpoint(workdir: str) -> str:
-    """Which checkpoint a restart would resume from, as found on disk now (a sentence)."""
-    directory = epath.Path(workdir) / "checkpoints"
-    finished = (
-        [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
-    )
-    if not finished:
+    """Which checkpoint a restart would resume from, as found in storage now (a sentence)."""
+    directory = storage.resolve(workdir) / "checkpoints"
+    step = checkpoints.latest_step(directory)
+    if step is None:
         return f"no checkpoint was saved yet in {directory}"
-    return f"the last good checkpoint, step {max(finished)} in {directory}, is kept"
+    return f"the last good checkpoint, step {step} in {directory}, is kept"
 
 
 class Stopped(Exception):
@@ -300,7 +307,7 @@ def changed_run_fields(saved: dict, config: dict) -> dict[str, tuple[Any, Any]]:
 
 def _check_config(config, workdir: str) -> None:
     """Refuse to resume a workdir whose saved run differs in a run-defining field."""
-    path = epath.Path(workdir) / "config.json"
+    path = storage.resolve(workdir) / "config.json"
     if not path.exists():
         return
     try:
@@ -323,7 +330,9 @@ def _save_config(config, workdir: str) -> None:
     """config.json, written by process 0 with the first checkpoint of each start (so a run that
     failed before saving anything can be retried with other values)."""
     if jax.process_index() == 0:
-        (epath.Path(workdir) / "config.json").write_text(config.to_json(indent=2))
+        storage.write_text_atomic(
+            storage.resolve(workdir) / "config.json", config.to_json(indent=2)
+        )
 
 
 def _final_report(config, workdir: str, progress: Progress) -> None:

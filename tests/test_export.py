@@ -118,9 +118,10 @@ def test_readme_shows_the_example_verbatim():
     assert body.split('"""', 2)[2].strip() in readme
 
 
-def test_load_compact_falls_back_to_the_previous_export_after_an_interrupted_swap(tmp_path):
-    """save_compact swaps by renames: compact -> compact.old, compact.new -> compact. Killed
-    between the two, only compact.old exists; load_compact must find it."""
+def test_an_interrupted_export_leaves_the_previous_one_loadable(tmp_path):
+    """save_compact writes version v<N+1> completely, then points LATEST at it. An export killed
+    before the pointer moved leaves a partial v<N+1> that nothing names: load_compact still
+    returns v<N>, and the next export writes over the partial version."""
     import ml_collections
 
     from dcff_jax import export, steps
@@ -145,15 +146,29 @@ def test_load_compact_falls_back_to_the_previous_export_after_an_interrupted_swa
             "data_dir": "",
         }
     )
-    record = {"epoch": 0, "test_top1": 12.5, "test_top5": 50.0}
     directory = tmp_path / "compact"
-    export.save_compact(str(directory), state, config, record)
-    os.rename(directory, str(directory) + ".old")  # the state between the two renames
+    for epoch in range(3):
+        record = {"epoch": epoch, "test_top1": 10.0 + epoch, "test_top5": 50.0}
+        export.save_compact(str(directory), state, config, record)
+    # Three exports: the pointer names v3, and v2 is kept for a reader that is still loading it.
+    assert (directory / "LATEST").read_text() == "v3\n"
+    assert sorted(os.listdir(directory)) == ["LATEST", "v2", "v3"]
+    # An export killed after writing part of v4 (no metadata, pointer unchanged).
+    os.makedirs(directory / "v4" / "variables")
+    (directory / "v4" / "variables" / "partial").write_bytes(b"\0" * 10)
     model, restored, meta = export.load_compact(str(directory))
-    assert meta["test_top1"] == 12.5
+    assert meta["epoch"] == 2 and meta["test_top1"] == 12.0
     want = compact_variables(variables)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(a, b)
-    os.rename(str(directory) + ".old", tmp_path / "elsewhere")
-    with pytest.raises(FileNotFoundError, match="not a compact export"):
+    record = {"epoch": 3, "test_top1": 13.0, "test_top5": 50.0}
+    export.save_compact(str(directory), state, config, record)
+    assert export.load_compact(str(directory))[2]["epoch"] == 3
+    assert sorted(os.listdir(directory)) == ["LATEST", "v3", "v4"]
+    assert not (directory / "v4" / "variables" / "partial").exists()
+    # A pointer that names nothing valid, and a directory that is no export, are user errors.
+    (directory / "LATEST").write_text("../elsewhere")
+    with pytest.raises(ValueError, match="not an export version"):
         export.load_compact(str(directory))
+    with pytest.raises(FileNotFoundError, match="not a compact export"):
+        export.load_compact(str(tmp_path))

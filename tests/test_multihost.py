@@ -115,7 +115,9 @@ def test_main_on_two_processes_trains_resumes_and_exports_like_one(data_dir, tmp
     logs = finish(start_processes(data_dir, workdir))
     assert all("resumed from step" in log for log in logs)
     assert all("epoch 2/2: test top-1" in log for log in logs)
-    assert sorted(os.listdir(os.path.join(workdir, "compact"))) == ["metadata.json", "variables"]
+    compact = os.path.join(workdir, "compact")
+    version = open(os.path.join(compact, "LATEST")).read().strip()
+    assert sorted(os.listdir(os.path.join(compact, version))) == ["metadata.json", "variables"]
     # Only process 0 writes TensorBoard events: one file per start (2), not one per process.
     assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 2
 

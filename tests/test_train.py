@@ -174,7 +174,7 @@ def test_main_trains_exports_and_resumes_bit_identically_after_sigkill(data_dir,
         "accuracy.png",
         "temperature.png",
         "widths.png",
-        "compact/metadata.json",
+        "compact/LATEST",
     ):
         assert os.path.exists(os.path.join(ref, name)), name
     # TensorBoard: every scalar in its namespace, one train/loss per step (log_every_steps=1).
@@ -253,7 +253,7 @@ def test_exact_criterion_end_to_end_through_main(data_dir, tmp_path):
     assert frozen_layers_at_epoch(proc.stderr, 2) == 0
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["criterion"] == "exact"
-    assert os.path.exists(os.path.join(workdir, "compact", "metadata.json"))
+    assert os.path.exists(os.path.join(workdir, "compact", "LATEST"))
 
 
 @pytest.mark.slow
@@ -289,8 +289,9 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, caplog):
     assert progress["best_top1"] == 1.0
     assert "corrupt or unreadable" in caplog.text
     # The bad step is kept, aside, and the run can save that step again (no crash loop).
-    quarantined = os.listdir(tmp_path / "ckpt_quarantine")
-    assert len(quarantined) == 1 and quarantined[0].startswith("2-")
+    quarantined = sorted(os.listdir(tmp_path / "ckpt_quarantine"))
+    assert len(quarantined) == 2 and quarantined[0].startswith("2-")
+    assert quarantined[1] == "README.txt"
     assert mngr.all_steps() == [1]
     checkpoints.save(mngr, 2, {"w": jnp.arange(4.0) + 5}, {"best_top1": 3.0})
     restored, progress = checkpoints.restore_latest(

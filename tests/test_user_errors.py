@@ -80,7 +80,9 @@ def truncated_config_json(wd, data, tmp):
 
 
 def truncated_metadata(wd, data, tmp):
-    truncate(os.path.join(wd, "compact", "metadata.json"))
+    with open(os.path.join(wd, "compact", "LATEST")) as f:
+        version = f.read().strip()
+    truncate(os.path.join(wd, "compact", version, "metadata.json"))
     return ()
 
 

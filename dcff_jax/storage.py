@@ -1,0 +1,69 @@
+"""Where a run's files live: a local directory or an object store (gs://, s3://), via etils.epath.
+
+All workdir I/O (checkpoints, config.json, TensorBoard events, plots, the compact export) goes
+through these paths, so `--workdir=gs://bucket/run` works like a local directory. epath reaches
+gs:// through gcsfs (`pip install 'dcff-jax[gcs]'`); orbax writes the arrays through
+tensorstore's own GCS driver.
+
+Object stores have no atomic rename (a rename is a copy, then a delete) and no directories
+(a "directory" exists while an object has its prefix). So nothing here relies on renaming a
+directory into place: new versions are written beside the old and a small pointer object,
+written last, says which one is current (see dcff_jax.export).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import uuid
+
+from etils import epath
+
+from dcff_jax.errors import ConfigError
+
+# The URI schemes epath handles, and the package each needs.
+_BACKENDS = {"gs": "gcsfs", "s3": "s3fs"}
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    return "://" in os.fspath(path)
+
+
+def resolve(path: str | os.PathLike) -> epath.Path:
+    """An epath.Path: a URI as given, a local path made absolute (so it survives a chdir)."""
+    path = os.fspath(path)
+    if is_remote(path):
+        check_backend(path)
+        return epath.Path(path)
+    return epath.Path(os.path.abspath(path))
+
+
+def check_backend(path: str) -> None:
+    """Raise ConfigError, before anything runs, when a URI's filesystem package is missing."""
+    scheme = path.split("://", 1)[0]
+    package = _BACKENDS.get(scheme)
+    if package is None:
+        raise ConfigError(f"{path}: {scheme}:// is not supported; use a local path, gs:// or s3://")
+    if importlib.util.find_spec(package) is None:
+        extra = "gcs" if scheme == "gs" else "s3"
+        raise ConfigError(
+            f"{path} needs the {package} package for {scheme}:// paths, which is not installed: "
+            f"pip install 'dcff-jax[{extra}]'"
+        )
+
+
+def write_text_atomic(path: epath.Path, text: str) -> None:
+    """Readers see the old or the new text, never a partial one: an object-store upload is
+    atomic already; a local file is written beside it and renamed over it."""
+    if is_remote(path):
+        path.write_text(text)
+        return
+    staging = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
+def ensure_dir(path: epath.Path) -> epath.Path:
+    """Make the directory (a no-op on object stores, where prefixes need no creation)."""
+    path.mkdir(parents=True, exist_ok=True)
+    return path
