@@ -288,3 +288,18 @@ def test_disk_full_names_the_path_and_the_last_good_checkpoint(finished, data_di
     assert "a file-size limit was hit" in line, line
     assert f"the last good checkpoint, step 4 in {workdir}/checkpoints, is kept" in line, line
     assert_nothing_lost(before, manifest(workdir))
+
+
+@pytest.mark.slow
+def test_a_run_that_failed_before_training_can_be_retried_with_other_values(data_dir, tmp_path):
+    """config.json is written with the first checkpoint: a start that fails earlier (here: no
+    data) binds nothing, so the retry may change run-defining fields."""
+    workdir = str(tmp_path / "wd")
+    args = (*BASE, f"--workdir={workdir}", "--config.num_epochs=1")
+    proc = run_module(M, *args, "--config.data_dir=/nonexistent")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr[-3000:]
+    assert not os.path.exists(os.path.join(workdir, "config.json"))
+    proc = run_module(M, *args, f"--config.data_dir={data_dir}", "--config.learning_rate=0.05")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert '"learning_rate": 0.05' in f.read()
