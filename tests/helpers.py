@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import sys
 
 import numpy as np
 
@@ -136,3 +137,23 @@ def checkpoint_params(workdir: str) -> tuple[int, dict[str, np.ndarray]]:
     params = checkpointer.restore(path, restore_args=as_numpy)["params"]
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     return max(steps), {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+
+
+def main_command(data_dir, workdir, *overrides):
+    """`python -m dcff_jax.main` on a tiny ResNet-56 run (2 epochs of the folder at data_dir);
+    later overrides win."""
+    return [
+        sys.executable,
+        "-m",
+        "dcff_jax.main",
+        "--config=configs/resnet56_cifar.py",
+        f"--workdir={workdir}",
+        "--config.dataset=cifar10_folder",
+        f"--config.data_dir={data_dir}",
+        "--config.batch_size=16",
+        "--config.num_epochs=2",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=1",
+        "--config.cprate=[0.5]*30",
+        *overrides,
+    ]

@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT, checkpoint_params, write_cifar_folder
+from helpers import ROOT, checkpoint_params, main_command, write_cifar_folder
 
 pytest.importorskip("gcsfs", reason="the gcs extra (pip install -e '.[gcs]') is not installed")
 emulator = pytest.importorskip(
@@ -94,19 +94,11 @@ def gs_listing(env, prefix: str) -> list[str]:
 
 
 def main_args(workdir, data_dir):
-    return [
-        sys.executable,
-        "-m",
-        "dcff_jax.main",
-        "--config=configs/resnet56_cifar.py",
-        f"--workdir={workdir}",
-        "--config.dataset=cifar10_folder",
-        f"--config.data_dir={data_dir}",
-        "--config.batch_size=16",
-        "--config.num_epochs=2",
-        "--config.cprate=[0.5]*30",
-        "--config.checkpoint_every_steps=100",
-    ]
+    return main_command(data_dir, workdir, "--config.checkpoint_every_steps=100")
+
+
+def run(argv, env):
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 def upload(env, local: str, remote: str) -> None:
@@ -148,14 +140,7 @@ def test_a_run_on_gs_saves_resumes_and_exports_like_a_local_one(gcs_env, tmp_pat
     victim.wait(timeout=600)
     assert victim.returncode == 75, err[-3000:]
     step = int(re.search(r"saved a checkpoint at step (\d+) in gs://", err).group(1))
-    proc = subprocess.run(
-        main_args(workdir, remote_data),
-        cwd=ROOT,
-        env=gcs_env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run(main_args(workdir, remote_data), gcs_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from step {step} in {workdir}" in proc.stderr
 
@@ -166,13 +151,8 @@ def test_a_run_on_gs_saves_resumes_and_exports_like_a_local_one(gcs_env, tmp_pat
     assert any(p.startswith(f"{workdir}/checkpoints/8/") for p in objects), objects
 
     # The export evaluates straight from gs://, to the accuracy it recorded.
-    out = subprocess.run(
-        [sys.executable, "-m", "dcff_jax.evaluate", f"--checkpoint={workdir}/compact"],
-        cwd=ROOT,
-        env=gcs_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    out = run(
+        [sys.executable, "-m", "dcff_jax.evaluate", f"--checkpoint={workdir}/compact"], gcs_env
     )
     assert out.returncode == 0, out.stderr[-3000:]
     best = float(re.search(r"best test top-1 ([\d.]+)%", proc.stderr).group(1))
@@ -180,9 +160,7 @@ def test_a_run_on_gs_saves_resumes_and_exports_like_a_local_one(gcs_env, tmp_pat
 
     # And the same run on a local disk ends with the same parameters, bit for bit.
     local = str(tmp_path / "local")
-    proc = subprocess.run(
-        main_args(local, data), cwd=ROOT, env=gcs_env, capture_output=True, text=True, timeout=900
-    )
+    proc = run(main_args(local, data), gcs_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     copy = str(tmp_path / "copied")
     download(gcs_env, f"{workdir}/checkpoints/8", os.path.join(copy, "checkpoints", "8"))

@@ -15,6 +15,7 @@ import pytest
 from helpers import (
     ROOT,
     checkpoint_params,
+    main_command,
     read_scalars,
     run_module,
     tiny_config,
@@ -133,22 +134,23 @@ def data_dir(tmp_path_factory):
     return write_cifar_folder(str(tmp_path_factory.mktemp("cifar")), train=64, test=24)
 
 
-def main_command(data_dir, workdir, *overrides):
-    return [
-        sys.executable,
-        "-m",
-        "dcff_jax.main",
-        "--config=configs/resnet56_cifar.py",
-        f"--workdir={workdir}",
-        "--config.dataset=cifar10_folder",
-        f"--config.data_dir={data_dir}",
-        "--config.batch_size=16",
-        "--config.num_epochs=2",
-        "--config.log_every_steps=1",
-        "--config.checkpoint_every_steps=1",
-        "--config.cprate=[0.5]*30",
-        *overrides,
-    ]
+def stop_after_epoch_one(data_dir, workdir, sig, overrides=(), env=None) -> tuple[int, str]:
+    """Start main, send `sig` once epoch 1's checkpoint (step 4) exists: (exit status, stderr)."""
+    victim = subprocess.Popen(
+        main_command(data_dir, workdir, *overrides),
+        cwd=ROOT,
+        env=env or {**os.environ, "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 600
+    while not os.path.isdir(os.path.join(workdir, "checkpoints", "4")) and time.time() < deadline:
+        assert victim.poll() is None, "the run ended before it could be stopped"
+        time.sleep(0.05)
+    victim.send_signal(sig)
+    _, err = victim.communicate(timeout=600)
+    return victim.returncode, err
 
 
 def run_main(data_dir, workdir, *overrides):
@@ -455,22 +457,8 @@ def test_a_stop_signal_saves_that_step_and_the_resume_is_bit_identical(data_dir,
     proc = run_main(data_dir, ref, sparse)
     assert proc.returncode == 0, proc.stderr[-3000:]
     workdir = str(tmp_path / "stopped")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    victim = subprocess.Popen(
-        main_command(data_dir, workdir, sparse),
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 600
-    while not os.path.isdir(os.path.join(workdir, "checkpoints", "4")) and time.time() < deadline:
-        assert victim.poll() is None, "the run ended before it could be stopped"
-        time.sleep(0.05)
-    victim.send_signal(sig)
-    _, err = victim.communicate(timeout=600)
-    assert victim.returncode == 75, err[-3000:]
+    returncode, err = stop_after_epoch_one(data_dir, workdir, sig, (sparse,))
+    assert returncode == 75, err[-3000:]
     assert "Traceback" not in err
     match = re.search(r"saved a checkpoint at step (\d+) in .*checkpoints; run the same", err)
     assert match, err[-3000:]
@@ -553,21 +541,10 @@ def test_main_stopped_on_one_device_count_resumes_on_another(data_dir, tmp_path,
     restore onto other devices, is the test above.)"""
     sparse = "--config.checkpoint_every_steps=100"
     workdir = str(tmp_path / "moved")
-    victim = subprocess.Popen(
-        main_command(data_dir, workdir, sparse),
-        cwd=ROOT,
-        env=device_env(first),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    returncode, err = stop_after_epoch_one(
+        data_dir, workdir, signal.SIGTERM, (sparse,), device_env(first)
     )
-    deadline = time.time() + 600
-    while not os.path.isdir(os.path.join(workdir, "checkpoints", "4")) and time.time() < deadline:
-        assert victim.poll() is None, "the run ended before it could be stopped"
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGTERM)
-    _, err = victim.communicate(timeout=600)
-    assert victim.returncode == 75 and f"{first} local / {first} global" in err, err[-3000:]
+    assert returncode == 75 and f"{first} local / {first} global" in err, err[-3000:]
     step = int(re.search(r"saved a checkpoint at step (\d+)", err).group(1))
     proc = subprocess.run(
         main_command(data_dir, workdir, sparse),

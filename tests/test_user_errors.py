@@ -9,9 +9,7 @@ same bytes (a checkpoint found corrupt may only be moved, intact, to checkpoints
 import hashlib
 import os
 import pickle
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -267,18 +265,22 @@ def test_disk_full_names_the_path_and_the_last_good_checkpoint(finished, data_di
     resume_from_epoch_one(workdir, data_dir, tmp_path)
     before = manifest(workdir)
 
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
-
+    # Set the limit in a small launcher that then execs main (no Python code between fork and
+    # exec in this multithreaded test process). SIGXFSZ ignored: the write fails, not the process.
+    launcher = (
+        "import os, resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    main = ["-m", M, *BASE, f"--workdir={workdir}", f"--config.data_dir={data_dir}"]
     proc = subprocess.run(
-        [sys.executable, "-m", M, *BASE, f"--workdir={workdir}", f"--config.data_dir={data_dir}"],
+        [sys.executable, "-c", launcher, *main],
         cwd=ROOT,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
         capture_output=True,
         text=True,
         timeout=900,
-        preexec_fn=limit_file_size,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
