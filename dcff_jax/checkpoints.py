@@ -124,7 +124,7 @@ def shape_mismatches(mngr: ocp.CheckpointManager, step: int, abstract_state: Any
     wanted = _flat_shapes(abstract_state)
     return [
         f"{name}: saved {saved.get(name, 'absent')}, config {wanted.get(name, 'absent')}"
-        for name in sorted(set(saved) | set(wanted))
+        for name in sorted(set(saved) | set(wanted), key=lambda n: (not n.startswith("params"), n))
         if saved.get(name) != wanted.get(name)
     ]
 
@@ -148,6 +148,16 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[An
     """
     unreadable = []  # (step, error), newest first
     for step in sorted(mngr.all_steps(), reverse=True):
+        # Shapes first, from the metadata: a checkpoint of another config is the user's to fix,
+        # not a corrupt one (and a restore into the wrong shapes fails noisily in orbax's tasks).
+        mismatch = shape_mismatches(mngr, step, abstract_state)
+        if mismatch:
+            raise ConfigError(
+                f"checkpoint {os.path.join(str(mngr.directory), str(step))} was saved by a "
+                f"run with another config: {'; '.join(mismatch[:5])}"
+                f"{f' (and {len(mismatch) - 5} more)' if len(mismatch) > 5 else ''}; "
+                "resume with that run's config (WORKDIR/config.json) or use a new --workdir"
+            )
         try:
             restored = mngr.restore(
                 step,
@@ -156,14 +166,6 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[An
                 ),
             )
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
-            mismatch = shape_mismatches(mngr, step, abstract_state)
-            if mismatch:
-                raise ConfigError(
-                    f"checkpoint {os.path.join(str(mngr.directory), str(step))} was saved by a "
-                    f"run with another config: {'; '.join(mismatch[:5])}"
-                    f"{f' (and {len(mismatch) - 5} more)' if len(mismatch) > 5 else ''}; "
-                    "resume with that run's config (WORKDIR/config.json) or use a new --workdir"
-                ) from e
             unreadable.append((step, e))
             continue
         # Only now that an older step restored: move the newer unreadable ones aside.

@@ -48,11 +48,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as error:
         _exit(f"{error} (see --helpshort)")
     except (AttributeError, KeyError) as error:  # ml_collections: no such field
-        named = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        field = str(error).strip("\"'")
+        named = [a.split("=")[0] for a in argv if a.split("=")[0].endswith(f".{field}")]
         _exit(
-            f"{', '.join(named) or 'a --config override'}: {str(error).strip(chr(34) + chr(39))!r} "
-            "is not a field of the config "
-            "(the fields are listed in dcff_jax/config.py and the config file)"
+            f"{', '.join(named) or 'a --config override'}: {field!r} is not a field of the "
+            "config (the fields are listed in dcff_jax/config.py and the config file)"
         )
     except OSError as error:  # config_flags: the config file cannot be read
         _exit(f"cannot load --config: {str(error).splitlines()[-1].strip()}")

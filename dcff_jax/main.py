@@ -28,7 +28,9 @@ class _QuietLibraries(pylogging.Filter):
     def filter(self, record):
         if "/dcff_jax/" in record.pathname or "/absl/" in record.pathname:
             return True
-        if "/orbax/" in record.pathname:
+        if "/orbax/" in record.pathname or record.name == "asyncio":
+            # Orbax's background threads, and asyncio's "Task exception was never retrieved"
+            # for the sibling tasks of a failed orbax restore.
             record.exc_info, record.exc_text = None, None
         return record.levelno >= pylogging.WARNING
 
