@@ -71,7 +71,7 @@ class Run:
 
     @property
     def checkpoint_dir(self) -> str:
-        return os.path.join(self.workdir, "checkpoints")
+        return checkpoint_dir(self.workdir)
 
     def describe_last_checkpoint(self) -> str:
         return last_checkpoint(self.workdir)
@@ -98,15 +98,20 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         tx=tx,
         train_step=steps.make_train_step(model, tx, spec, mesh, config.seed),
         eval_step=steps.make_eval_step(model, spec, mesh),
-        checkpoints=checkpoints.manager(os.path.join(workdir, "checkpoints")),
+        checkpoints=checkpoints.manager(checkpoint_dir(workdir)),
         writer=logs.Writer(workdir),
         timer=checkpoints.Timer(config.checkpoint_every_minutes, config.log_every_steps),
     )
 
 
+def checkpoint_dir(workdir: str) -> str:
+    """Where a run's checkpoints live: WORKDIR/checkpoints (a path or a URI)."""
+    return os.path.join(workdir, "checkpoints")
+
+
 def last_checkpoint(workdir: str) -> str:
     """Which checkpoint a restart would resume from, as found in storage now (a sentence)."""
-    directory = storage.resolve(workdir) / "checkpoints"
+    directory = storage.resolve(checkpoint_dir(workdir))
     step = checkpoints.latest_step(directory)
     if step is None:
         return f"no checkpoint was saved yet in {directory}"
