@@ -28,6 +28,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.batch_size = 256  # global, over all devices and hosts
     config.num_epochs = 300
     config.steps_per_epoch = -1  # -1: one pass over the training set; > 0 caps it (quick runs)
+    # Keep the epoch's last partial batch as one more step (False, as the published DataLoaders:
+    # 196 steps of CIFAR-10 at batch 256, the last of 80 images) or drop it (True: 195 steps).
+    config.drop_last_batch = False
     config.learning_rate = 0.1
     config.lr_schedule = "multistep"  # "multistep" | "step" | "cosine"
     config.lr_milestones = (150, 225)  # epochs at which multistep multiplies the rate by lr_gamma

@@ -284,19 +284,40 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def train_batches(
-    split: Split, global_batch: int, seed: int, epoch: int, start_step: int, num_steps: int
+    split: Split,
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    start_step: int,
+    num_steps: int,
+    last_batch: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """This process's slices of the epoch's global batches, from `start_step` (for resume).
 
-    Each process yields (global_batch / process_count) examples per step; the last partial global
-    batch of an epoch is dropped so that shapes stay static.
+    Each process yields 1 / process_count of every global batch. Steps 0..num_steps-1 take
+    `global_batch` examples in the epoch's order, except that with last_batch > 0 the final step
+    takes the `last_batch` examples left over (see last_batch_size).
     """
     order = epoch_permutation(split.num_examples, seed, epoch)
-    local = global_batch // jax.process_count()
-    offset = jax.process_index() * local
     for step in range(start_step, num_steps):
-        indices = order[step * global_batch + offset : step * global_batch + offset + local]
-        yield split.load(indices, epoch)
+        size = last_batch if last_batch and step == num_steps - 1 else global_batch
+        local = size // jax.process_count()
+        start = step * global_batch + jax.process_index() * local
+        yield split.load(order[start : start + local], epoch)
+
+
+def last_batch_size(split: Split, global_batch: int, devices: int, drop_last: bool) -> int:
+    """The global size of an epoch's final partial batch, 0 when there is none.
+
+    The published loaders keep it (PyTorch DataLoader, drop_last=False: 196 steps of CIFAR-10 at
+    batch 256, the last of 80 images, whose batch-norm statistics are over those 80). It is split
+    evenly over the devices, so it keeps a multiple of `devices` examples (80 on 1-16 devices;
+    with more, the few left over are dropped, as is a batch that would be smaller than that).
+    """
+    if drop_last:
+        return 0
+    left = split.num_examples % global_batch
+    return left - left % devices
 
 
 def eval_batches(
@@ -312,14 +333,18 @@ def eval_batches(
         yield images, labels, valid
 
 
-def steps_per_epoch(split: Split, global_batch: int, cap: int = -1) -> int:
+def steps_per_epoch(split: Split, global_batch: int, cap: int = -1, last_batch: int = 0) -> int:
+    """Steps of an epoch: the full global batches, plus one when a partial last batch of
+    `last_batch` examples is kept; at most `cap` (> 0), which then leaves the partial one out."""
     steps = split.num_examples // global_batch
     if steps == 0:
         raise ConfigError(
             f"the training set has {split.num_examples} examples, fewer than one global batch "
             f"of {global_batch}: lower --config.batch_size"
         )
-    return min(steps, cap) if cap > 0 else steps
+    if cap > 0 and cap <= steps:
+        return cap
+    return steps + (1 if last_batch else 0)
 
 
 # --- Device side (inside jit) -------------------------------------------------------------
@@ -343,7 +368,9 @@ def augment_cifar(images: jax.Array, key: jax.Array) -> jax.Array:
 
 
 def normalize(images: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
-    """uint8 (n, H, W, 3) -> (x / 255 - mean) / std in `dtype`."""
-    x = images.astype(jnp.float32) / 255.0
-    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    """uint8 (n, H, W, 3) -> (x / 255 - mean) / std in `dtype`, computed in float32 (float64 for
+    a float64 model, whose checks would otherwise start from float32-rounded inputs)."""
+    compute = jnp.promote_types(dtype, jnp.float32)
+    x = images.astype(compute) / 255.0
+    x = (x - jnp.asarray(mean, compute)) / jnp.asarray(std, compute)
     return x.astype(dtype)

@@ -1,14 +1,61 @@
-"""FusedConv: a Flax conv layer that keeps all c_out filters but computes with m fused ones."""
+"""Conv and Dense layers: FusedConv (DCFF), and nn.Conv / nn.Dense that can take PyTorch's
+default bias init."""
 
 from __future__ import annotations
 
+import math
+
+import jax
 from flax import linen as nn
 from jax import numpy as jnp
 
 from dcff_jax import fusion
 
 
-class FusedConv(nn.Conv):
+def torch_default_bias(key, shape, dtype=jnp.float32):
+    """PyTorch's default Conv2d/Linear bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    fan_in is the layer's (kh * kw * c_in / groups, or the Dense input width), which a Flax
+    bias_init is not given: only the layers of this module (Conv, Dense, FusedConv) accept this
+    marker, and they read fan_in from the kernel they created just before.
+    """
+    raise TypeError(
+        "torch_default_bias needs the layer's fan_in: use it with dcff_jax.layers.Conv, Dense or "
+        "FusedConv"
+    )
+
+
+def uniform(bound: float):
+    """Init U(-bound, bound), any shape."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class _TorchDefaultBias:
+    """Resolves bias_init=torch_default_bias from the kernel's shape (mixin for Conv/Dense)."""
+
+    def param(self, name, init_fn, *init_args, **init_kwargs):
+        if init_fn is torch_default_bias:
+            # nn.Conv and nn.Dense create the kernel before the bias; its every axis but the
+            # last (outputs) is fan_in, as PyTorch counts it. Resolved in apply too: Flax
+            # evaluates init_fn's shape against an existing param.
+            kernel_shape = self.get_variable("params", "kernel").shape
+            init_fn = uniform(1.0 / math.sqrt(math.prod(kernel_shape[:-1])))
+        return super().param(name, init_fn, *init_args, **init_kwargs)
+
+
+class Conv(_TorchDefaultBias, nn.Conv):
+    """nn.Conv; bias_init may be torch_default_bias."""
+
+
+class Dense(_TorchDefaultBias, nn.Dense):
+    """nn.Dense; bias_init may be torch_default_bias."""
+
+
+class FusedConv(Conv):
     """nn.Conv whose `kept` output channels are fusions of all `features` filters (DCFF).
 
     Everything but the kernel and bias is nn.Conv's own (strides, padding, dilation, dtypes,

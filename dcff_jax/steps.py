@@ -101,10 +101,18 @@ def make_train_step(model, tx, spec: InputSpec, mesh: Mesh, seed: int = 0, optio
     def train_step(state: TrainState, images, labels):
         key = jax.random.fold_in(jax.random.key(seed), state.step)
         x = model_input(images, spec, key)
+        # Its own stream: adding dropout to a model leaves the augmentation unchanged.
+        dropout_key = jax.random.fold_in(key, 1)
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats, "fusion": state.fusion}
-            logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+            logits, updates = model.apply(
+                variables,
+                x,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": dropout_key},
+            )
             logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return loss, (logits, updates["batch_stats"])

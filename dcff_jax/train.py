@@ -59,6 +59,7 @@ class Run:
     workdir: str
     data: input_pipeline.Data
     steps_per_epoch: int
+    last_batch: int  # global size of the epoch's final partial batch; 0: every batch is full
     mesh: Any
     model: Any
     tx: Any
@@ -80,7 +81,14 @@ class Run:
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     data = input_pipeline.load_data(config)
     input_pipeline.check_fits(config, data, config.data_dir or config.dataset)
-    spe = input_pipeline.steps_per_epoch(data.train, config.batch_size, config.steps_per_epoch)
+    last = input_pipeline.last_batch_size(
+        data.train, config.batch_size, jax.device_count(), config.drop_last_batch
+    )
+    spe = input_pipeline.steps_per_epoch(
+        data.train, config.batch_size, config.steps_per_epoch, last
+    )
+    if spe * config.batch_size <= data.train.num_examples:  # capped: every step is full
+        last = 0
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
     model = models.create_model(
         config.model, config.cprate or None, "fused", num_classes=config.num_classes, dtype=dtype
@@ -93,6 +101,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         workdir=workdir,
         data=data,
         steps_per_epoch=spe,
+        last_batch=last,
         mesh=mesh,
         model=model,
         tx=tx,
@@ -219,7 +228,7 @@ def train_epoch(run: Run, state, epoch: int, progress: Progress, last_saved: int
     step = epoch * spe + first_step  # counted on the host: no device sync per step
     window = logs.TrainWindow(step)
     batches = input_pipeline.train_batches(
-        run.data.train, config.batch_size, config.seed, epoch, first_step, spe
+        run.data.train, config.batch_size, config.seed, epoch, first_step, spe, run.last_batch
     )
     for images, labels in batches:
         state, metrics = run.train_step(state, *steps.to_global(run.mesh, images, labels))
@@ -299,10 +308,16 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+# Run-defining fields added after runs were saved without them: the value those runs had.
+LEGACY_VALUES = {"drop_last_batch": True}
+
+
 def changed_run_fields(saved: dict, config: dict) -> dict[str, tuple[Any, Any]]:
     """{field: (saved, now)} for every run-defining field that differs (JSON values compared, so
-    a tuple equals its saved list). A field the saved run did not have is not a change."""
+    a tuple equals its saved list). A field the saved run did not have is not a change, except
+    those of LEGACY_VALUES, which had a fixed value then."""
     now = json.loads(json.dumps(config))
+    saved = {**LEGACY_VALUES, **saved}
     return {
         key: (saved[key], now[key])
         for key in sorted(now)

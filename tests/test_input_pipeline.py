@@ -136,6 +136,30 @@ def test_epoch_order_depends_only_on_seed_and_epoch(folder):
         ip.steps_per_epoch(split, 64)
 
 
+def test_last_partial_batch_is_one_more_step_that_completes_the_epoch(folder):
+    split = ip.load_data(tiny_config(folder)).train  # 53 examples: 6 batches of 8, then 5
+    assert ip.last_batch_size(split, 8, devices=1, drop_last=False) == 5
+    assert ip.last_batch_size(split, 8, devices=1, drop_last=True) == 0
+    # Split evenly over devices: 4 of the 5 on 2 or 4 devices, none on 8.
+    assert ip.last_batch_size(split, 8, devices=2, drop_last=False) == 4
+    assert ip.last_batch_size(split, 8, devices=8, drop_last=False) == 0
+    assert ip.steps_per_epoch(split, 8, last_batch=5) == 7
+    assert ip.steps_per_epoch(split, 8, cap=6, last_batch=5) == 6  # a cap leaves it out
+    assert ip.steps_per_epoch(split, 8, cap=9, last_batch=5) == 7
+    batches = list(
+        ip.train_batches(split, 8, seed=1, epoch=2, start_step=0, num_steps=7, last_batch=5)
+    )
+    assert [len(labels) for _, labels in batches] == [8] * 6 + [5]
+    images = np.concatenate([im for im, _ in batches])
+    everything, _ = ip.read_cifar_folder(folder, "train")
+    # Every training example exactly once in the epoch, in its order.
+    order = ip.epoch_permutation(53, seed=1, epoch=2)
+    np.testing.assert_array_equal(images, everything[order])
+    # Resuming at the last step yields the same partial batch.
+    ((resumed, _),) = ip.train_batches(split, 8, 1, 2, start_step=6, num_steps=7, last_batch=5)
+    np.testing.assert_array_equal(resumed, batches[-1][0])
+
+
 def test_eval_batches_cover_the_split_once_with_padding_mask(folder):
     split = ip.load_data(tiny_config(folder)).test
     seen = []

@@ -348,6 +348,13 @@ def test_changed_run_fields_lists_each_field_and_allows_only_the_allow_list():
     assert train.changed_run_fields(saved, config) == {}
     del saved["t_k"]
     assert train.changed_run_fields(saved, dict(config, t_k=2.0)) == {}
+    # Runs saved before drop_last_batch existed dropped the last batch: resuming them keeping it
+    # would change the steps per epoch.
+    del saved["drop_last_batch"]
+    assert train.changed_run_fields(saved, dict(config, drop_last_batch=False)) == {
+        "drop_last_batch": (True, False)
+    }
+    assert train.changed_run_fields(saved, dict(config, drop_last_batch=True)) == {}
 
 
 def test_time_based_checkpoints_are_due_after_the_interval_at_check_steps(monkeypatch):
@@ -559,3 +566,27 @@ def test_main_stopped_on_one_device_count_resumes_on_another(data_dir, tmp_path,
     assert f"resumed from step {step}" in proc.stderr
     assert "epoch 2/2: test top-1" in proc.stderr
     assert final_params(workdir)[0] == 8
+
+
+@pytest.mark.slow
+def test_the_last_partial_batch_is_trained_as_one_more_step(tmp_path):
+    # 40 examples at batch 16: two full steps and one of 8 per epoch, as the published loaders
+    # do; drop_last_batch=True trains the two full ones only.
+    data_dir = write_cifar_folder(str(tmp_path / "data"), train=40, test=8)
+    for drop, steps_per_epoch in ((False, 3), (True, 2)):
+        workdir = str(tmp_path / f"drop_{drop}")
+        config = tiny_config(
+            data_dir,
+            model="vgg16",
+            cprate="[0.5]*13",
+            num_epochs=2,
+            log_every_steps=1,
+            checkpoint_every_steps=0,
+            drop_last_batch=drop,
+        )
+        train.train_and_evaluate(config, workdir)
+        losses = read_scalars(os.path.join(workdir, "tensorboard"))["train/loss"]
+        assert [step for step, _ in sorted(losses)] == list(range(1, 2 * steps_per_epoch + 1))
+        assert all(np.isfinite(loss) for _, loss in losses)
+        step, _ = checkpoint_params(workdir)
+        assert step == 2 * steps_per_epoch

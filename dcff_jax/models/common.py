@@ -20,24 +20,24 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from dcff_jax.layers import FusedConv
+from dcff_jax.layers import Conv, Dense, FusedConv, torch_default_bias, uniform
 from dcff_jax.plans import keep_width
 
 VARIANTS = ("original", "fused", "compact")
 
+# Initialisers, as the published models (and torchvision's MobileNetV2) use them.
 # PyTorch's kaiming_normal_ (untruncated normal, gain sqrt(2)).
 kaiming_normal_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def torch_default_uniform():
-    """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); fan_in is the
-    product of every kernel axis but the last (output) one."""
+    """PyTorch's default Conv2d/Linear weight init, kaiming_uniform_(a=sqrt(5)), which is
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)); fan_in is the product of every kernel axis but the last
+    (output) one, as PyTorch counts it (kh * kw * c_in / groups)."""
 
     def init(key, shape, dtype=jnp.float32):
-        fan_in = math.prod(shape[:-1])
-        bound = 1.0 / math.sqrt(fan_in)
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+        return uniform(1.0 / math.sqrt(math.prod(shape[:-1])))(key, shape, dtype)
 
     return init
 
@@ -62,14 +62,16 @@ def prunable_conv(
     strides: int = 1,
     padding: int = 0,
     use_bias: bool = False,
-    kernel_init=kaiming_normal_fan_in,
+    kernel_init=None,
+    bias_init=torch_default_bias,
     dtype=None,
     name: str | None = None,
 ) -> nn.Module:
     """The conv of one prunable layer in the given variant (see the module docstring).
 
     Padding is PyTorch's: an int p pads p on each side. Output channels: `filters` ("original")
-    or keep_width(filters, rate) ("fused", "compact").
+    or keep_width(filters, rate) ("fused", "compact"). Init defaults to PyTorch's Conv2d defaults
+    (weights and bias U(+-1/sqrt(fan_in))), which the published VGG-16 and GoogLeNet keep.
     """
     check_variant(variant)
     common = dict(
@@ -77,13 +79,14 @@ def prunable_conv(
         strides=strides,
         padding=padding,
         use_bias=use_bias,
-        kernel_init=kernel_init,
+        kernel_init=kernel_init or torch_default_uniform(),
+        bias_init=bias_init,
         dtype=dtype,
         name=name,
     )
     if variant == "fused":
         return FusedConv(features=filters, kept=keep_width(filters, rate), **common)
-    return nn.Conv(features=width(variant, filters, rate), **common)
+    return Conv(features=width(variant, filters, rate), **common)
 
 
 def batch_norm(train: bool, dtype=None, name: str | None = None) -> nn.BatchNorm:
@@ -151,18 +154,15 @@ class MaxPool(nn.Module):
         return nn.max_pool(x, (self.window, self.window), (self.stride, self.stride), pad)
 
 
-def dense(features: int, kernel_init=None, dtype=None, name: str | None = None) -> nn.Dense:
-    """A classifier layer with PyTorch's default init unless another is given."""
-    return nn.Dense(
+def dense(
+    features: int, kernel_init=None, bias_init=torch_default_bias, dtype=None, name=None
+) -> nn.Dense:
+    """A classifier layer; PyTorch's default Linear init (weights and bias U(+-1/sqrt(fan_in)))
+    unless others are given."""
+    return Dense(
         features,
         kernel_init=kernel_init or torch_default_uniform(),
-        bias_init=_torch_linear_bias_init,
+        bias_init=bias_init,
         dtype=dtype,
         name=name,
     )
-
-
-def _torch_linear_bias_init(key, shape, dtype=jnp.float32):
-    # PyTorch bounds the bias by 1/sqrt(fan_in); Flax does not pass fan_in, so the classifier
-    # bias starts at zero (a common, harmless departure).
-    return jnp.zeros(shape, dtype)

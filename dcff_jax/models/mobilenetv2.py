@@ -1,4 +1,7 @@
-"""MobileNetV2 for ImageNet (torchvision layout, width 1.0). The published code has none; ours.
+"""MobileNetV2 for ImageNet, as torchvision defines it (width 1.0). The published code has none.
+
+As torchvision: every conv Kaiming-normal (fan_out), BN scale 1 and bias 0, Dropout(0.2) before
+the classifier, classifier weights N(0, 0.01) and bias 0.
 
 Plan rules (dcff_jax.plans, 25 rates): the 3x3 stem conv, each block's 1x1 expansion conv, one
 rate per stage for the 1x1 projection convs (a stage's blocks are chained by residual adds, so
@@ -19,6 +22,7 @@ from dcff_jax.models import common
 from dcff_jax.plans import MOBILENETV2_STAGES
 
 LAST_FILTERS = 1280
+DROPOUT_RATE = 0.2
 
 
 class InvertedResidual(nn.Module):
@@ -38,7 +42,13 @@ class InvertedResidual(nn.Module):
         if self.expansion != 1:
             hidden = self.expansion * self.in_filters
             y = common.prunable_conv(
-                self.variant, hidden, self.rates[0], 1, dtype=self.dtype, name="expand"
+                self.variant,
+                hidden,
+                self.rates[0],
+                1,
+                kernel_init=common.kaiming_normal_fan_out,
+                dtype=self.dtype,
+                name="expand",
             )(y)
             y = nn.relu6(common.batch_norm(train, self.dtype, name="expand_bn")(y))
         channels = y.shape[-1]
@@ -55,7 +65,13 @@ class InvertedResidual(nn.Module):
         )(y)
         y = nn.relu6(common.batch_norm(train, self.dtype, name="depthwise_bn")(y))
         y = common.prunable_conv(
-            self.variant, self.out_filters, self.rates[-1], 1, dtype=self.dtype, name="project"
+            self.variant,
+            self.out_filters,
+            self.rates[-1],
+            1,
+            kernel_init=common.kaiming_normal_fan_out,
+            dtype=self.dtype,
+            name="project",
         )(y)
         y = common.batch_norm(train, self.dtype, name="project_bn")(y)
         if self.strides == 1 and self.in_filters == self.out_filters:
@@ -99,4 +115,12 @@ class MobileNetV2(nn.Module):
         )(x)
         x = nn.relu6(common.batch_norm(train, self.dtype, name="last_bn")(x))
         x = common.GlobalAvgPool()(x)
-        return common.dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
+        # Dropout draws from the "dropout" rng stream, which the train step provides.
+        x = nn.Dropout(DROPOUT_RATE, deterministic=not train)(x)
+        return common.dense(
+            self.num_classes,
+            kernel_init=nn.initializers.normal(0.01),
+            bias_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            name="classifier",
+        )(x)

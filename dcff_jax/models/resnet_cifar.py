@@ -1,5 +1,8 @@
 """ResNet-56/110 for CIFAR-10 (published models/cifar/resnet.py): BasicBlocks, option-A shortcuts.
 
+Init as published: convs and the classifier's weights Kaiming-normal (fan_in); the classifier's
+bias keeps PyTorch's default, BN scale 1 and bias 0.
+
 Layer-wise rates (see dcff_jax.plans): [stem, block0.conv1, block0.conv2, block1.conv1, ...].
 A block's input width is whatever the previous layer produced; its output width is its conv2's.
 """
@@ -40,7 +43,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = dict(padding=1, dtype=self.dtype)
+        conv = dict(padding=1, kernel_init=common.kaiming_normal_fan_in, dtype=self.dtype)
         y = common.prunable_conv(
             self.variant, self.planes, self.rates[0], 3, strides=self.strides, name="conv1", **conv
         )(x)
@@ -68,7 +71,14 @@ class CifarResNet(nn.Module):
     def __call__(self, x, train: bool = False):
         rates = self.layer_rates
         x = common.prunable_conv(
-            self.variant, STAGE_WIDTHS[0], rates[0], 3, padding=1, dtype=self.dtype, name="conv1"
+            self.variant,
+            STAGE_WIDTHS[0],
+            rates[0],
+            3,
+            padding=1,
+            kernel_init=common.kaiming_normal_fan_in,
+            dtype=self.dtype,
+            name="conv1",
         )(x)
         x = nn.relu(common.batch_norm(train, self.dtype, name="bn1")(x))
         conv_id = 1
