@@ -8,7 +8,8 @@ Fusion math (pure, jit-able):
 Layers and models:
   FusedConv, prunable_conv, create_model, ARCHITECTURES, VARIANTS
 Plans:
-  parse_rates, layer_rates, keep_width
+  parse_rates, layer_rates, keep_width, search_plan / search_rates (rates for a target FLOPs
+  and/or params reduction), rate_string
 FLOPs, params and export:
   count_flops, model_counts, compact_variables, load_compact (an exported compact model)
 Compiling:
@@ -33,6 +34,7 @@ from dcff_jax.fusion import (
 )
 from dcff_jax.layers import FusedConv
 from dcff_jax.models import ARCHITECTURES, VARIANTS, create_model, input_shape, prunable_conv
+from dcff_jax.plan_search import SearchResult, rate_string, search_plan, search_rates
 from dcff_jax.plans import keep_width, layer_rates, parse_rates
 from dcff_jax.xla_options import compiler_options
 
@@ -58,6 +60,10 @@ __all__ = [
     "model_counts",
     "pairwise_distances",
     "parse_rates",
+    "rate_string",
+    "search_plan",
+    "search_rates",
+    "SearchResult",
     "proxies",
     "prunable_conv",
     "select_kept",

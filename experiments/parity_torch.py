@@ -118,12 +118,14 @@ def leaf_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
 
 
-def copy_torch_to_flax(model, jax_model, shape) -> tuple[dict, dict]:
+def copy_torch_to_flax(model, jax_model, shape, param_value=None) -> tuple[dict, dict]:
     """Our (params, batch_stats) holding the torch model's current weights.
 
     Layers are matched in call order (ours, traced) and registration order (torch), which agree
-    for the published CIFAR models; every shape is checked.
+    for the published CIFAR models; every shape is checked. param_value(p): what to copy for
+    each torch parameter p instead of p itself (e.g. its SGD momentum buffer).
     """
+    import torch
     from flax import linen as nn
     from flax import traverse_util
 
@@ -135,21 +137,29 @@ def copy_torch_to_flax(model, jax_model, shape) -> tuple[dict, dict]:
     if len(ours) != len(theirs):
         raise RuntimeError(f"{len(ours)} layers here, {len(theirs)} in the published model")
     params, stats = {}, {}
+
+    def numpy(tensor) -> np.ndarray:
+        # A copy: .numpy() shares the tensor's memory, which jnp.asarray may alias in turn,
+        # and the torch optimizer updates it in place.
+        if param_value is not None and isinstance(tensor, torch.nn.Parameter):
+            tensor = param_value(tensor)
+        return tensor.detach().numpy().copy()
+
     for call, layer in zip(ours, theirs, strict=True):
         path = tuple(call.path.split("/"))
         if isinstance(call.module, nn.BatchNorm):
-            params[path + ("scale",)] = layer.weight.detach().numpy()
-            params[path + ("bias",)] = layer.bias.detach().numpy()
-            stats[path + ("mean",)] = layer.running_mean.numpy()
-            stats[path + ("var",)] = layer.running_var.numpy()
+            params[path + ("scale",)] = numpy(layer.weight)
+            params[path + ("bias",)] = numpy(layer.bias)
+            stats[path + ("mean",)] = numpy(layer.running_mean)
+            stats[path + ("var",)] = numpy(layer.running_var)
             continue
-        weight = layer.weight.detach().numpy()
+        weight = numpy(layer.weight)
         if isinstance(call.module, nn.Dense):
             params[path + ("kernel",)] = weight.T
         else:
             params[path + ("kernel",)] = weight.transpose(2, 3, 1, 0)
         if layer.bias is not None:
-            params[path + ("bias",)] = layer.bias.detach().numpy()
+            params[path + ("bias",)] = numpy(layer.bias)
     flat_shapes = traverse_util.flatten_dict(variables["params"])
     for key, value in params.items():
         if flat_shapes[key].shape != value.shape:
@@ -209,6 +219,7 @@ def run(
     seed: int = 0,
     float64: bool = False,
     shadow: bool = True,
+    resync: bool = False,
     learning_rate: float = 0.1,
     num_epochs: int = 300,
     threads: int = 0,
@@ -218,7 +229,9 @@ def run(
     float64: both sides compute in float64 (an implementation check: any gap is a difference in
     what is computed, not rounding). shadow (float32 runs): also train a float64 copy of the
     published model on the same batches, the yardstick for how far float32 rounding alone moves
-    a run.
+    a run. resync: every epoch starts ours from the published model's params, batch-norm
+    statistics and momentum buffers, so that each epoch's steps are compared from one state
+    (the T = 1 epoch amplifies rounding differences too fast for a longer comparison).
     """
     import copy
 
@@ -288,12 +301,24 @@ def run(
         "seed": seed,
         "dtype": "float64" if float64 else "float32",
         "learning_rate": learning_rate,
+        "resync": resync,
         "epochs": [],
     }
     data = fixed_batches(data_dir, steps * epochs, batch, seed)
     for m in models.values():
         m.train()
     for epoch in range(epochs):
+        if resync and epoch > 0:
+            buffers = optimizers["torch"].state
+            now_params, now_stats = copy_torch_to_flax(theirs, ours, shape)
+            momentum, _ = copy_torch_to_flax(
+                theirs, ours, shape, lambda p, b=buffers: b[p]["momentum_buffer"]
+            )
+            state = state.replace(
+                params=cast(now_params),
+                batch_stats=cast(now_stats),
+                opt_state=_with_trace(state.opt_state, cast(momentum)),
+            )
         own_fusion, _ = dcff_jax.update_fusion(
             state.params, state.fusion, epoch, num_epochs, criterion="reference"
         )
@@ -366,12 +391,30 @@ def run(
     return report
 
 
+def _with_trace(opt_state, trace):
+    """The optax state with its momentum (optax.trace's TraceState) replaced."""
+    import optax
+
+    def swap(node):
+        return node._replace(trace=trace) if isinstance(node, optax.TraceState) else node
+
+    return jax_tree_map_states(swap, opt_state)
+
+
+def jax_tree_map_states(fn, tree):
+    import jax
+    import optax
+
+    return jax.tree.map(fn, tree, is_leaf=lambda x: isinstance(x, optax.TraceState))
+
+
 def markdown(report: dict) -> str:
     """Per-step and per-epoch tables of one run."""
     lines = [
         f"### {report['arch']}, {report['dtype']}: batch {report['batch']}, "
         f"{report['steps_per_epoch']} steps per epoch, lr {report['learning_rate']}, "
-        f"seed {report['seed']}",
+        f"seed {report['seed']}"
+        + (", each epoch from the published state" if report["resync"] else ""),
         "",
         "| epoch | T | max abs diff fusion matrices | kept sets agree | steps | "
         "worst step loss rel diff | median | max abs diff params (max abs param) |",
@@ -417,6 +460,9 @@ def main() -> None:
     parser.add_argument(
         "--no_shadow", action="store_true", help="float32: skip the float64 torch yardstick"
     )
+    parser.add_argument(
+        "--resync", action="store_true", help="start every epoch from the published state"
+    )
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", default="", help="write the JSON report here")
     args = parser.parse_args()
@@ -430,6 +476,7 @@ def main() -> None:
         args.seed,
         float64=args.float64,
         shadow=not args.no_shadow,
+        resync=args.resync,
         learning_rate=args.lr,
         threads=args.threads,
     )

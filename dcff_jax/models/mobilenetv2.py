@@ -114,7 +114,8 @@ class MobileNetV2(nn.Module):
             self.variant, LAST_FILTERS, rates[conv_id], 1, name="last", **conv
         )(x)
         x = nn.relu6(common.batch_norm(train, self.dtype, name="last_bn")(x))
-        x = common.GlobalAvgPool()(x)
+        # torchvision pools with F.adaptive_avg_pool2d, which thop does not count.
+        x = common.GlobalAvgPool(counted=False)(x)
         # Dropout draws from the "dropout" rng stream, which the train step provides.
         x = nn.Dropout(DROPOUT_RATE, deterministic=not train)(x)
         return common.dense(
