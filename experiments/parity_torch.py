@@ -319,6 +319,8 @@ def run(
                 batch_stats=cast(now_stats),
                 opt_state=_with_trace(state.opt_state, cast(momentum)),
             )
+            if "torch64" in models:  # the yardstick starts from the same state too
+                _resync_torch(models["torch64"], optimizers["torch64"], theirs, buffers)
         own_fusion, _ = dcff_jax.update_fusion(
             state.params, state.fusion, epoch, num_epochs, criterion="reference"
         )
@@ -389,6 +391,17 @@ def run(
             flush=True,
         )
     return report
+
+
+def _resync_torch(model, optimizer, source, source_buffers) -> None:
+    """Copy source's weights, statistics and momentum buffers into model (any dtype)."""
+    import torch
+
+    model.load_state_dict(source.state_dict())  # copy_ casts to model's dtype
+    with torch.no_grad():
+        for mine, theirs in zip(model.parameters(), source.parameters(), strict=True):
+            buffer = source_buffers[theirs]["momentum_buffer"].to(mine.dtype).clone()
+            optimizer.state[mine]["momentum_buffer"] = buffer
 
 
 def _with_trace(opt_state, trace):
