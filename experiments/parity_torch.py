@@ -20,7 +20,9 @@ What it does:
 Row order: the published code places the fused rows in torch.topk(sorted=False) order, ours in
 stable slots (a filter that stays selected keeps its output channel). Both are a relabelling of
 the same compact channels at epoch 0; for a step-for-step comparison the torch side puts its rows
-in our slots (`dcff_jax.select_kept`) and the report says whether the two kept SETS agree.
+in our slots (`dcff_jax.select_kept`), the report says whether the two kept SETS agree, and the
+matrices are compared row by row for the same filter (near-tied scores, rounded differently,
+can order the entering filters, hence the slots, differently: a relabelling).
 """
 
 from __future__ import annotations
@@ -340,11 +342,17 @@ def run(
             path = tuple(layer.path.split("/"))
             published = module.layeri_softmaxP.detach().double().numpy()
             own = np.asarray(flat_own[path + ("matrix",)], np.float64)
-            matrix_diff = max(matrix_diff, float(np.abs(own - published).max()))
             kept = np.asarray(flat_own[path + ("kept",)])
-            sets_agree &= set(kept.tolist()) == set(s["published_kept"].tolist())
+            same_set = set(kept.tolist()) == set(s["published_kept"].tolist())
+            sets_agree &= same_set
             slots_agree &= bool(np.array_equal(kept, s["kept"]))
-            flat_own[path + ("matrix",)] = published.astype(jax_dtype)
+            if same_set:  # compare each kept filter's row, whichever slot it sits in
+                own = own[np.argsort(kept)]
+                published = published[np.argsort(s["kept"])]
+            matrix_diff = max(matrix_diff, float(np.abs(own - published).max()))
+            flat_own[path + ("matrix",)] = module.layeri_softmaxP.detach().double().numpy()
+            flat_own[path + ("matrix",)] = flat_own[path + ("matrix",)].astype(jax_dtype)
+            flat_own[path + ("kept",)] = s["kept"].astype(np.int32)  # and its slots
         state = state.replace(fusion=traverse_util.unflatten_dict(flat_own))
         record = {
             "epoch": epoch,
