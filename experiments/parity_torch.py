@@ -348,10 +348,12 @@ def run(
             slots_agree &= bool(np.array_equal(kept, s["kept"]))
             if same_set:  # compare each kept filter's row, whichever slot it sits in
                 own = own[np.argsort(kept)]
-                published = published[np.argsort(s["kept"])]
-            matrix_diff = max(matrix_diff, float(np.abs(own - published).max()))
-            flat_own[path + ("matrix",)] = module.layeri_softmaxP.detach().double().numpy()
-            flat_own[path + ("matrix",)] = flat_own[path + ("matrix",)].astype(jax_dtype)
+                published_rows = published[np.argsort(s["kept"])]
+            else:
+                published_rows = published
+            difference = np.abs(own - published_rows).max()
+            matrix_diff = max(matrix_diff, float(difference))
+            flat_own[path + ("matrix",)] = published.astype(jax_dtype)
             flat_own[path + ("kept",)] = s["kept"].astype(np.int32)  # and its slots
         state = state.replace(fusion=traverse_util.unflatten_dict(flat_own))
         record = {
@@ -414,19 +416,13 @@ def _resync_torch(model, optimizer, source, source_buffers) -> None:
 
 def _with_trace(opt_state, trace):
     """The optax state with its momentum (optax.trace's TraceState) replaced."""
+    import jax
     import optax
 
     def swap(node):
         return node._replace(trace=trace) if isinstance(node, optax.TraceState) else node
 
-    return jax_tree_map_states(swap, opt_state)
-
-
-def jax_tree_map_states(fn, tree):
-    import jax
-    import optax
-
-    return jax.tree.map(fn, tree, is_leaf=lambda x: isinstance(x, optax.TraceState))
+    return jax.tree.map(swap, opt_state, is_leaf=lambda x: isinstance(x, optax.TraceState))
 
 
 def markdown(report: dict) -> str:
