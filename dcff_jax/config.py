@@ -7,6 +7,8 @@ published CIFAR-10 recipe (REFERENCE.md, "Training recipes").
 
 import ml_collections
 
+from dcff_jax import download
+
 
 def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -19,9 +21,14 @@ def default_config() -> ml_collections.ConfigDict:
     config.t_k = 1.0
     # Data.
     config.dataset = (
-        "cifar10"  # "cifar10" (tfds) | "cifar10_folder" (cifar-10-batches-py) | "imagenet2012"
+        "cifar10"  # "cifar10" (any copy, else downloaded) | "cifar10_folder" | "imagenet2012"
     )
     config.data_dir = ""
+    # cifar10 with no local copy (data_dir, tfds, the cache) fetches the official archive into
+    # data_dir, or $XDG_CACHE_HOME/dcff_jax; the URL and md5 are torchvision's (mirrors: both).
+    config.download = True
+    config.cifar10_url = download.CIFAR10_URL
+    config.cifar10_md5 = download.CIFAR10_MD5
     config.image_size = 32
     config.num_classes = 10
     # Optimisation: SGD, momentum, coupled (PyTorch-style) weight decay.

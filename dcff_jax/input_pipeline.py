@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from etils import epath
 
 from dcff_jax.errors import ConfigError, DataError, MissingFileError
@@ -69,15 +70,7 @@ def load_data(config) -> Data:
         )
         return Data(train, test, CIFAR_MEAN, CIFAR_STD, device_augment=True)
     if config.dataset == "cifar10":
-        if config.data_dir and _is_cifar_folder(config.data_dir):
-            raise ConfigError(
-                f"{config.data_dir} is a cifar-10-batches-py folder, which tfds cannot read; "
-                "use --config.dataset=cifar10_folder for it"
-            )
-        train, test = (
-            _array_split(*read_tfds_arrays("cifar10", s, config.data_dir))
-            for s in ("train", "test")
-        )
+        train, test = (_array_split(*arrays) for arrays in read_cifar10(config))
         return Data(train, test, CIFAR_MEAN, CIFAR_STD, device_augment=True)
     train = _imagenet_split(
         _tfds_source("imagenet2012", "train", config.data_dir), config, train=True
@@ -115,6 +108,28 @@ def _is_cifar_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "data_batch_1")) or os.path.isdir(
         os.path.join(path, "cifar-10-batches-py")
     )
+
+
+def read_cifar10(config) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[train, test] as (uint8 (n, 32, 32, 3), int32 (n,)) from the first copy found: a
+    cifar-10-batches-py folder at config.data_dir, tfds' cifar10 there (or in its default data
+    dir), the folder or archive in the cache (config.data_dir, else download.default_cache_dir()),
+    else one downloaded into that cache when config.download is on."""
+    from dcff_jax import download
+
+    splits = ("train", "test")
+    if config.data_dir and _is_cifar_folder(config.data_dir):
+        return [read_cifar_folder(config.data_dir, s) for s in splits]
+    try:
+        return [read_tfds_arrays("cifar10", s, config.data_dir) for s in splits]
+    except MissingFileError:
+        pass  # not prepared for tfds: the cache, or a download
+    cache = config.data_dir or download.default_cache_dir()
+    folder = download.ensure_cifar10(
+        cache, config.cifar10_url, config.cifar10_md5, download=config.download
+    )
+    logging.info("CIFAR-10 from %s", folder)
+    return [read_cifar_folder(folder, s) for s in splits]
 
 
 def read_cifar_folder(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:

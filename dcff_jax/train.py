@@ -296,6 +296,9 @@ def _abstract(x):
 RESUMABLE_CHANGES = frozenset(
     {
         "data_dir",
+        "download",
+        "cifar10_url",
+        "cifar10_md5",
         "log_every_steps",
         "checkpoint_every_steps",
         "checkpoint_every_minutes",

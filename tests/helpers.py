@@ -45,12 +45,13 @@ def tiny_config(data_dir: str, **overrides):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_module(module: str, *args: str, timeout: int = 900):
-    """`python -m module args...` from the repo root on the CPU; the CompletedProcess."""
+def run_module(module: str, *args: str, timeout: int = 900, env: dict | None = None):
+    """`python -m module args...` from the repo root on the CPU (plus `env`); the
+    CompletedProcess."""
     import subprocess
     import sys
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,

@@ -84,7 +84,11 @@ def test_tfds_cifar10_and_imagenet_from_mock_data():
 
 def test_unprepared_tfds_dataset_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="not prepared"):
-        ip.load_data(tiny_config(str(tmp_path), dataset="cifar10"))
+        ip.load_data(tiny_config(str(tmp_path), dataset="imagenet2012", image_size=224))
+    # cifar10 falls back to the cache, then a download (tests/test_download.py); off, it says
+    # where the files go.
+    with pytest.raises(FileNotFoundError, match=f"not in {tmp_path} and --config.download=False"):
+        ip.load_data(tiny_config(str(tmp_path), dataset="cifar10", download=False))
 
 
 def pil_resize(image, box, width, height):

@@ -115,6 +115,12 @@ def relative_data_dir(wd, data, tmp):
     return ("--config.data_dir=no-such-dir/cifar",)  # relative to the repo root (the cwd)
 
 
+def empty_data_dir(wd, data, tmp):
+    empty = tmp / "empty"
+    empty.mkdir()
+    return (f"--config.data_dir={empty}",)
+
+
 def resume_from_epoch_one(wd, data, tmp):
     shutil.rmtree(os.path.join(wd, "checkpoints", "8"))  # epoch 2 must be trained and saved
     return ()
@@ -165,7 +171,14 @@ CASES = [
     ("corrupt-data", M, (), corrupt_data, "data_batch_3 is not a CIFAR-10 batch file", False),
     ("labels", M, (), labels_beyond_num_classes, "config.num_classes is", False),
     ("cifar-size", M, ("--config.image_size=40",), None, "are 32 px but config.image_size", False),
-    ("tfds-on-folder", M, ("--config.dataset=cifar10",), None, "dataset=cifar10_folder", False),
+    (
+        "no-download",
+        M,
+        ("--config.dataset=cifar10", "--config.download=False"),
+        empty_data_dir,
+        "--config.download=False: put the official cifar-10-python.tar.gz",
+        False,
+    ),
     # A workdir holding a finished run.
     (
         "changed-lr",
