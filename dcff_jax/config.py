@@ -22,6 +22,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Data.
     config.dataset = (
         "cifar10"  # "cifar10" (any copy, else downloaded) | "cifar10_folder" | "imagenet2012"
+        # | "imagenet_folder" (train/<class>/ and val/ image files, as the published code reads)
     )
     config.data_dir = ""
     # cifar10 with no local copy (data_dir, tfds, the cache) fetches the official archive into
@@ -29,6 +30,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.download = True
     config.cifar10_url = download.CIFAR10_URL
     config.cifar10_md5 = download.CIFAR10_MD5
+    # imagenet_folder with a flat val folder: its label file (default: DATA_DIR/val_labels.txt
+    # or DATA_DIR/LOC_val_solution.csv).
+    config.val_labels = ""
     config.image_size = 32
     config.num_classes = 10
     # Optimisation: SGD, momentum, coupled (PyTorch-style) weight decay.

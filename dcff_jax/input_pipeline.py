@@ -31,7 +31,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DATASETS = ("cifar10", "cifar10_folder", "imagenet2012")
+DATASETS = ("cifar10", "cifar10_folder", "imagenet2012", "imagenet_folder")
 
 
 @dataclasses.dataclass
@@ -57,12 +57,12 @@ def load_data(config) -> Data:
     """The train and test splits named by config.dataset / config.data_dir."""
     if config.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {config.dataset!r}; expected one of {DATASETS}")
-    if "://" in config.data_dir and config.dataset != "cifar10_folder":
+    if "://" in config.data_dir and config.dataset not in ("cifar10_folder", "imagenet_folder"):
         raise ConfigError(
             f"--config.data_dir={config.data_dir}: tfds datasets ({config.dataset}) cannot be "
             "read from an object store (tfds' array_record reader opens local files only). Copy "
             "the prepared dataset to a local disk (gcloud storage cp -r) or mount the bucket "
-            "(gcsfuse) and pass that local path; cifar10_folder can read gs:// directly"
+            "(gcsfuse) and pass that local path; the *_folder datasets read gs:// directly"
         )
     if config.dataset == "cifar10_folder":
         train, test = (
@@ -72,12 +72,15 @@ def load_data(config) -> Data:
     if config.dataset == "cifar10":
         train, test = (_array_split(*arrays) for arrays in read_cifar10(config))
         return Data(train, test, CIFAR_MEAN, CIFAR_STD, device_augment=True)
-    train = _imagenet_split(
-        _tfds_source("imagenet2012", "train", config.data_dir), config, train=True
-    )
-    test = _imagenet_split(
-        _tfds_source("imagenet2012", "validation", config.data_dir), config, train=False
-    )
+    if config.dataset == "imagenet_folder":
+        train_files, test_files = image_folder_splits(config.data_dir, config.val_labels)
+        train = _imagenet_split(train_files, len(train_files.classes), config, train=True)
+        test = _imagenet_split(test_files, len(train_files.classes), config, train=False)
+    else:
+        source = _tfds_source("imagenet2012", "train", config.data_dir)
+        train = _imagenet_split(source, _num_classes(source), config, train=True)
+        source = _tfds_source("imagenet2012", "validation", config.data_dir)
+        test = _imagenet_split(source, _num_classes(source), config, train=False)
     return Data(train, test, IMAGENET_MEAN, IMAGENET_STD, device_augment=False)
 
 
@@ -233,7 +236,10 @@ def _array_split(images: np.ndarray, labels: np.ndarray) -> Split:
 # --- ImageNet -------------------------------------------------------------------------------
 
 
-def _imagenet_split(source, config, train: bool) -> Split:
+def _imagenet_split(source, num_classes: int, config, train: bool) -> Split:
+    """A random-access source of {"image": uint8 (H, W, 3), "label": int} examples (tfds, or
+    ImageFiles) as a Split of (size, size) crops: RandomResizedCrop + flip keyed by (seed, epoch,
+    index) for training, Resize(size * 256 / 224) + CenterCrop(size) for evaluation."""
     size = config.image_size
     pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2)))
     seed = config.seed
@@ -254,7 +260,163 @@ def _imagenet_split(source, config, train: bool) -> Split:
         results = list(pool.map(lambda i: one(i, epoch), indices))
         return np.stack([r[0] for r in results]), np.asarray([r[1] for r in results], np.int32)
 
-    return Split(len(source), load, size, (0, _num_classes(source) - 1))
+    return Split(len(source), load, size, (0, num_classes - 1))
+
+
+# --- Class folders of images (torchvision ImageFolder's layout) ----------------------------
+
+# ImageFolder's IMG_EXTENSIONS, compared case-insensitively as it does.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Skipped-file warnings: every one of the first few, then one per this many.
+_WARN_EVERY = 100
+
+
+@dataclasses.dataclass
+class ImageFiles:
+    """Random access to image files with labels: `files[i]` -> {"image": uint8 (H, W, 3) RGB,
+    "label": int}. An unreadable file (corrupt, truncated, not an image) is replaced by the next
+    readable one (i + 1, i + 2, ... modulo the length), so a batch keeps its shape; each skip is
+    counted in `skipped` and logged (every one of the first 10, then one in _WARN_EVERY)."""
+
+    paths: list[str]
+    labels: np.ndarray  # int32 (n,)
+    classes: list[str]  # label -> class folder name (the train split's, sorted)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        for offset in range(min(len(self.paths), 100)):
+            i = (index + offset) % len(self.paths)
+            try:
+                return {"image": decode_image(self.paths[i]), "label": int(self.labels[i])}
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
+                self.skipped += 1  # a rare race between threads only miscounts a warning
+                if self.skipped <= 10 or self.skipped % _WARN_EVERY == 0:
+                    logging.warning(
+                        "skipped unreadable image %s (%s: %s); %d skipped so far, each replaced "
+                        "by the next readable image",
+                        self.paths[i],
+                        type(e).__name__,
+                        e,
+                        self.skipped,
+                    )
+        raise DataError(f"100 images in a row from {self.paths[index]} on are unreadable")
+
+
+def decode_image(path: str) -> np.ndarray:
+    """An image file as uint8 (H, W, 3) RGB (grayscale, CMYK, palette and alpha converted as
+    torchvision's pil_loader does)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(epath.Path(path).read_bytes())) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def image_folder_splits(data_dir: str, val_labels: str = "") -> tuple[ImageFiles, ImageFiles]:
+    """(train, val) of the published code's ImageNet layout: data_dir/train/<class>/<images> and
+    data_dir/val, either as class folders too or flat with a label file.
+
+    Classes are the train folder names in sorted order (ImageFolder's labels). A flat val folder
+    takes its labels from `val_labels` (default: data_dir/val_labels.txt, else Kaggle's
+    data_dir/LOC_val_solution.csv): one image per line, its file name (or name without
+    extension), a comma or whitespace, its class folder name, anything after ignored; a header
+    line starting with ImageId is skipped.
+
+    Raises:
+      MissingFileError: a missing split or label file.
+      DataError: an empty class folder, a val class unknown to train, an image without label.
+    """
+    root = epath.Path(data_dir)
+    train_dir, val_dir = root / "train", root / "val"
+    for split in (train_dir, val_dir):
+        if not split.is_dir():
+            raise MissingFileError(
+                f"{split} does not exist: imagenet_folder expects {data_dir}/train/<class>/"
+                f"<images> and {data_dir}/val (class folders, or images + a label file)"
+            )
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{train_dir} has no class folders (expected {train_dir}/<class>/<images>)")
+    index = {name: i for i, name in enumerate(classes)}
+    train = _class_folders(train_dir, classes, index)
+    val_classes = sorted(p.name for p in val_dir.iterdir() if p.is_dir())
+    if val_classes:
+        unknown = sorted(set(val_classes) - set(classes))
+        if unknown:
+            raise DataError(
+                f"{val_dir} has class folders that train lacks: {unknown[:5]}"
+                f"{' ...' if len(unknown) > 5 else ''}"
+            )
+        val = _class_folders(val_dir, val_classes, index)
+    else:
+        val = _flat_with_labels(val_dir, _val_label_file(root, val_labels), classes, index)
+    return train, val
+
+
+def _is_image(path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _class_folders(split_dir, classes: list[str], index: dict[str, int]) -> ImageFiles:
+    paths, labels = [], []
+    for name in classes:
+        files = sorted(str(p) for p in (split_dir / name).iterdir() if _is_image(p))
+        if not files:
+            raise DataError(
+                f"class folder {split_dir / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                "remove it or fill it"
+            )
+        paths += files
+        labels += [index[name]] * len(files)
+    return ImageFiles(paths, np.asarray(labels, np.int32), list(index))
+
+
+def _val_label_file(root, val_labels: str):
+    if val_labels:
+        path = epath.Path(val_labels)
+        if not path.is_file():
+            raise MissingFileError(f"--config.val_labels={val_labels} does not exist")
+        return path
+    for name in ("val_labels.txt", "LOC_val_solution.csv"):
+        if (root / name).is_file():
+            return root / name
+    raise MissingFileError(
+        f"{root / 'val'} has no class folders and no label file: put val_labels.txt "
+        "(lines '<image file> <class folder name>') or Kaggle's LOC_val_solution.csv in "
+        f"{root}, pass --config.val_labels=FILE, or sort val into class folders"
+    )
+
+
+def _flat_with_labels(val_dir, label_file, classes: list[str], index: dict[str, int]):
+    labels_by_name = {}
+    for number, line in enumerate(label_file.read_text().splitlines(), 1):
+        fields = line.replace(",", " ").split()
+        if not fields or (number == 1 and fields[0] == "ImageId"):
+            continue
+        if len(fields) < 2:
+            raise DataError(f"{label_file}:{number}: expected '<image> <class>', got {line!r}")
+        if fields[1] not in index:
+            raise DataError(
+                f"{label_file}:{number}: class {fields[1]!r} is not a folder of train "
+                f"({len(classes)} classes, e.g. {classes[0]!r})"
+            )
+        labels_by_name[fields[0]] = index[fields[1]]
+    paths, labels = [], []
+    for path in sorted(val_dir.iterdir(), key=lambda p: p.name):
+        if not _is_image(path):
+            continue
+        label = labels_by_name.get(path.name, labels_by_name.get(path.stem))
+        if label is None:
+            raise DataError(f"{path.name} in {val_dir} has no line in {label_file}")
+        paths.append(str(path))
+        labels.append(label)
+    if not paths:
+        raise DataError(f"{val_dir} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return ImageFiles(paths, np.asarray(labels, np.int32), classes)
 
 
 def random_resized_crop(

@@ -299,6 +299,7 @@ RESUMABLE_CHANGES = frozenset(
         "download",
         "cifar10_url",
         "cifar10_md5",
+        "val_labels",
         "log_every_steps",
         "checkpoint_every_steps",
         "checkpoint_every_minutes",
