@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-from collections.abc import Callable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -481,6 +483,53 @@ def train_batches(
         local = size // jax.process_count()
         start = step * global_batch + jax.process_index() * local
         yield split.load(order[start : start + local], epoch)
+
+
+def prefetch(batches: Iterable, place: Callable, size: int = 2) -> Iterator:
+    """`place(batch)` for each batch, in order, computed up to `size` batches ahead by a
+    background thread: loading (decoding, cropping) and the host-to-device copy of the next
+    batches overlap the device's work on this one (double-buffered at size 2).
+
+    An exception while producing a batch is raised here where that batch would have come;
+    closing the iterator early (a stop signal, an error in the loop) stops the thread.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=size)
+    closed = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not closed.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for batch in batches:
+                if not put(place(batch)):
+                    return
+            put(done)
+        except BaseException as error:  # handed to the consumer, raised there
+            put(_Failed(error))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not done:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        closed.set()
+        thread.join()
+
+
+@dataclasses.dataclass
+class _Failed:
+    error: BaseException
 
 
 def last_batch_size(split: Split, global_batch: int, devices: int, drop_last: bool) -> int:

@@ -14,6 +14,7 @@ arrays (uint8 images, int labels), so they work with any input pipeline:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -194,10 +195,15 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1 / top-5 (%) and mean loss over (images, labels, valid mask) batches, e.g.
     input_pipeline.eval_batches(split, global_batch)."""
+
+    def place(batch):
+        return to_global(mesh, *batch)
+
     totals = None
-    for images, labels, valid in batches:
-        sums = eval_step(state, *to_global(mesh, images, labels, valid))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    with contextlib.closing(input_pipeline.prefetch(batches, place)) as placed:
+        for images, labels, valid in placed:
+            sums = eval_step(state, images, labels, valid)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])
     return {

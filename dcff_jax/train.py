@@ -7,6 +7,7 @@ dcff_jax.checkpoints (orbax) and dcff_jax.export (the compact model). This modul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -230,29 +231,34 @@ def train_epoch(run: Run, state, epoch: int, progress: Progress, last_saved: int
     batches = input_pipeline.train_batches(
         run.data.train, config.batch_size, config.seed, epoch, first_step, spe, run.last_batch
     )
-    for images, labels in batches:
-        state, metrics = run.train_step(state, *steps.to_global(run.mesh, images, labels))
-        window.add(metrics)
-        step += 1
-        at_epoch_end = step % spe == 0
-        if step % config.log_every_steps == 0 or at_epoch_end:
-            window.check_finite(step, epoch, run.describe_last_checkpoint)
-            total = config.num_epochs * spe
-            run.writer.scalars(step, window.flush(step, epoch, spe, total, config.batch_size))
-        every = config.checkpoint_every_steps
-        due = (every > 0 and step % every == 0) or run.timer.due(step)
-        if due and not at_epoch_end:
-            window.check_finite(step, epoch, run.describe_last_checkpoint)
-            save_checkpoint(run, step, state, progress)
-            last_saved = step
-        # Asked every step: with several processes it is the preemption sync point.
-        if stop is not None and stop.stop_at(step):
-            if at_epoch_end:  # evaluate and checkpoint the epoch first
-                return state, window, last_saved, True
-            window.check_finite(step, epoch, run.describe_last_checkpoint)
-            if last_saved != step:
+
+    def place(batch):
+        return steps.to_global(run.mesh, *batch)
+
+    with contextlib.closing(input_pipeline.prefetch(batches, place)) as placed:
+        for images, labels in placed:
+            state, metrics = run.train_step(state, images, labels)
+            window.add(metrics)
+            step += 1
+            at_epoch_end = step % spe == 0
+            if step % config.log_every_steps == 0 or at_epoch_end:
+                window.check_finite(step, epoch, run.describe_last_checkpoint)
+                total = config.num_epochs * spe
+                run.writer.scalars(step, window.flush(step, epoch, spe, total, config.batch_size))
+            every = config.checkpoint_every_steps
+            due = (every > 0 and step % every == 0) or run.timer.due(step)
+            if due and not at_epoch_end:
+                window.check_finite(step, epoch, run.describe_last_checkpoint)
                 save_checkpoint(run, step, state, progress)
-            raise Stopped(stop.signal_name, step, run.checkpoint_dir)
+                last_saved = step
+            # Asked every step: with several processes it is the preemption sync point.
+            if stop is not None and stop.stop_at(step):
+                if at_epoch_end:  # evaluate and checkpoint the epoch first
+                    return state, window, last_saved, True
+                window.check_finite(step, epoch, run.describe_last_checkpoint)
+                if last_saved != step:
+                    save_checkpoint(run, step, state, progress)
+                raise Stopped(stop.signal_name, step, run.checkpoint_dir)
     return state, window, last_saved, False
 
 

@@ -1,5 +1,6 @@
 import os
 import pickle
+import time
 
 import jax
 import numpy as np
@@ -8,6 +9,7 @@ import tensorflow_datasets as tfds
 from helpers import tiny_config, write_cifar_folder
 
 from dcff_jax import input_pipeline as ip
+from dcff_jax.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +202,39 @@ def test_normalize_uses_published_statistics():
         (1 - np.array(ip.CIFAR_MEAN)) / np.array(ip.CIFAR_STD),
         rtol=4 * 2.0**-24,
     )
+
+
+def test_prefetch_keeps_order_runs_ahead_and_stops_its_thread():
+    import threading
+
+    produced = []
+
+    def batches():
+        for i in range(10):
+            produced.append(i)
+            yield i
+
+    placed = ip.prefetch(batches(), lambda b: b * 10, size=2)
+    assert next(placed) == 0
+    deadline = time.time() + 10
+    while len(produced) < 4 and time.time() < deadline:  # batch 0 taken, 1-2 queued, 3 waiting
+        time.sleep(0.01)
+    assert len(produced) == 4  # ahead by the queue and one in hand, no further
+    assert [*placed] == [10 * i for i in range(1, 10)]
+    before = threading.active_count()
+    early = ip.prefetch(iter(range(100)), lambda b: b, size=2)
+    assert next(early) == 0
+    early.close()  # a stop signal mid-epoch: the thread ends
+    assert threading.active_count() == before
+
+
+def test_prefetch_raises_a_producer_error_where_its_batch_would_come():
+    def batches():
+        yield 1
+        yield 2
+        raise DataError("batch 3 is unreadable")
+
+    placed = ip.prefetch(batches(), lambda b: b)
+    assert next(placed) == 1 and next(placed) == 2
+    with pytest.raises(DataError, match="batch 3"):
+        next(placed)
