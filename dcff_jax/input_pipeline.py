@@ -243,7 +243,7 @@ def _imagenet_split(source, num_classes: int, config, train: bool) -> Split:
     ImageFiles) as a Split of (size, size) crops: RandomResizedCrop + flip keyed by (seed, epoch,
     index) for training, Resize(size * 256 / 224) + CenterCrop(size) for evaluation."""
     size = config.image_size
-    pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2)))
+    pool = ThreadPoolExecutor(max_workers=config.data_workers or os.cpu_count() or 2)
     seed = config.seed
 
     def one(index: int, epoch: int) -> tuple[np.ndarray, int]:

@@ -306,6 +306,7 @@ RESUMABLE_CHANGES = frozenset(
         "cifar10_url",
         "cifar10_md5",
         "val_labels",
+        "data_workers",
         "log_every_steps",
         "checkpoint_every_steps",
         "checkpoint_every_minutes",
