@@ -207,18 +207,35 @@ def read_tfds_arrays(name: str, split: str, data_dir: str) -> tuple[np.ndarray, 
 
 
 def _tfds_source(name: str, split: str, data_dir: str):
+    """A random-access source of a prepared tfds dataset: tfds' own for array_record, ours
+    (dcff_jax.tfrecord) for tfrecord, which tfds serves only through TensorFlow."""
     import tensorflow_datasets as tfds
+
+    from dcff_jax import tfrecord
 
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except Exception as e:  # tfds raises several types for a missing or unprepared dataset
-        where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
-        raise MissingFileError(
-            f"tfds dataset {name!r} split {split!r} is not prepared in {where} "
-            f"({type(e).__name__}: {e}). Prepare it with tfds (e.g. "
-            f"`tfds build {name} --data_dir=DIR`, array_record format) "
-            "and pass --config.data_dir=DIR"
-        ) from e
+        error = e
+    # Prepared in tfrecord, or in another version than this tfds release's default.
+    builder = tfrecord.prepared_builder(name, data_dir)
+    formats = (tfds.core.FileFormat.TFRECORD, tfds.core.FileFormat.ARRAY_RECORD)
+    if builder is not None and builder.info.file_format in formats:
+        if split not in builder.info.splits:
+            raise MissingFileError(
+                f"tfds dataset {name!r} in {builder.data_dir} has no split {split!r} "
+                f"(it has {sorted(builder.info.splits)})"
+            )
+        if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+            return builder.as_data_source(split=split)
+        return tfrecord.data_source(builder.info, split)
+    where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
+    raise MissingFileError(
+        f"tfds dataset {name!r} split {split!r} is not prepared in {where} "
+        f"({type(error).__name__}: {error}). Prepare it with tfds (e.g. "
+        f"`tfds build {name} --data_dir=DIR`, array_record or tfrecord format) "
+        "and pass --config.data_dir=DIR"
+    ) from error
 
 
 def _num_classes(source) -> int:

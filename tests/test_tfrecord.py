@@ -1,0 +1,173 @@
+"""imagenet2012 from tfds in either file format, without TensorFlow.
+
+The test writes a tiny tfds dataset named imagenet2012 with tfds itself (array_record: JPEG bytes
+in, so no TensorFlow is needed), then rewrites the same serialized examples as tfrecord shards
+(framing and masked CRC-32C as TensorFlow writes them; the train split in 2 shards) with its
+dataset_info.json saying so. Both must load to the same examples through `load_data`."""
+
+import io
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from helpers import tiny_config
+from PIL import Image
+
+from dcff_jax import input_pipeline as ip
+from dcff_jax import tfrecord
+from dcff_jax.errors import DataError, MissingFileError
+
+SPLITS = {"train": 12, "validation": 6}
+
+
+class TinyImagenet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    name = "imagenet2012"
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = {
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(num_classes=3),
+        }
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        return {name: self._generate_examples(name, n) for name, n in SPLITS.items()}
+
+    def _generate_examples(self, split, n):
+        rng = np.random.default_rng(len(split))
+        for i in range(n):
+            size = (int(rng.integers(40, 80)), int(rng.integers(40, 80)), 3)
+            jpeg = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, size, np.uint8)).save(jpeg, "JPEG")
+            yield i, {"image": io.BytesIO(jpeg.getvalue()), "label": i % 3}
+
+
+def _crc32c_table():
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return table
+
+
+CRC_TABLE = _crc32c_table()
+
+
+def masked_crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def write_tfrecord(path: str, records: list[bytes]) -> None:
+    with open(path, "wb") as f:
+        for record in records:
+            length = struct.pack("<Q", len(record))
+            f.write(length + struct.pack("<I", masked_crc32c(length)))
+            f.write(record + struct.pack("<I", masked_crc32c(record)))
+
+
+def to_tfrecord(array_record_dir: str, out_dir: str, shards: dict[str, list[int]]) -> None:
+    """The same examples as tfrecord: `shards[split]` lists the record count of each shard."""
+    from array_record.python import array_record_module
+
+    shutil.copytree(array_record_dir, out_dir)
+    with open(os.path.join(out_dir, "dataset_info.json")) as f:
+        info = json.load(f)
+    info["fileFormat"] = "tfrecord"
+    for split in info["splits"]:
+        name = split["name"]
+        source = os.path.join(out_dir, f"imagenet2012-{name}.array_record-00000-of-00001")
+        reader = array_record_module.ArrayRecordReader(source)
+        records = reader.read_all()
+        reader.close()
+        os.remove(source)
+        counts = shards[name]
+        assert sum(counts) == len(records)
+        start = 0
+        for k, count in enumerate(counts):
+            path = f"imagenet2012-{name}.tfrecord-{k:05d}-of-{len(counts):05d}"
+            write_tfrecord(os.path.join(out_dir, path), records[start : start + count])
+            start += count
+        split["shardLengths"] = [str(c) for c in counts]
+    with open(os.path.join(out_dir, "dataset_info.json"), "w") as f:
+        json.dump(info, f)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    """{format: data_dir} of one tiny imagenet2012 in array_record and in tfrecord."""
+    root = tmp_path_factory.mktemp("tfds")
+    array_dir = str(root / "array_record")
+    TinyImagenet(data_dir=array_dir, file_format="array_record").download_and_prepare()
+    version = os.path.join(array_dir, "imagenet2012", "1.0.0")
+    tfrecord_dir = str(root / "tfrecord")
+    to_tfrecord(
+        version,
+        os.path.join(tfrecord_dir, "imagenet2012", "1.0.0"),
+        {"train": [7, 5], "validation": [6]},
+    )
+    return {"array_record": array_dir, "tfrecord": tfrecord_dir}
+
+
+def config_for(data_dir):
+    return tiny_config(data_dir, dataset="imagenet2012", image_size=32, num_classes=3)
+
+
+def test_both_formats_load_the_same_examples(datasets):
+    loaded = {fmt: ip.load_data(config_for(d)) for fmt, d in datasets.items()}
+    for split in ("train", "test"):
+        a, b = (getattr(loaded[fmt], split) for fmt in ("array_record", "tfrecord"))
+        assert (
+            a.num_examples
+            == b.num_examples
+            == SPLITS["train" if split == "train" else "validation"]
+        )
+        assert a.label_range == b.label_range == (0, 2)
+        order = np.asarray([5, 0, 11 if split == "train" else 4, 2])  # out of order, across shards
+        for x, y in zip(a.load(order, 3), b.load(order, 3), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_records_are_indexed_exactly_and_served_by_positioned_reads(datasets, tmp_path):
+    shard = os.path.join(
+        datasets["tfrecord"], "imagenet2012", "1.0.0", "imagenet2012-train.tfrecord-00001-of-00002"
+    )
+    records = [b"a", b"", b"x" * 300]
+    path = str(tmp_path / "r.tfrecord")
+    write_tfrecord(path, records)
+    starts, lengths = tfrecord.record_offsets(path)
+    assert starts.tolist() == [12, 12 + 1 + 4 + 12, 12 + 1 + 4 + 12 + 0 + 4 + 12]
+    assert lengths.tolist() == [1, 0, 300]
+    assert len(tfrecord.record_offsets(shard)[0]) == 5
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:-10])
+    with pytest.raises(DataError, match="is truncated"):
+        tfrecord.record_offsets(path)
+
+
+def test_a_shard_that_disagrees_with_dataset_info_is_refused(datasets, tmp_path):
+    broken = str(tmp_path / "broken")
+    shutil.copytree(datasets["tfrecord"], broken)
+    shard = os.path.join(
+        broken, "imagenet2012", "1.0.0", "imagenet2012-train.tfrecord-00000-of-00002"
+    )
+    write_tfrecord(shard, [b"only one"])
+    with pytest.raises(DataError, match="holds 1 records, its dataset_info.json says 7"):
+        ip.load_data(config_for(broken))
+
+
+def test_an_unprepared_dir_still_names_both_formats(tmp_path):
+    with pytest.raises(MissingFileError, match="array_record or tfrecord format"):
+        ip.load_data(config_for(str(tmp_path)))
