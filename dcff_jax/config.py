@@ -33,7 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
     # imagenet_folder with a flat val folder: its label file (default: DATA_DIR/val_labels.txt
     # or DATA_DIR/LOC_val_solution.csv).
     config.val_labels = ""
-    # ImageNet: threads that decode and crop (0: one per core).
+    # ImageNet: > 0 decodes and crops in that many grain worker processes (whole batches each);
+    # 0 in this process, a thread per core.
     config.data_workers = 0
     config.image_size = 32
     config.num_classes = 10
@@ -103,7 +104,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (config.batch_size >= 1, "config.batch_size must be >= 1"),
         (config.num_classes >= 2, "config.num_classes must be >= 2"),
         (config.image_size >= 8, "config.image_size must be >= 8"),
-        (config.data_workers >= 0, "config.data_workers must be >= 0 (0: one per core)"),
+        (config.data_workers >= 0, "config.data_workers must be >= 0 (0: threads in this process)"),
         (config.learning_rate > 0, "config.learning_rate must be > 0"),
         (0 <= config.momentum < 1, "config.momentum must be in [0, 1)"),
         (config.weight_decay >= 0, "config.weight_decay must be >= 0"),

@@ -14,9 +14,11 @@ Design:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pickle
 import queue
+import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,12 +40,19 @@ DATASETS = ("cifar10", "cifar10_folder", "imagenet2012", "imagenet_folder")
 
 @dataclasses.dataclass
 class Split:
-    """A random-access split. `load(indices, epoch)` -> (images uint8 (n, H, W, 3), labels (n,))."""
+    """A random-access split. `load(indices, epoch)` -> (images uint8 (n, H, W, 3), labels (n,)).
+
+    A split that decodes on the host (ImageNet) also has `example(index, epoch)` -> (image,
+    label), picklable, and `workers`: with workers > 0 its batches are made by that many grain
+    worker processes (whole batches each), else by `load` in this process.
+    """
 
     num_examples: int
     load: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
     image_size: int
     label_range: tuple[int, int]  # smallest and largest label the split can hold
+    example: Callable[[int, int], tuple[np.ndarray, int]] | None = None
+    workers: int = 0
 
 
 @dataclasses.dataclass
@@ -259,27 +268,44 @@ def _imagenet_split(source, num_classes: int, config, train: bool) -> Split:
     """A random-access source of {"image": uint8 (H, W, 3), "label": int} examples (tfds, or
     ImageFiles) as a Split of (size, size) crops: RandomResizedCrop + flip keyed by (seed, epoch,
     index) for training, Resize(size * 256 / 224) + CenterCrop(size) for evaluation."""
-    size = config.image_size
-    pool = ThreadPoolExecutor(max_workers=config.data_workers or os.cpu_count() or 2)
-    seed = config.seed
+    example = ImageExample(source, config.image_size, config.seed, train)
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2) if not config.data_workers else None
 
-    def one(index: int, epoch: int) -> tuple[np.ndarray, int]:
-        example = source[int(index)]
-        image = np.asarray(example["image"], np.uint8)
-        if train:
-            rng = np.random.default_rng([seed, epoch, int(index)])
-            image = random_resized_crop(image, size, rng)
+    def load(indices, epoch):
+        if pool is None:  # a batch outside the worker path (e.g. a single lookup)
+            return stack_examples([example(i, epoch) for i in indices])
+        return stack_examples(list(pool.map(lambda i: example(i, epoch), indices)))
+
+    label_range = (0, num_classes - 1)
+    return Split(len(source), load, config.image_size, label_range, example, config.data_workers)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageExample:
+    """`(index, epoch)` -> (uint8 (size, size, 3), label) from a random-access source; picklable,
+    so that worker processes can run it. The train crop and flip are keyed by (seed, epoch,
+    index) only: the same wherever and in whichever order it runs."""
+
+    source: object
+    size: int
+    seed: int
+    train: bool
+
+    def __call__(self, index: int, epoch: int) -> tuple[np.ndarray, int]:
+        record = self.source[int(index)]
+        image = np.asarray(record["image"], np.uint8)
+        if self.train:
+            rng = np.random.default_rng([self.seed, epoch, int(index)])
+            image = random_resized_crop(image, self.size, rng)
             if rng.random() < 0.5:
                 image = image[:, ::-1]
         else:
-            image = resize_center_crop(image, int(size * 256 / 224), size)
-        return image, int(example["label"])
+            image = resize_center_crop(image, int(self.size * 256 / 224), self.size)
+        return image, int(record["label"])
 
-    def load(indices, epoch):
-        results = list(pool.map(lambda i: one(i, epoch), indices))
-        return np.stack([r[0] for r in results]), np.asarray([r[1] for r in results], np.int32)
 
-    return Split(len(source), load, size, (0, num_classes - 1))
+def stack_examples(examples: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.stack([e[0] for e in examples]), np.asarray([e[1] for e in examples], np.int32)
 
 
 # --- Class folders of images (torchvision ImageFolder's layout) ----------------------------
@@ -495,11 +521,48 @@ def train_batches(
     takes the `last_batch` examples left over (see last_batch_size).
     """
     order = epoch_permutation(split.num_examples, seed, epoch)
+    index_batches = []
     for step in range(start_step, num_steps):
         size = last_batch if last_batch and step == num_steps - 1 else global_batch
         local = size // jax.process_count()
         start = step * global_batch + jax.process_index() * local
-        yield split.load(order[start : start + local], epoch)
+        index_batches.append(order[start : start + local])
+    return load_batches(split, index_batches, epoch)
+
+
+def load_batches(
+    split: Split, index_batches: list[np.ndarray], epoch: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """split.load of each index array in order: in grain worker processes when the split has
+    workers (each makes whole batches; order kept; workers ignore SIGINT, so Ctrl-C reaches
+    only this process), else here."""
+    if not (split.workers and split.example is not None):
+        for indices in index_batches:
+            yield split.load(indices, epoch)
+        return
+    import grain
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain reads its own absl flags (programmatic use)
+        flags.FLAGS.mark_as_parsed()
+    dataset = grain.MapDataset.source(index_batches).map(
+        functools.partial(_load_in_worker, split.example, epoch)
+    )
+    options = grain.MultiprocessingOptions(num_workers=split.workers)
+    iterator = iter(dataset.to_iter_dataset().mp_prefetch(options, worker_init_fn=_worker_init))
+    try:
+        yield from iterator
+    finally:
+        iterator.close()  # stops the workers, also when the consumer stops early
+
+
+def _load_in_worker(example, epoch: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return stack_examples([example(i, epoch) for i in indices])
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def prefetch(batches: Iterable, place: Callable, size: int = 2) -> Iterator:
@@ -569,11 +632,12 @@ def eval_batches(
     """This process's slices of the test set in order; the last batch is padded, with a mask."""
     local = global_batch // jax.process_count()
     offset = jax.process_index() * local
-    for start in range(0, split.num_examples, global_batch):
-        wanted = np.arange(start + offset, start + offset + local)
-        valid = wanted < split.num_examples
-        images, labels = split.load(np.where(valid, wanted, 0), 0)
-        yield images, labels, valid
+    starts = range(offset, split.num_examples + offset, global_batch)
+    wanted = [np.arange(start, start + local) for start in starts]
+    valid = [w < split.num_examples for w in wanted]
+    index_batches = [np.where(v, w, 0) for w, v in zip(wanted, valid, strict=True)]
+    for (images, labels), mask in zip(load_batches(split, index_batches, 0), valid, strict=True):
+        yield images, labels, mask
 
 
 def steps_per_epoch(split: Split, global_batch: int, cap: int = -1, last_batch: int = 0) -> int:

@@ -4,7 +4,8 @@ tfds reads tfrecord only through TensorFlow, and sequentially; `tfds.data_source
 The records are the same serialized tf.train.Example as in array_record, so this module indexes
 each shard once (one pass over the 12-byte record headers, `os.pread`, no data read) and serves
 record i by one positioned read; tfds' own `BaseDataSource` then deserializes and decodes it with
-the dataset's features (NumPy, no TensorFlow). Thread-safe: no shared file position.
+the dataset's features (NumPy, no TensorFlow). Thread-safe (no shared file position) and
+picklable (worker processes open their own descriptors). Imported only for tfds datasets.
 
 Record framing (TFRecord): uint64 length (little-endian), uint32 masked CRC-32C of the length,
 the data, uint32 masked CRC-32C of the data. CRCs are not checked here: a damaged record fails to
@@ -19,6 +20,7 @@ import os
 import struct
 
 import numpy as np
+from tensorflow_datasets.core.data_sources import base
 
 from dcff_jax.errors import DataError
 
@@ -94,21 +96,25 @@ class Records:
     def __getitems__(self, indices) -> list[bytes]:
         return [self[int(i)] for i in indices]
 
+    def __getstate__(self) -> dict:
+        # Descriptors are per process: a worker process opens its own.
+        return {**self.__dict__, "_fds": {}}
+
     def __del__(self):
         for fd in getattr(self, "_fds", {}).values():
             os.close(fd)
 
 
-def data_source(dataset_info, split: str):
-    """A tfds random-access data source (as `tfds.data_source` returns for array_record) over
-    a split prepared in tfrecord: source[i] -> the decoded example dict."""
-    from tensorflow_datasets.core.data_sources import base
+@dataclasses.dataclass(repr=False)
+class TFRecordDataSource(base.BaseDataSource):
+    """A tfds random-access data source (as `tfds.data_source` returns for array_record) over a
+    split prepared in tfrecord: source[i] -> the decoded example dict. Picklable."""
 
-    @dataclasses.dataclass(repr=False)
-    class TFRecordDataSource(base.BaseDataSource):
-        def __post_init__(self):
-            self.data_source = Records(base.file_instructions(self.dataset_info, self.split))
+    def __post_init__(self):
+        self.data_source = Records(base.file_instructions(self.dataset_info, self.split))
 
+
+def data_source(dataset_info, split: str) -> TFRecordDataSource:
     return TFRecordDataSource(dataset_info=dataset_info, split=split)
 
 

@@ -1,13 +1,15 @@
 """Host input throughput on ImageNet-sized JPEGs: images/s of the train and eval transforms.
 
-  python experiments/bench_input.py [--images 1000] [--workers 1,2] [--repeats 3] [--dir DIR]
+  python experiments/bench_input.py [--images 1000] [--workers 0,1,2] [--repeats 3] [--dir DIR]
 
 Writes `--images` photo-like JPEGs (about 500x375, quality 90, 10 class folders; smooth
 colour fields, edges and sensor-like noise, so that their size and decode cost are those of
 photographs, about 110 KB) unless DIR already holds them, then times, for each worker count,
 the whole host path of `--config.dataset=imagenet_folder`: read + decode + RandomResizedCrop
 224 + flip (train) or Resize 256 + CenterCrop 224 (eval), batches of 128, median of
-`--repeats` passes over all images. Also the decode alone (PIL, one thread), to split the cost.
+`--repeats` passes over all images, through `train_batches` / `eval_batches`. Workers 0 is the
+thread path (a thread per core in this process); N > 0 is N grain worker processes. Also the
+decode alone (PIL, one thread), to split the cost.
 """
 
 import argparse
@@ -57,14 +59,21 @@ def write_images(root: str, count: int, seed: int = 0) -> list[int]:
     return sizes
 
 
-def images_per_second(split: ip.Split, repeats: int, batch: int = 128) -> float:
-    """Median over `repeats` passes of all images through split.load, in batches."""
+def images_per_second(split: ip.Split, train: bool, repeats: int, batch: int = 128) -> float:
+    """Median over `repeats` passes (epochs) of the split's images through the batch path,
+    counted from the first batch's arrival (worker start-up excluded: once per epoch)."""
     rates = []
     for epoch in range(repeats):
-        start = time.perf_counter()
-        for first in range(0, split.num_examples, batch):
-            split.load(np.arange(first, min(first + batch, split.num_examples)), epoch)
-        rates.append(split.num_examples / (time.perf_counter() - start))
+        if train:
+            steps = split.num_examples // batch
+            batches = ip.train_batches(split, batch, 0, epoch, 0, steps)
+        else:
+            batches = ((images, labels) for images, labels, _ in ip.eval_batches(split, batch))
+        next(batches)
+        start, count = time.perf_counter(), 0
+        for images, _ in batches:
+            count += len(images)
+        rates.append(count / (time.perf_counter() - start))
     return statistics.median(rates)
 
 
@@ -81,7 +90,7 @@ def decode_rate(files: ip.ImageFiles, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--workers", default="0,1,2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default="")
     args = parser.parse_args()
@@ -97,16 +106,16 @@ def main() -> None:
     train_files, _ = ip.image_folder_splits(root)
     print(f"{len(train_files)} images in {root}; {os.cpu_count()} cores")
     print(f"decode only, 1 thread: {decode_rate(train_files, args.repeats):.0f} images/s")
-    print("| workers | train images/s | eval images/s | train per worker |")
-    print("|---|---|---|---|")
+    print("| workers (0: threads) | train images/s | eval images/s |")
+    print("|---|---|---|")
     for workers in (int(w) for w in args.workers.split(",")):
         config = default_config()
         config.dataset, config.data_dir = "imagenet_folder", root
         config.image_size, config.data_workers = 224, workers
         data = ip.load_data(config)
-        train = images_per_second(data.train, args.repeats)
-        test = images_per_second(data.test, args.repeats)
-        print(f"| {workers} | {train:.0f} | {test:.0f} | {train / workers:.0f} |")
+        train = images_per_second(data.train, True, args.repeats)
+        test = images_per_second(data.test, False, args.repeats)
+        print(f"| {workers} | {train:.0f} | {test:.0f} |")
 
 
 if __name__ == "__main__":

@@ -189,7 +189,66 @@ def test_main_trains_and_exports_from_class_folders(data, tmp_path):
         "--config.num_classes=3",
         "--config.batch_size=4",
         "--config.num_epochs=1",
+        "--config.data_workers=2",  # the grain worker path, under absl and an initialised JAX
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "epoch 1/1: test top-1" in proc.stderr
     assert os.path.isfile(os.path.join(tmp_path, "wd", "compact", "LATEST"))
+
+
+def batches_of(data, start_step):
+    """(train batches of epoch 1 from start_step, test batches with masks)."""
+    train = list(ip.train_batches(data.train, 4, 0, 1, start_step, 3))
+    test = list(ip.eval_batches(data.test, 5))
+    return train, test
+
+
+@pytest.mark.parametrize("start_step", [0, 2])
+def test_worker_processes_make_exactly_the_batches_of_this_process(data, start_step):
+    base = tiny_config(data, dataset="imagenet_folder", image_size=32, num_classes=3)
+    here = ip.load_data(base)
+    base.data_workers = 2
+    workers = ip.load_data(base)
+    assert workers.train.workers == 2 and here.train.workers == 0
+    pairs = zip(batches_of(here, start_step), batches_of(workers, start_step), strict=True)
+    for (a, b), count in zip(pairs, (3 - start_step, 3), strict=True):  # 12 test images: 3 x 5
+        assert len(a) == len(b) == count
+        for x, y in zip(a, b, strict=True):
+            for u, v in zip(x, y, strict=True):
+                np.testing.assert_array_equal(u, v)
+
+
+SIGINT_SCRIPT = """
+import os, signal, sys
+import numpy as np
+from helpers import tiny_config
+from dcff_jax import input_pipeline as ip
+
+caught = []
+signal.signal(signal.SIGINT, lambda *_: caught.append(1))
+config = tiny_config(sys.argv[1], dataset="imagenet_folder", image_size=32, num_classes=3)
+config.data_workers = 2
+split = ip.load_data(config).train
+batches = ip.train_batches(split, 2, 0, 0, 0, 6)
+first = next(batches)
+os.killpg(0, signal.SIGINT)  # Ctrl-C: the whole foreground process group
+rest = list(batches)
+print("batches", 1 + len(rest), "caught", len(caught))
+"""
+
+
+def test_ctrl_c_reaches_only_the_main_process_not_the_workers(data):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGINT_SCRIPT, data],
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,  # its own process group, so the test runner gets no SIGINT
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batches 6 caught 1" in proc.stdout

@@ -171,3 +171,19 @@ def test_a_shard_that_disagrees_with_dataset_info_is_refused(datasets, tmp_path)
 def test_an_unprepared_dir_still_names_both_formats(tmp_path):
     with pytest.raises(MissingFileError, match="array_record or tfrecord format"):
         ip.load_data(config_for(str(tmp_path)))
+
+
+def test_tfrecord_shards_are_read_by_worker_processes_too(datasets):
+    config = config_for(datasets["tfrecord"])
+    here = ip.load_data(config)
+    here.train.load(np.arange(3), 0)  # descriptors opened here must not travel to the workers
+    config.data_workers = 2
+    workers = ip.load_data(config)
+    workers.train.load(np.arange(3), 0)
+    for a, b in zip(
+        ip.train_batches(here.train, 4, 0, 2, 0, 3),
+        ip.train_batches(workers.train, 4, 0, 2, 0, 3),
+        strict=True,
+    ):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
