@@ -292,7 +292,7 @@ class ImageExample:
     train: bool
 
     def __call__(self, index: int, epoch: int) -> tuple[np.ndarray, int]:
-        record = self.source[int(index)]
+        record = read_or_skip(self.source, int(index))
         image = np.asarray(record["image"], np.uint8)
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, int(index)])
@@ -302,6 +302,41 @@ class ImageExample:
         else:
             image = resize_center_crop(image, int(self.size * 256 / 224), self.size)
         return image, int(record["label"])
+
+
+_skipped = [0]  # unreadable records met by this process
+
+
+def skipped_count() -> int:
+    """How many unreadable records this process has skipped (each worker process counts its
+    own)."""
+    return _skipped[0]
+
+
+def read_or_skip(source, index: int) -> dict:
+    """source[index], or when that record cannot be read or decoded (a corrupt, truncated or
+    non-image file or record) the next readable one (index + 1, ... modulo the length), so a
+    batch keeps its shape. Each skip is counted and logged: every one of the first 10, then one
+    in _WARN_EVERY. Never a crash hours into an epoch; 100 unreadable in a row is a DataError."""
+    from google.protobuf.message import DecodeError
+
+    for offset in range(min(len(source), 100)):
+        i = (index + offset) % len(source)
+        try:
+            return source[i]
+        except (OSError, ValueError, SyntaxError, DecodeError) as e:  # PIL's and protobuf's
+            _skipped[0] += 1  # a race between threads only miscounts a warning
+            if _skipped[0] <= 10 or _skipped[0] % _WARN_EVERY == 0:
+                what = source.describe(i) if hasattr(source, "describe") else f"record {i}"
+                logging.warning(
+                    "skipped unreadable image %s (%s: %s); %d skipped so far in this process, "
+                    "each replaced by the next readable image",
+                    what,
+                    type(e).__name__,
+                    e,
+                    _skipped[0],
+                )
+    raise DataError(f"100 records in a row from index {index} on are unreadable")
 
 
 def stack_examples(examples: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -319,35 +354,20 @@ _WARN_EVERY = 100
 @dataclasses.dataclass
 class ImageFiles:
     """Random access to image files with labels: `files[i]` -> {"image": uint8 (H, W, 3) RGB,
-    "label": int}. An unreadable file (corrupt, truncated, not an image) is replaced by the next
-    readable one (i + 1, i + 2, ... modulo the length), so a batch keeps its shape; each skip is
-    counted in `skipped` and logged (every one of the first 10, then one in _WARN_EVERY)."""
+    "label": int}; an unreadable file raises (ImageExample skips it)."""
 
     paths: list[str]
     labels: np.ndarray  # int32 (n,)
     classes: list[str]  # label -> class folder name (the train split's, sorted)
-    skipped: int = 0
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        for offset in range(min(len(self.paths), 100)):
-            i = (index + offset) % len(self.paths)
-            try:
-                return {"image": decode_image(self.paths[i]), "label": int(self.labels[i])}
-            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
-                self.skipped += 1  # a rare race between threads only miscounts a warning
-                if self.skipped <= 10 or self.skipped % _WARN_EVERY == 0:
-                    logging.warning(
-                        "skipped unreadable image %s (%s: %s); %d skipped so far, each replaced "
-                        "by the next readable image",
-                        self.paths[i],
-                        type(e).__name__,
-                        e,
-                        self.skipped,
-                    )
-        raise DataError(f"100 images in a row from {self.paths[index]} on are unreadable")
+        return {"image": decode_image(self.paths[index]), "label": int(self.labels[index])}
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
 
 
 def decode_image(path: str) -> np.ndarray:
@@ -467,27 +487,43 @@ def _flat_with_labels(val_dir, label_file, classes: list[str], index: dict[str, 
 def random_resized_crop(
     image: np.ndarray, size: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
 ) -> np.ndarray:
-    """torchvision's RandomResizedCrop: (H, W, 3) uint8 -> (size, size, 3) uint8."""
-    h, w = image.shape[:2]
+    """torchvision's RandomResizedCrop on a PIL image: (H, W, 3) uint8 -> (size, size, 3)."""
+    top, left, height, width = resized_crop_box(*image.shape[:2], rng, scale, ratio)
+    return _resize(image[top : top + height, left : left + width], size, size)
+
+
+def resized_crop_box(
+    h: int, w: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """(top, left, height, width) as torchvision's RandomResizedCrop.get_params draws them (area
+    fraction, then log-aspect, up to 10 tries, then top and left), numpy's generator for torch's;
+    when no try fits, its fallback: the whole image clipped to the aspect range, centred."""
     for _ in range(10):
         area = h * w * rng.uniform(*scale)
         aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
         cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
         if 0 < cw <= w and 0 < ch <= h:
-            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            return _resize(image[top : top + ch, left : left + cw], size, size)
-    side = min(h, w)  # fallback: centre crop, as torchvision
-    top, left = (h - side) // 2, (w - side) // 2
-    return _resize(image[top : top + side, left : left + side], size, size)
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    if w / h < min(ratio):
+        cw, ch = w, int(round(w / min(ratio)))
+    elif w / h > max(ratio):
+        cw, ch = int(round(h * max(ratio))), h
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
 def resize_center_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray:
-    """Resize the shorter side to `resize`, then centre-crop (size, size)."""
+    """torchvision's Resize(resize) + CenterCrop(size) on a PIL image, pixel for pixel: the
+    shorter side becomes `resize`, the longer int(resize * long / short) (truncated), then the
+    crop starts at round((side - size) / 2) (Python's round, as torchvision's)."""
     h, w = image.shape[:2]
-    scale = resize / min(h, w)
-    nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
+    if w <= h:
+        nw, nh = resize, int(resize * h / w)
+    else:
+        nh, nw = resize, int(resize * w / h)
     image = _resize(image, nh, nw)
-    top, left = (nh - size) // 2, (nw - size) // 2
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     return image[top : top + size, left : left + size]
 
 

@@ -187,3 +187,30 @@ def test_tfrecord_shards_are_read_by_worker_processes_too(datasets):
     ):
         for x, y in zip(a, b, strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+def test_an_unreadable_record_is_skipped_and_counted_not_a_crash(datasets, tmp_path):
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(datasets["tfrecord"], damaged)
+    version = os.path.join(damaged, "imagenet2012", "1.0.0")
+    shard = os.path.join(version, "imagenet2012-train.tfrecord-00000-of-00002")
+    records = tfrecord.Records([_instruction(shard, 7)])
+    good = [records[i] for i in range(7)]
+    write_tfrecord(shard, [b"not a serialized example", *good[1:]])
+    intact = ip.load_data(config_for(datasets["tfrecord"])).train
+    split = ip.load_data(config_for(damaged)).train
+    before = ip.skipped_count()
+    images, labels = split.load(np.arange(3), epoch=0)
+    assert ip.skipped_count() - before == 1
+    want_images, want_labels = intact.load(np.asarray([1, 1, 2]), epoch=0)  # 0 -> the next
+    # The replacement is record 1 cropped with record 0's key (seed, epoch, index 0).
+    assert labels.tolist() == want_labels.tolist()
+    np.testing.assert_array_equal(images[1:], want_images[1:])
+
+
+def _instruction(filename, count):
+    from tensorflow_datasets.core.utils import shard_utils
+
+    return shard_utils.FileInstruction(
+        filename=filename, skip=0, take=count, examples_in_shard=count
+    )
