@@ -1,6 +1,7 @@
 """Evaluate an exported compact model on its test split.
 
   python -m dcff_jax.evaluate --checkpoint=WORKDIR/compact [--data_dir=...] [--dataset=...]
+  python -m dcff_jax.evaluate --checkpoint=WORKDIR/compact/vN/model.stablehlo [...]
 
 Prints a line per metric and, as the LAST line of stdout, {"top1", "top5", "loss", "examples"}.
 """
@@ -12,7 +13,11 @@ from absl import app, flags
 
 from dcff_jax import errors
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A compact export (WORKDIR/compact).")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "A compact export (WORKDIR/compact) or its StableHLO file (.../vN/model.stablehlo).",
+)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Overrides the data_dir recorded at export.")
 _DATASET = flags.DEFINE_string("dataset", None, "Overrides the dataset recorded at export.")
 _BATCH = flags.DEFINE_integer("batch_size", 250, "Evaluation batch size (global).")
@@ -23,29 +28,40 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
     import jax
     import jax.numpy as jnp
     import ml_collections
-    from jax.sharding import NamedSharding
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from dcff_jax import export, input_pipeline, steps
     from dcff_jax.xla_options import compiler_options
 
-    model, variables, meta = export.load_compact(checkpoint)
+    stablehlo = checkpoint.endswith(export.STABLEHLO)
+    if stablehlo:  # the deployable artefact, run as any user would: one device, jax alone
+        exported, meta = export.load_stablehlo(checkpoint)
+        mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    else:
+        model, variables, meta = export.load_compact(checkpoint)
+        mesh = steps.make_mesh()
+        variables = jax.device_put(variables, NamedSharding(mesh, P()))
     config = ml_collections.ConfigDict(meta["config"])
     config.data_dir = data_dir if data_dir is not None else meta["data_dir"]
     config.dataset = dataset or meta["dataset"]
     data = input_pipeline.load_data(config)
     input_pipeline.check_fits(config, data, config.data_dir or config.dataset)
-    mesh = steps.make_mesh()
-    batch = batch_size - batch_size % jax.device_count() or jax.device_count()
-    variables = jax.device_put(variables, NamedSharding(mesh, P()))
+    devices = mesh.devices.size
+    batch = batch_size - batch_size % devices or devices
 
     @functools.partial(jax.jit, compiler_options=compiler_options())
-    def step(variables, images, labels, mask):
-        x = input_pipeline.normalize(images, data.mean, data.std, jnp.float32)
-        return steps.eval_sums(model.apply(variables, x, train=False), labels, mask)
+    def step(images, labels, mask):
+        if stablehlo:
+            logits = exported.call(images)
+        else:
+            x = input_pipeline.normalize(images, data.mean, data.std, jnp.float32)
+            logits = model.apply(variables, x, train=False)
+        return steps.eval_sums(logits, labels, mask)
 
     batches = input_pipeline.eval_batches(data.test, batch)
-    return steps.evaluate(lambda _, *b: step(variables, *b), None, batches, mesh)
+    return steps.evaluate(lambda _, *b: step(*b), None, batches, mesh)
 
 
 def main(argv):

@@ -178,6 +178,70 @@ def load_compact(directory: str):
     return model, variables, metadata
 
 
+STABLEHLO = "model.stablehlo"
+# Lowered for each, so that one file runs wherever jax does (selected at call time).
+STABLEHLO_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def stablehlo_bytes(model, variables, image_size: int, mean, std) -> bytes:
+    """The compact model as serialized StableHLO (`jax.export`): images uint8 (b, image_size,
+    image_size, 3) NHWC, any batch b -> logits float32 (b, classes), eval mode, with the
+    variables and the normalisation ((x / 255 - mean) / std) inside.
+
+    Load it with jax alone (no dcff_jax, no flax):
+        exported = jax.export.deserialize(open(path, "rb").read())
+        logits = exported.call(images)
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from dcff_jax import input_pipeline
+
+    def logits(images):
+        x = input_pipeline.normalize(images, mean, std, jnp.float32)
+        return model.apply(variables, x, train=False).astype(jnp.float32)
+
+    (batch,) = jax.export.symbolic_shape("b")
+    spec = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.uint8)
+    return jax.export.export(jax.jit(logits), platforms=STABLEHLO_PLATFORMS)(spec).serialize()
+
+
+def write_stablehlo(directory: str) -> str:
+    """Write `model.stablehlo` (see stablehlo_bytes) into the current export version under
+    `directory` (WORKDIR/compact); returns its path. Written to a temporary name first."""
+    from dcff_jax import input_pipeline, storage
+
+    model, variables, metadata = load_compact(directory)
+    mean, std = input_pipeline.normalization(metadata["dataset"])
+    data = stablehlo_bytes(model, variables, metadata["image_size"], mean, std)
+    path = _export_version(storage.resolve(directory), directory) / STABLEHLO
+    temporary = path.parent / (STABLEHLO + ".tmp")
+    temporary.write_bytes(data)
+    temporary.rename(path)
+    return str(path)
+
+
+def load_stablehlo(path: str):
+    """(exported, metadata) of a `model.stablehlo` file and the metadata.json beside it."""
+    import json
+
+    import jax
+    from etils import epath
+
+    file = epath.Path(path)
+    try:
+        exported = jax.export.deserialize(bytearray(file.read_bytes()))
+        metadata = json.loads((file.parent / "metadata.json").read_text())
+    except FileNotFoundError as e:
+        raise MissingFileError(f"{e.filename or path} does not exist") from e
+    except Exception as e:
+        raise DataError(
+            f"{path} is not a readable StableHLO export with its metadata.json beside it "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    return exported, metadata
+
+
 def _export_version(root, given: str):
     """The directory holding the current export under `root`: the version LATEST names, or
     root itself for an export written before versions (metadata.json directly inside)."""

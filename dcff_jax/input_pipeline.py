@@ -64,6 +64,11 @@ class Data:
     device_augment: bool  # CIFAR: crop + flip inside the train step
 
 
+def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel, on [0, 1] pixels, of a dataset name (config.dataset)."""
+    return (CIFAR_MEAN, CIFAR_STD) if dataset.startswith("cifar") else (IMAGENET_MEAN, IMAGENET_STD)
+
+
 def load_data(config) -> Data:
     """The train and test splits named by config.dataset / config.data_dir."""
     if config.dataset not in DATASETS:

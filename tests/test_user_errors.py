@@ -84,6 +84,13 @@ def truncated_metadata(wd, data, tmp):
     return ()
 
 
+def truncated_stablehlo(wd, data, tmp):
+    with open(os.path.join(wd, "compact", "LATEST")) as f:
+        path = os.path.join(wd, "compact", f.read().strip(), "model.stablehlo")
+    truncate(path)
+    return (f"--checkpoint={path}",)
+
+
 def corrupt_every_checkpoint(wd, data, tmp):
     for step in ("4", "8"):
         shutil.rmtree(os.path.join(wd, "checkpoints", step, "state"))
@@ -214,6 +221,7 @@ CASES = [
         False,
     ),
     ("eval-metadata", E, (), truncated_metadata, "metadata.json is truncated", True),
+    ("eval-stablehlo", E, (), truncated_stablehlo, "is not a readable StableHLO export", True),
     ("eval-data", E, ("--data_dir=/nonexistent",), None, "'/nonexistent' does not exist", True),
     ("eval-flag", E, ("--checkpoint=x", "--bogus=1"), None, "Unknown command line flag", False),
     (

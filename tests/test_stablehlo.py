@@ -1,0 +1,107 @@
+"""The compact model as serialized StableHLO: runs with jax alone (dcff_jax and flax hidden), at
+any batch size, with the logits of the Flax compact model; written at the end of training and
+accepted by `evaluate`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import run_module, write_cifar_folder
+
+from dcff_jax import export, input_pipeline, models
+
+# Run in a fresh interpreter that cannot import dcff_jax or flax: what a deployment has.
+LOAD_WITHOUT_DCFF = """
+import sys
+sys.modules["dcff_jax"] = None  # `import dcff_jax` now raises ImportError
+sys.modules["flax"] = None
+import jax, numpy as np
+try:
+    import dcff_jax
+    raise SystemExit("dcff_jax is importable")
+except ImportError:
+    pass
+path, images_path, out = sys.argv[1:]
+exported = jax.export.deserialize(bytearray(open(path, "rb").read()))
+images = np.load(images_path)
+logits = [np.asarray(exported.call(images[:n])) for n in (1, len(images))]
+np.savez(out, one=logits[0], all=logits[1])
+"""
+
+
+@pytest.mark.parametrize(
+    "arch, cprate",
+    [("resnet56", "[0.5]*27+[0.3]*3"), ("vgg16", "[0.5]*13")],  # residual adds; a flatten
+)
+def test_stablehlo_runs_without_dcff_jax_at_any_batch_with_the_models_logits(
+    arch, cprate, tmp_path
+):
+    model = models.create_model(arch, cprate, "compact")
+    variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+    mean, std = input_pipeline.normalization("cifar10")
+    path = tmp_path / "model.stablehlo"
+    path.write_bytes(export.stablehlo_bytes(model, variables, 32, mean, std))
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOAD_WITHOUT_DCFF,
+            str(path),
+            str(tmp_path / "images.npy"),
+            str(tmp_path / "logits.npz"),
+        ],
+        cwd=str(tmp_path),  # not the repository: nothing of ours on the path
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "logits.npz")
+    x = input_pipeline.normalize(jnp.asarray(images), mean, std, jnp.float32)
+    want = np.asarray(model.apply(variables, x, train=False))
+    scale = np.abs(want).max()
+    # Same float32 graph, compiled separately: only fusion-order rounding differs.
+    np.testing.assert_allclose(got["all"], want, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(got["one"], want[:1], rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.slow
+def test_training_writes_it_and_evaluate_gives_the_compact_models_result(tmp_path):
+    data = write_cifar_folder(str(tmp_path / "cifar"), train=32, test=20)
+    workdir = str(tmp_path / "wd")
+    proc = run_module(
+        "dcff_jax.main",
+        "--config=configs/vgg16_cifar.py",
+        f"--workdir={workdir}",
+        "--config.dataset=cifar10_folder",
+        f"--config.data_dir={data}",
+        "--config.batch_size=8",
+        "--config.num_epochs=1",
+        "--config.cprate=[0.75]*13",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version = open(os.path.join(workdir, "compact", "LATEST")).read().strip()
+    stablehlo = os.path.join(workdir, "compact", version, "model.stablehlo")
+    assert os.path.isfile(stablehlo)
+    results = []
+    for checkpoint in (os.path.join(workdir, "compact"), stablehlo):
+        out = run_module("dcff_jax.evaluate", f"--checkpoint={checkpoint}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    variables_result, stablehlo_result = results
+    assert stablehlo_result["examples"] == variables_result["examples"] == 20
+    assert stablehlo_result["top1"] == variables_result["top1"]
+    assert stablehlo_result["loss"] == pytest.approx(variables_result["loss"], rel=1e-5)
+    # The CLI re-writes it from the export (e.g. for a run that stopped before its end).
+    os.remove(stablehlo)
+    out = run_module("dcff_jax.export_stablehlo", f"--checkpoint={workdir}/compact")
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == stablehlo
+    assert os.path.isfile(stablehlo)
