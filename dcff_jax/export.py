@@ -63,6 +63,19 @@ def save_compact(directory: str, state, config, record: dict) -> None:
     every one must call it (the orbax save is collective); process 0 writes the metadata and the
     pointer.
     """
+    import jax
+
+    variables = jax.device_get(
+        compact_variables(
+            {"params": state.params, "batch_stats": state.batch_stats, "fusion": state.fusion}
+        )
+    )
+    write_export(directory, variables, metadata_of(config, record))
+
+
+def write_export(directory: str, variables, metadata: dict) -> None:
+    """Write compact `variables` (host arrays) and `metadata` as the next version under
+    `directory`, then point LATEST at it (see save_compact; collective with several processes)."""
     import json
 
     import jax
@@ -70,11 +83,6 @@ def save_compact(directory: str, state, config, record: dict) -> None:
 
     from dcff_jax import checkpoints, storage
 
-    variables = jax.device_get(
-        compact_variables(
-            {"params": state.params, "batch_stats": state.batch_stats, "fusion": state.fusion}
-        )
-    )
     root = storage.resolve(directory)
     current = _current_version(root)
     version = f"v{int(current[1:]) + 1 if current else 1}"
@@ -87,14 +95,13 @@ def save_compact(directory: str, state, config, record: dict) -> None:
         checkpointer.save(root / version / "variables", variables)
         checkpointer.wait_until_finished()
     if primary:
-        metadata = json.dumps(_metadata(config, record), indent=2, default=str)
-        (root / version / "metadata.json").write_text(metadata)
+        (root / version / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
         storage.write_text_atomic(root / POINTER, version + "\n")
         _remove_old_versions(root, keep=version)
     checkpoints.barrier("dcff_export_published")
 
 
-def _metadata(config, record: dict) -> dict:
+def metadata_of(config, record: dict) -> dict:
     from dcff_jax import flops, models
 
     return {
