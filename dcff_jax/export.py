@@ -70,18 +70,25 @@ def save_compact(directory: str, state, config, record: dict) -> None:
             {"params": state.params, "batch_stats": state.batch_stats, "fusion": state.fusion}
         )
     )
-    write_export(directory, variables, metadata_of(config, record))
+    from dcff_jax import models
+
+    model = models.create_model(
+        config.model, config.cprate or None, "compact", num_classes=config.num_classes
+    )
+    write_export(directory, variables, metadata_of(config, record), model)
 
 
-def write_export(directory: str, variables, metadata: dict) -> None:
+def write_export(directory: str, variables, metadata: dict, model=None) -> None:
     """Write compact `variables` (host arrays) and `metadata` as the next version under
-    `directory`, then point LATEST at it (see save_compact; collective with several processes)."""
+    `directory`, then point LATEST at it (see save_compact; collective with several processes).
+    With the compact `model`, process 0 also writes its StableHLO (model.stablehlo) there, from
+    the host arrays (no collective; lowering takes well under a second)."""
     import json
 
     import jax
     import orbax.checkpoint as ocp
 
-    from dcff_jax import checkpoints, storage
+    from dcff_jax import checkpoints, input_pipeline, storage
 
     root = storage.resolve(directory)
     current = _current_version(root)
@@ -95,6 +102,10 @@ def write_export(directory: str, variables, metadata: dict) -> None:
         checkpointer.save(root / version / "variables", variables)
         checkpointer.wait_until_finished()
     if primary:
+        if model is not None:
+            mean, std = input_pipeline.normalization(metadata["dataset"])
+            module = stablehlo_bytes(model, variables, metadata["image_size"], mean, std)
+            (root / version / STABLEHLO).write_bytes(module)
         (root / version / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
         storage.write_text_atomic(root / POINTER, version + "\n")
         _remove_old_versions(root, keep=version)
@@ -215,7 +226,9 @@ def stablehlo_bytes(model, variables, image_size: int, mean, std) -> bytes:
 
 def write_stablehlo(directory: str) -> str:
     """Write `model.stablehlo` (see stablehlo_bytes) into the current export version under
-    `directory` (WORKDIR/compact); returns its path. Written to a temporary name first."""
+    `directory` (WORKDIR/compact); returns its path. Written to a temporary name first. Exports
+    have it from the start; this is for older ones, or to re-lower for a newer jax. One
+    process only (it reads the export with orbax)."""
     from dcff_jax import input_pipeline, storage
 
     model, variables, metadata = load_compact(directory)

@@ -1,5 +1,5 @@
-"""Write the StableHLO file of a compact export (training does so at its end; this is for an
-export from a run that stopped earlier, or to re-lower for a newer jax).
+"""Write the StableHLO file of a compact export (every export has one from the start; this is
+for exports written before that, or to re-lower for a newer jax).
 
   python -m dcff_jax.export_stablehlo --checkpoint=WORKDIR/compact
 

@@ -36,7 +36,7 @@ def main(argv):
     variables = torch_import.compact_variables_from_torch(model, state, config.image_size)
     record = {"epoch": None, "test_top1": None, "test_top5": None}
     metadata = export.metadata_of(config, record) | {"imported_from": _STATE_DICT.value}
-    export.write_export(_OUT.value, variables, metadata)
+    export.write_export(_OUT.value, variables, metadata, model)
     logging.info("imported %s into %s", _STATE_DICT.value, _OUT.value)
     print(_OUT.value)
 

@@ -373,9 +373,6 @@ def _final_report(config, workdir: str, progress: Progress) -> None:
     logging.info(
         "best test top-1 %.2f%%\n%s", progress.best_top1, flops.format_summary(config.model, counts)
     )
-    compact = os.path.join(workdir, "compact")
-    if (storage.resolve(compact) / export.POINTER).exists():
-        logging.info("StableHLO of the compact model: %s", export.write_stablehlo(compact))
     layers = models.fused_layers(config.model, config.cprate or None)
     report.write_plots(
         workdir, progress.history, config, [(layer.kept, layer.filters) for layer in layers]

@@ -117,7 +117,8 @@ def test_main_on_two_processes_trains_resumes_and_exports_like_one(data_dir, tmp
     assert all("epoch 2/2: test top-1" in log for log in logs)
     compact = os.path.join(workdir, "compact")
     version = open(os.path.join(compact, "LATEST")).read().strip()
-    assert sorted(os.listdir(os.path.join(compact, version))) == ["metadata.json", "variables"]
+    exported = sorted(os.listdir(os.path.join(compact, version)))
+    assert exported == ["metadata.json", "model.stablehlo", "variables"]
     # Only process 0 writes TensorBoard events: one file per start (2), not one per process.
     assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 2
 

@@ -1,5 +1,5 @@
 """The compact model as serialized StableHLO: runs with jax alone (dcff_jax and flax hidden), at
-any batch size, with the logits of the Flax compact model; written at the end of training and
+any batch size, with the logits of the Flax compact model; written with every export and
 accepted by `evaluate`."""
 
 import json
@@ -100,7 +100,7 @@ def test_training_writes_it_and_evaluate_gives_the_compact_models_result(tmp_pat
     assert stablehlo_result["examples"] == variables_result["examples"] == 20
     assert stablehlo_result["top1"] == variables_result["top1"]
     assert stablehlo_result["loss"] == pytest.approx(variables_result["loss"], rel=1e-5)
-    # The CLI re-writes it from the export (e.g. for a run that stopped before its end).
+    # The CLI re-writes it from the export (for exports made before they had it).
     os.remove(stablehlo)
     out = run_module("dcff_jax.export_stablehlo", f"--checkpoint={workdir}/compact")
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == stablehlo
