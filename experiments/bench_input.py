@@ -6,8 +6,8 @@ Writes `--images` photo-like JPEGs (about 500x375, quality 90, 10 class folders;
 colour fields, edges and sensor-like noise, so that their size and decode cost are those of
 photographs, about 110 KB) unless DIR already holds them, then times, for each worker count,
 the whole host path of `--config.dataset=imagenet_folder`: read + decode + RandomResizedCrop
-224 + flip (train) or Resize 256 + CenterCrop 224 (eval), batches of 128, median of
-`--repeats` passes over all images, through `train_batches` / `eval_batches`. Workers 0 is the
+224 + flip (train) or Resize 256 + CenterCrop 224 (eval), batches of 128, the median of
+`--repeats` epochs of 4 passes over the images each (`load_batches`). Workers 0 is the
 thread path (a thread per core in this process); N > 0 is N grain worker processes. Also the
 decode alone (PIL, one thread), to split the cost.
 """
@@ -59,16 +59,15 @@ def write_images(root: str, count: int, seed: int = 0) -> list[int]:
     return sizes
 
 
-def images_per_second(split: ip.Split, train: bool, repeats: int, batch: int = 128) -> float:
-    """Median over `repeats` passes (epochs) of the split's images through the batch path,
-    counted from the first batch's arrival (worker start-up excluded: once per epoch)."""
+def images_per_second(split: ip.Split, repeats: int, passes: int = 4, batch: int = 128) -> float:
+    """Median over `repeats` epochs of images/s through `load_batches` (the train and eval
+    path), each epoch `passes` times over the images in batches of `batch`, timed from the
+    first batch's arrival (worker start-up, once per epoch, is left out)."""
+    n = split.num_examples
+    index_batches = [np.arange(i, i + batch) % n for i in range(0, passes * n, batch)]
     rates = []
     for epoch in range(repeats):
-        if train:
-            steps = split.num_examples // batch
-            batches = ip.train_batches(split, batch, 0, epoch, 0, steps)
-        else:
-            batches = ((images, labels) for images, labels, _ in ip.eval_batches(split, batch))
+        batches = ip.load_batches(split, index_batches, epoch)
         next(batches)
         start, count = time.perf_counter(), 0
         for images, _ in batches:
@@ -113,8 +112,8 @@ def main() -> None:
         config.dataset, config.data_dir = "imagenet_folder", root
         config.image_size, config.data_workers = 224, workers
         data = ip.load_data(config)
-        train = images_per_second(data.train, True, args.repeats)
-        test = images_per_second(data.test, False, args.repeats)
+        train = images_per_second(data.train, args.repeats)
+        test = images_per_second(data.test, args.repeats)
         print(f"| {workers} | {train:.0f} | {test:.0f} |")
 
 
