@@ -400,6 +400,10 @@ def image_folder_splits(data_dir: str, val_labels: str = "") -> tuple[ImageFiles
       MissingFileError: a missing split or label file.
       DataError: an empty class folder, a val class unknown to train, an image without label.
     """
+    from dcff_jax import storage
+
+    if storage.is_remote(data_dir):
+        storage.check_backend(data_dir)
     root = epath.Path(data_dir)
     train_dir, val_dir = root / "train", root / "val"
     for split in (train_dir, val_dir):

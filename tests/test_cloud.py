@@ -210,3 +210,43 @@ def test_tfds_data_on_gs_is_refused_up_front():
     config.dataset, config.data_dir = "imagenet2012", "gs://bucket/tfds"
     with pytest.raises(ConfigError, match="cannot be read from an object store"):
         input_pipeline.load_data(config)
+
+
+READ_IMAGE_FOLDER = """
+import sys, numpy as np
+from dcff_jax import input_pipeline as ip
+from helpers import tiny_config
+config = tiny_config(sys.argv[1], dataset="imagenet_folder", image_size=32, num_classes=3)
+data = ip.load_data(config)
+images, labels = data.train.load(np.arange(data.train.num_examples), epoch=1)
+test, _ = data.test.load(np.arange(data.test.num_examples), epoch=0)
+np.savez(sys.argv[2], images=images, labels=labels, test=test)
+"""
+
+
+@pytest.mark.slow
+def test_image_folders_on_gs_read_as_the_local_copy(gcs_env, tmp_path):
+    from test_image_folder import write_split
+
+    local = str(tmp_path / "imagenet")
+    write_split(local, "train")
+    write_split(local, "val")
+    for folder, _, files in os.walk(local):
+        if files:
+            relative = os.path.relpath(folder, local)
+            upload(gcs_env, folder, f"gs://{BUCKET}/imagenet/{relative}")
+    results = []
+    for where in (local, f"gs://{BUCKET}/imagenet"):
+        out = str(tmp_path / f"{len(results)}.npz")
+        proc = subprocess.run(
+            [sys.executable, "-c", READ_IMAGE_FOLDER, where, out],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            env=gcs_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(np.load(out))
+    for key in ("images", "labels", "test"):
+        np.testing.assert_array_equal(results[0][key], results[1][key])
