@@ -56,12 +56,14 @@ def plot(runs: dict[str, tuple[list[float], list[float]]], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
     for ax, (name, (ours, published)) in zip(axes[0], runs.items(), strict=True):
         ax.plot(range(1, len(ours) + 1), ours, "o-", label="dcff-jax")
         ax.plot(range(1, len(published) + 1), published, "s--", label="published (PyTorch)")
         ax.set(title=f"{name}, CIFAR-10, CPU", xlabel="epoch", ylabel="test top-1 (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
