@@ -226,7 +226,7 @@ def stablehlo_bytes(model, variables, image_size: int, mean, std) -> bytes:
 
 def write_stablehlo(directory: str) -> str:
     """Write `model.stablehlo` (see stablehlo_bytes) into the current export version under
-    `directory` (WORKDIR/compact); returns its path. Written to a temporary name first. Exports
+    `directory` (WORKDIR/compact); returns its path, written atomically. Exports
     have it from the start; this is for older ones, or to re-lower for a newer jax. One
     process only (it reads the export with orbax)."""
     from dcff_jax import input_pipeline, storage
@@ -235,9 +235,7 @@ def write_stablehlo(directory: str) -> str:
     mean, std = input_pipeline.normalization(metadata["dataset"])
     data = stablehlo_bytes(model, variables, metadata["image_size"], mean, std)
     path = _export_version(storage.resolve(directory), directory) / STABLEHLO
-    temporary = path.parent / (STABLEHLO + ".tmp")
-    temporary.write_bytes(data)
-    temporary.rename(path)
+    storage.write_text_atomic(path, data)
     return str(path)
 
 

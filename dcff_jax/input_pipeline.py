@@ -84,10 +84,10 @@ def load_data(config) -> Data:
         train, test = (
             _array_split(*read_cifar_folder(config.data_dir, s)) for s in ("train", "test")
         )
-        return Data(train, test, CIFAR_MEAN, CIFAR_STD, device_augment=True)
+        return Data(train, test, *normalization(config.dataset), device_augment=True)
     if config.dataset == "cifar10":
         train, test = (_array_split(*arrays) for arrays in read_cifar10(config))
-        return Data(train, test, CIFAR_MEAN, CIFAR_STD, device_augment=True)
+        return Data(train, test, *normalization(config.dataset), device_augment=True)
     if config.dataset == "imagenet_folder":
         train_files, test_files = image_folder_splits(config.data_dir, config.val_labels)
         train = _imagenet_split(train_files, len(train_files.classes), config, train=True)
@@ -97,7 +97,7 @@ def load_data(config) -> Data:
         train = _imagenet_split(source, _num_classes(source), config, train=True)
         source = _tfds_source("imagenet2012", "validation", config.data_dir)
         test = _imagenet_split(source, _num_classes(source), config, train=False)
-    return Data(train, test, IMAGENET_MEAN, IMAGENET_STD, device_augment=False)
+    return Data(train, test, *normalization(config.dataset), device_augment=False)
 
 
 def check_fits(config, data: Data, where: str) -> None:

@@ -52,14 +52,22 @@ def check_backend(path: str) -> None:
         )
 
 
-def write_text_atomic(path: epath.Path, text: str) -> None:
-    """Readers see the old or the new text, never a partial one: an object-store upload is
-    atomic already; a local file is written beside it and renamed over it."""
+def write_text_atomic(path: epath.Path, data: str | bytes) -> None:
+    """Readers see the old or the new contents (text or bytes), never a partial one: an
+    object-store upload is atomic already; a local file is written beside it and renamed over
+    it."""
+
+    def write(target: epath.Path) -> None:
+        if isinstance(data, bytes):
+            target.write_bytes(data)
+        else:
+            target.write_text(data)
+
     if is_remote(path):
-        path.write_text(text)
+        write(path)
         return
     staging = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    staging.write_text(text)
+    write(staging)
     os.replace(staging, path)
 
 
