@@ -52,13 +52,13 @@ def check_backend(path: str) -> None:
         )
 
 
-def write_text_atomic(path: epath.Path, data: str | bytes) -> None:
+def write_text_atomic(path: epath.Path, data: str | bytes | bytearray) -> None:
     """Readers see the old or the new contents (text or bytes), never a partial one: an
     object-store upload is atomic already; a local file is written beside it and renamed over
     it."""
 
     def write(target: epath.Path) -> None:
-        if isinstance(data, bytes):
+        if isinstance(data, (bytes, bytearray)):
             target.write_bytes(data)
         else:
             target.write_text(data)
