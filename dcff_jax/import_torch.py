@@ -33,7 +33,7 @@ def main(argv):
         config.model, config.cprate or None, "compact", num_classes=config.num_classes
     )
     state = torch_import.read_state_dict(_STATE_DICT.value)
-    variables = torch_import.compact_variables_from_torch(model, state, config.image_size)
+    variables = torch_import.variables_from_torch(model, state, config.image_size)
     record = {"epoch": None, "test_top1": None, "test_top5": None}
     metadata = export.metadata_of(config, record) | {"imported_from": _STATE_DICT.value}
     export.write_export(_OUT.value, variables, metadata, model)

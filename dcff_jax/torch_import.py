@@ -4,9 +4,9 @@ code.
 A torch checkpoint (`torch.save`, zip format) is a pickle (`<archive>/data.pkl`) whose tensors
 point at raw storages (`<archive>/data/<key>`). `read_state_dict` unpickles it with an allow-list
 that rebuilds only tensors (as NumPy arrays), parameters and ordered dicts: anything else, which
-is where a malicious checkpoint would put code, is refused. `compact_variables_from_torch` then
-seats a published compact model's state dict (e.g. `model_best_compact.pt`) in our compact model
-of the same architecture and plan, layer by layer in call order, every shape checked.
+is where a malicious checkpoint would put code, is refused. `variables_from_torch` then
+seats a published state dict (a compact `model_best_compact.pt`, or a fused model's) in our model
+of the same architecture, plan and variant, layer by layer in call order, every shape checked.
 """
 
 from __future__ import annotations
@@ -131,11 +131,13 @@ def _torch_layers(state: dict[str, np.ndarray]) -> list[tuple[str, dict[str, np.
     return list(layers.items())
 
 
-def compact_variables_from_torch(model, state: dict[str, np.ndarray], image_size: int) -> dict:
-    """{"params", "batch_stats"} of our compact `model` holding a published compact state dict.
+def variables_from_torch(model, state: dict[str, np.ndarray], image_size: int) -> dict:
+    """{"params", "batch_stats"} of our `model` holding a published state dict of the same layers.
 
-    Layers are matched in order: ours in call order (traced), theirs in saved order (the
-    published models register them in the order they run); kinds and every shape must agree.
+    Compact models take `model_best_compact.pt`; fused models take the published fused model's
+    state dict (its FuseConv2d buffers are ignored: ours recomputes them). Layers are matched in
+    order: ours in call order (traced), theirs in saved order (the published models register
+    them in the order they run); kinds and every shape must agree.
     Conv kernels OIHW -> HWIO, Linear (out, in) -> (in, out).
     """
     from flax import linen as nn

@@ -113,63 +113,28 @@ def fused_modules(model) -> list:
     return [m for m in model.modules() if type(m).__name__ == "FuseConv2d"]
 
 
-def leaf_layers(model) -> list:
-    """Conv, BatchNorm and Linear modules of a torch model in registration order."""
-    import torch.nn as nn
+def torch_state(model, param_value=None) -> dict[str, np.ndarray]:
+    """The torch model's state dict as NumPy copies, for torch_import.variables_from_torch.
 
-    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
+    param_value(p): what to give for each parameter p instead of p itself (e.g. its SGD momentum
+    buffer). Copies, because .numpy() shares the tensor's memory, which jnp.asarray may alias in
+    turn, and the torch optimizer updates it in place.
+    """
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    if param_value is not None:
+        for name, param in model.named_parameters():
+            state[name] = param_value(param).detach().numpy().copy()
+    return state
 
 
 def copy_torch_to_flax(model, jax_model, shape, param_value=None) -> tuple[dict, dict]:
-    """Our (params, batch_stats) holding the torch model's current weights.
+    """Our (params, batch_stats) holding the torch model's current weights (or param_value's)."""
+    from dcff_jax import torch_import
 
-    Layers are matched in call order (ours, traced) and registration order (torch), which agree
-    for the published CIFAR models; every shape is checked. param_value(p): what to copy for
-    each torch parameter p instead of p itself (e.g. its SGD momentum buffer).
-    """
-    import torch
-    from flax import linen as nn
-    from flax import traverse_util
-
-    from dcff_jax.models import trace_calls
-
-    calls, variables = trace_calls(jax_model, shape)
-    ours = [c for c in calls if isinstance(c.module, (nn.Conv, nn.BatchNorm, nn.Dense))]
-    theirs = leaf_layers(model)
-    if len(ours) != len(theirs):
-        raise RuntimeError(f"{len(ours)} layers here, {len(theirs)} in the published model")
-    params, stats = {}, {}
-
-    def numpy(tensor) -> np.ndarray:
-        # A copy: .numpy() shares the tensor's memory, which jnp.asarray may alias in turn,
-        # and the torch optimizer updates it in place.
-        if param_value is not None and isinstance(tensor, torch.nn.Parameter):
-            tensor = param_value(tensor)
-        return tensor.detach().numpy().copy()
-
-    for call, layer in zip(ours, theirs, strict=True):
-        path = tuple(call.path.split("/"))
-        if isinstance(call.module, nn.BatchNorm):
-            params[path + ("scale",)] = numpy(layer.weight)
-            params[path + ("bias",)] = numpy(layer.bias)
-            stats[path + ("mean",)] = numpy(layer.running_mean)
-            stats[path + ("var",)] = numpy(layer.running_var)
-            continue
-        weight = numpy(layer.weight)
-        if isinstance(call.module, nn.Dense):
-            params[path + ("kernel",)] = weight.T
-        else:
-            params[path + ("kernel",)] = weight.transpose(2, 3, 1, 0)
-        if layer.bias is not None:
-            params[path + ("bias",)] = numpy(layer.bias)
-    flat_shapes = traverse_util.flatten_dict(variables["params"])
-    for key, value in params.items():
-        if flat_shapes[key].shape != value.shape:
-            raise RuntimeError(f"{'/'.join(key)}: ours {flat_shapes[key].shape}, {value.shape}")
-    if set(flat_shapes) != set(params):
-        raise RuntimeError(f"unmatched params: {set(flat_shapes) ^ set(params)}")
-    unflat = traverse_util.unflatten_dict
-    return unflat(params), unflat(stats)
+    variables = torch_import.variables_from_torch(
+        jax_model, torch_state(model, param_value), shape[1]
+    )
+    return variables["params"], variables["batch_stats"]
 
 
 # --------------------------------------------------------------------------------------------

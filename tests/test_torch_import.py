@@ -41,7 +41,7 @@ def test_the_state_dict_is_read_as_arrays(published):
 def test_the_imported_model_gives_the_published_models_logits(published):
     model = create_model("resnet56", published["plan"], "compact")
     state = torch_import.read_state_dict(FIXTURE + ".pt")
-    variables = torch_import.compact_variables_from_torch(model, state, 32)
+    variables = torch_import.variables_from_torch(model, state, 32)
     mean, std = input_pipeline.normalization("cifar10")
     x = input_pipeline.normalize(jnp.asarray(published["images"]), mean, std, jnp.float32)
     logits = np.asarray(model.apply(variables, x, train=False))
@@ -81,9 +81,9 @@ def test_wrong_files_and_plans_are_named(tmp_path, published):
     state = torch_import.read_state_dict(FIXTURE + ".pt")
     other_plan = create_model("resnet56", "[0.5]*27+[0.0]*3", "compact")
     with pytest.raises(DataError, match="another plan"):
-        torch_import.compact_variables_from_torch(other_plan, state, 32)
+        torch_import.variables_from_torch(other_plan, state, 32)
     with pytest.raises(DataError, match="layers, the model"):
-        torch_import.compact_variables_from_torch(create_model("vgg16", None, "compact"), state, 32)
+        torch_import.variables_from_torch(create_model("vgg16", None, "compact"), state, 32)
     listed = io.BytesIO()
     with zipfile.ZipFile(listed, "w") as archive:
         archive.writestr("archive/other.txt", "")
