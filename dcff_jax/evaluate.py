@@ -2,6 +2,7 @@
 
   python -m dcff_jax.evaluate --checkpoint=WORKDIR/compact [--data_dir=...] [--dataset=...]
   python -m dcff_jax.evaluate --checkpoint=WORKDIR/compact/vN/model.stablehlo [...]
+  python -m dcff_jax.evaluate --checkpoint=WORKDIR/compact/vN/model.onnx [...]  (onnxruntime)
 
 Prints a line per metric and, as the LAST line of stdout, {"top1", "top5", "loss", "examples"}.
 """
@@ -16,7 +17,8 @@ from dcff_jax import errors
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint",
     None,
-    "A compact export (WORKDIR/compact) or its StableHLO file (.../vN/model.stablehlo).",
+    "A compact export (WORKDIR/compact), its StableHLO file (.../vN/model.stablehlo) or its "
+    "ONNX file (.../vN/model.onnx, written by dcff_jax.export_onnx).",
 )
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Overrides the data_dir recorded at export.")
 _DATASET = flags.DEFINE_string("dataset", None, "Overrides the dataset recorded at export.")
@@ -32,12 +34,17 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from dcff_jax import export, input_pipeline, steps
+    from dcff_jax import export, input_pipeline, onnx_export, steps
     from dcff_jax.xla_options import compiler_options
 
     stablehlo = checkpoint.endswith(export.STABLEHLO)
+    onnx = checkpoint.endswith(".onnx")
     if stablehlo:  # the deployable artefact, run as any user would: one device, jax alone
         exported, meta = export.load_stablehlo(checkpoint)
+        mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    elif onnx:  # run by onnxruntime on the host, called from the jitted step
+        session, meta = onnx_export.load_onnx(checkpoint)
+        classes = session.get_outputs()[0].shape[-1]
         mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     else:
         model, variables, meta = export.load_compact(checkpoint)
@@ -55,6 +62,12 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
     def step(images, labels, mask):
         if stablehlo:
             logits = exported.call(images)
+        elif onnx:
+            logits = jax.pure_callback(
+                functools.partial(onnx_export.run_session, session),
+                jax.ShapeDtypeStruct((images.shape[0], classes), jnp.float32),
+                images,
+            )
         else:
             x = input_pipeline.normalize(images, data.mean, data.std, jnp.float32)
             logits = model.apply(variables, x, train=False)

@@ -234,7 +234,7 @@ def write_stablehlo(directory: str) -> str:
     model, variables, metadata = load_compact(directory)
     mean, std = input_pipeline.normalization(metadata["dataset"])
     data = stablehlo_bytes(model, variables, metadata["image_size"], mean, std)
-    path = _export_version(storage.resolve(directory), directory) / STABLEHLO
+    path = current_version_dir(directory) / STABLEHLO
     storage.write_text_atomic(path, data)
     return str(path)
 
@@ -258,6 +258,13 @@ def load_stablehlo(path: str):
             f"({type(e).__name__}: {e})"
         ) from e
     return exported, metadata
+
+
+def current_version_dir(directory: str):
+    """The epath of the current export version under `directory` (WORKDIR/compact)."""
+    from dcff_jax import storage
+
+    return _export_version(storage.resolve(directory), directory)
 
 
 def _export_version(root, given: str):

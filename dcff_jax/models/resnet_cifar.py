@@ -54,7 +54,10 @@ class BasicBlock(nn.Module):
         y = common.batch_norm(train, self.dtype, name="bn2")(y)
         shortcut = x
         if self.strides != 1 or x.shape[-1] != y.shape[-1]:
-            shortcut = pad_or_crop_channels(x[:, :: self.strides, :: self.strides], y.shape[-1])
+            # lax.slice, not x[:, ::s, ::s]: with a symbolic batch (jax.export) indexing becomes
+            # a gather, which the exports would carry instead of a strided slice.
+            subsampled = jax.lax.slice(x, (0,) * 4, x.shape, (1, self.strides, self.strides, 1))
+            shortcut = pad_or_crop_channels(subsampled, y.shape[-1])
         return common.residual_relu(y, shortcut)
 
 
