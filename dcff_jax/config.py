@@ -33,8 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
     # imagenet_folder with a flat val folder: its label file (default: DATA_DIR/val_labels.txt
     # or DATA_DIR/LOC_val_solution.csv).
     config.val_labels = ""
-    # ImageNet: > 0 decodes and crops in that many grain worker processes (whole batches each);
-    # 0 in this process, a thread per core.
+    # ImageNet: > 0 decodes and crops in that many grain worker processes (one core each, whole
+    # batches); 0 in this process, a thread per core.
     config.data_workers = 0
     config.image_size = 32
     config.num_classes = 10

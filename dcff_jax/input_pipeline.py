@@ -22,6 +22,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -576,11 +577,16 @@ def train_batches(
 
 
 def load_batches(
-    split: Split, index_batches: list[np.ndarray], epoch: int
+    split: Split, index_batches: list[np.ndarray], epoch: int, threads_per_worker: int = 1
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """split.load of each index array in order: in grain worker processes when the split has
     workers (each makes whole batches; order kept; workers ignore SIGINT, so Ctrl-C reaches
-    only this process), else here."""
+    only this process), else here.
+
+    Each worker builds one batch at a time (threads_per_worker=1) and keeps one ready: a worker
+    is one core, and a worker holds 2 batches, not grain's default of 16 threads and up to 500
+    batches in flight (gigabytes per worker for ImageNet batches).
+    """
     if not (split.workers and split.example is not None):
         for indices in index_batches:
             yield split.load(indices, epoch)
@@ -594,11 +600,33 @@ def load_batches(
         functools.partial(_load_in_worker, split.example, epoch)
     )
     options = grain.MultiprocessingOptions(num_workers=split.workers)
-    iterator = iter(dataset.to_iter_dataset().mp_prefetch(options, worker_init_fn=_worker_init))
+    read = grain.ReadOptions(num_threads=threads_per_worker, prefetch_buffer_size=1)
+    iterator = iter(dataset.to_iter_dataset(read).mp_prefetch(options, worker_init_fn=_worker_init))
     try:
-        yield from iterator
+        # Workers start here. A Ctrl-C while one is still importing (before _worker_init runs)
+        # would kill it, so they are started with SIGINT blocked in this thread: the processes
+        # and helper threads it creates inherit the block, and a Ctrl-C meanwhile reaches
+        # this process as soon as the first batch is in.
+        first = _with_sigint_blocked(lambda: next(iterator, _END))
+        if first is not _END:
+            yield first
+            yield from iterator
     finally:
         iterator.close()  # stops the workers, also when the consumer stops early
+
+
+_END = object()
+
+
+def _with_sigint_blocked(fn: Callable[[], Any]) -> Any:
+    """fn() with SIGINT blocked in the calling thread (deferred, not lost), where POSIX allows."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return fn()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return fn()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _load_in_worker(example, epoch: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,13 @@
-"""Shared test helpers: tiny CIFAR folders in the official format, tiny configs."""
+"""Shared test helpers: tiny CIFAR folders in the official format, tiny configs, tfds
+imagenet2012 datasets in both file formats (also used by experiments/bench_input.py)."""
 
+import json
 import os
 import pickle
+import shutil
+import struct
 import sys
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -158,3 +163,95 @@ def main_command(data_dir, workdir, *overrides):
         "--config.cprate=[0.5]*30",
         *overrides,
     ]
+
+
+def write_tfds_imagenet(
+    data_dir: str,
+    splits: dict[str, Callable[[], Iterable[tuple[bytes, int]]]],
+    num_classes: int,
+) -> str:
+    """A tfds dataset named imagenet2012 (version 1.0.0, array_record: JPEG bytes in, so no
+    TensorFlow is needed) under data_dir, written by tfds itself; splits[name]() yields its
+    (JPEG bytes, label) examples. Returns the version directory."""
+    import io
+
+    import tensorflow_datasets as tfds
+
+    class Imagenet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        name = "imagenet2012"
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(num_classes=num_classes),
+            }
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict(features)
+            )
+
+        def _split_generators(self, dl_manager):
+            return {name: self._generate_examples(make) for name, make in splits.items()}
+
+        def _generate_examples(self, make):
+            for i, (jpeg, label) in enumerate(make()):
+                yield i, {"image": io.BytesIO(jpeg), "label": label}
+
+    Imagenet(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    return os.path.join(data_dir, "imagenet2012", "1.0.0")
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C (google_crc32c when installed: the gcs extra brings it)."""
+    try:
+        import google_crc32c
+
+        crc = google_crc32c.value(data)
+    except ImportError:
+        crc = 0xFFFFFFFF
+        for byte in data:
+            crc ^= byte
+            for _ in range(8):
+                crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def write_tfrecord(path: str, records: list[bytes]) -> None:
+    """records framed as TensorFlow writes them: length, its CRC, data, its CRC."""
+    with open(path, "wb") as f:
+        for record in records:
+            length = struct.pack("<Q", len(record))
+            f.write(length + struct.pack("<I", masked_crc32c(length)))
+            f.write(record + struct.pack("<I", masked_crc32c(record)))
+
+
+def imagenet_to_tfrecord(array_record_dir: str, out_dir: str, shards: dict[str, list[int]]):
+    """write_tfds_imagenet's dataset (under array_record_dir) with the same serialized examples
+    in tfrecord shards under out_dir, its dataset_info.json saying so; shards[split] lists the
+    record count of each shard."""
+    from array_record.python import array_record_module
+
+    version = os.path.join("imagenet2012", "1.0.0")
+    out = os.path.join(out_dir, version)
+    shutil.copytree(os.path.join(array_record_dir, version), out)
+    with open(os.path.join(out, "dataset_info.json")) as f:
+        info = json.load(f)
+    info["fileFormat"] = "tfrecord"
+    for split in info["splits"]:
+        name = split["name"]
+        source = os.path.join(out, f"imagenet2012-{name}.array_record-00000-of-00001")
+        reader = array_record_module.ArrayRecordReader(source)
+        records = reader.read_all()
+        reader.close()
+        os.remove(source)
+        counts = shards[name]
+        assert sum(counts) == len(records)
+        start = 0
+        for k, count in enumerate(counts):
+            path = f"imagenet2012-{name}.tfrecord-{k:05d}-of-{len(counts):05d}"
+            write_tfrecord(os.path.join(out, path), records[start : start + count])
+            start += count
+        split["shardLengths"] = [str(c) for c in counts]
+    with open(os.path.join(out, "dataset_info.json"), "w") as f:
+        json.dump(info, f)

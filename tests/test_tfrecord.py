@@ -1,20 +1,17 @@
 """imagenet2012 from tfds in either file format, without TensorFlow.
 
-The test writes a tiny tfds dataset named imagenet2012 with tfds itself (array_record: JPEG bytes
-in, so no TensorFlow is needed), then rewrites the same serialized examples as tfrecord shards
-(framing and masked CRC-32C as TensorFlow writes them; the train split in 2 shards) with its
-dataset_info.json saying so. Both must load to the same examples through `load_data`."""
+The test writes a tiny tfds dataset named imagenet2012 with tfds itself, then rewrites the same
+serialized examples as tfrecord shards (the train split in 2 shards; helpers.py). Both must load
+to the same examples through `load_data`."""
 
+import functools
 import io
-import json
 import os
 import shutil
-import struct
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
-from helpers import tiny_config
+from helpers import imagenet_to_tfrecord, tiny_config, write_tfds_imagenet, write_tfrecord
 from PIL import Image
 
 from dcff_jax import input_pipeline as ip
@@ -24,83 +21,14 @@ from dcff_jax.errors import DataError, MissingFileError
 SPLITS = {"train": 12, "validation": 6}
 
 
-class TinyImagenet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    name = "imagenet2012"
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        features = {
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(num_classes=3),
-        }
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
-
-    def _split_generators(self, dl_manager):
-        return {name: self._generate_examples(name, n) for name, n in SPLITS.items()}
-
-    def _generate_examples(self, split, n):
-        rng = np.random.default_rng(len(split))
-        for i in range(n):
-            size = (int(rng.integers(40, 80)), int(rng.integers(40, 80)), 3)
-            jpeg = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, size, np.uint8)).save(jpeg, "JPEG")
-            yield i, {"image": io.BytesIO(jpeg.getvalue()), "label": i % 3}
-
-
-def _crc32c_table():
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-        table.append(crc)
-    return table
-
-
-CRC_TABLE = _crc32c_table()
-
-
-def masked_crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def write_tfrecord(path: str, records: list[bytes]) -> None:
-    with open(path, "wb") as f:
-        for record in records:
-            length = struct.pack("<Q", len(record))
-            f.write(length + struct.pack("<I", masked_crc32c(length)))
-            f.write(record + struct.pack("<I", masked_crc32c(record)))
-
-
-def to_tfrecord(array_record_dir: str, out_dir: str, shards: dict[str, list[int]]) -> None:
-    """The same examples as tfrecord: `shards[split]` lists the record count of each shard."""
-    from array_record.python import array_record_module
-
-    shutil.copytree(array_record_dir, out_dir)
-    with open(os.path.join(out_dir, "dataset_info.json")) as f:
-        info = json.load(f)
-    info["fileFormat"] = "tfrecord"
-    for split in info["splits"]:
-        name = split["name"]
-        source = os.path.join(out_dir, f"imagenet2012-{name}.array_record-00000-of-00001")
-        reader = array_record_module.ArrayRecordReader(source)
-        records = reader.read_all()
-        reader.close()
-        os.remove(source)
-        counts = shards[name]
-        assert sum(counts) == len(records)
-        start = 0
-        for k, count in enumerate(counts):
-            path = f"imagenet2012-{name}.tfrecord-{k:05d}-of-{len(counts):05d}"
-            write_tfrecord(os.path.join(out_dir, path), records[start : start + count])
-            start += count
-        split["shardLengths"] = [str(c) for c in counts]
-    with open(os.path.join(out_dir, "dataset_info.json"), "w") as f:
-        json.dump(info, f)
+def tiny_examples(split: str, n: int):
+    """n (JPEG bytes, label) of small random images, 3 classes."""
+    rng = np.random.default_rng(len(split))
+    for i in range(n):
+        size = (int(rng.integers(40, 80)), int(rng.integers(40, 80)), 3)
+        jpeg = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, size, np.uint8)).save(jpeg, "JPEG")
+        yield jpeg.getvalue(), i % 3
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +36,10 @@ def datasets(tmp_path_factory):
     """{format: data_dir} of one tiny imagenet2012 in array_record and in tfrecord."""
     root = tmp_path_factory.mktemp("tfds")
     array_dir = str(root / "array_record")
-    TinyImagenet(data_dir=array_dir, file_format="array_record").download_and_prepare()
-    version = os.path.join(array_dir, "imagenet2012", "1.0.0")
+    splits = {name: functools.partial(tiny_examples, name, n) for name, n in SPLITS.items()}
+    write_tfds_imagenet(array_dir, splits, num_classes=3)
     tfrecord_dir = str(root / "tfrecord")
-    to_tfrecord(
-        version,
-        os.path.join(tfrecord_dir, "imagenet2012", "1.0.0"),
-        {"train": [7, 5], "validation": [6]},
-    )
+    imagenet_to_tfrecord(array_dir, tfrecord_dir, {"train": [7, 5], "validation": [6]})
     return {"array_record": array_dir, "tfrecord": tfrecord_dir}
 
 
