@@ -17,9 +17,11 @@ Needs the optional extra `dcff-jax[onnx]` (onnx; onnxruntime to run the file).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -86,9 +88,15 @@ class _Converter:
 
         self.helper = helper
         self.nodes: list = []
-        self.initializers: list = []
+        self.arrays: dict[str, np.ndarray] = {}  # initializers, by name (folds edit them)
         self.names = (f"v{i}" for i in itertools.count())
         self.stacks: dict[str, tuple[int, list]] = {}  # stack output -> (axis, inputs)
+        # Conv outputs (their Conv node, weight and bias names) that a per-channel affine op
+        # may still fold into, the Relu outputs a Min may turn into a Clip, and which values
+        # have exactly one reader (only those may be folded into their producer).
+        self.convs: dict[str, tuple[Any, str, str | None]] = {}
+        self.relus: dict[str, Any] = {}
+        self.single_use: set[str] = set()
 
     # --- graph building ------------------------------------------------------------------
     def node(self, op: str, inputs: Sequence[str], **attributes) -> str:
@@ -97,11 +105,14 @@ class _Converter:
         return out
 
     def constant(self, value: np.ndarray) -> str:
+        name = next(self.names)
+        self.arrays[name] = np.asarray(value)
+        return name
+
+    def initializers(self) -> list:
         from onnx import numpy_helper
 
-        name = next(self.names)
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
+        return [numpy_helper.from_array(a, name) for name, a in self.arrays.items()]
 
     def int64s(self, values: Sequence[int]) -> str:
         return self.constant(np.asarray(values, np.int64))
@@ -135,21 +146,35 @@ class _Converter:
         env: dict = {}
 
         def read(var):
-            from jax.extend.core import Literal
-
             if isinstance(var, Literal):
                 return np.asarray(var.val)
             return env[var]
 
+        from jax.extend.core import Literal
+
+        uses = collections.Counter(
+            v for e in jaxpr.eqns for v in e.invars if not isinstance(v, Literal)
+        )
+        for var in jaxpr.outvars:
+            if not isinstance(var, Literal):
+                uses[var] += 2  # read outside this jaxpr too: never folded into its producer
+
+        def bind(var, value):
+            env[var] = value
+            if isinstance(value, _Tensor) and uses[var] != 1:
+                self.single_use.discard(value.name)
+
         for var, value in zip(jaxpr.constvars, consts, strict=True):
             env[var] = np.asarray(value)
         for var, value in zip(jaxpr.invars, args, strict=True):
-            env[var] = value
+            bind(var, value)
         for eqn in jaxpr.eqns:
             inputs = [read(v) for v in eqn.invars]
             outputs = self.equation(eqn, inputs)
             for var, value in zip(eqn.outvars, outputs, strict=True):
-                env[var] = value
+                if isinstance(value, _Tensor) and uses[var] == 1:
+                    self.single_use.add(value.name)
+                bind(var, value)
         return [read(v) for v in jaxpr.outvars]
 
     def equation(self, eqn, inputs: list) -> list:
@@ -195,8 +220,60 @@ class _Converter:
         tensors = [x for x in inputs if isinstance(x, _Tensor)]
         perm = next((t.perm for t in tensors if not t.lazy_broadcast), tensors[0].perm)
         dtype = eqn.outvars[0].aval.dtype
+        if len(tensors) == 1 and not tensors[0].lazy_broadcast:
+            folded = self.fold_into_producer(op, inputs, dtype)
+            if folded is not None:
+                return folded
         names = [self.operand(x, perm, dtype) for x in inputs]
         return _Tensor(self.node(op, names), perm)
+
+    def fold_into_producer(self, op: str, inputs: list, dtype) -> _Tensor | None:
+        """An op of a single-use conv or relu output with a constant, absorbed by its producer:
+        conv(x, W) + b followed by + c, - c, * c or / c with c per output channel (a batch
+        norm in eval mode) becomes one conv with new W and b; max(y, 0) becomes Relu, and
+        min(relu, c) a Clip. None when the pattern does not apply."""
+        (t,) = [x for x in inputs if isinstance(x, _Tensor)]
+        c = next(np.asarray(x, dtype) for x in inputs if not isinstance(x, _Tensor))
+        tensor_first = isinstance(inputs[0], _Tensor)
+        if op == "Max" and not c.any():
+            out = _Tensor(self.node("Relu", [t.name]), t.perm)
+            self.relus[out.name] = self.nodes[-1]
+            return out
+        single = t.name in self.single_use
+        if op == "Min" and single and t.name in self.relus and c.size == 1:
+            node = self.relus.pop(t.name)  # min(max(x, 0), c) = Clip(x, 0, c)
+            node.op_type = "Clip"
+            zero = np.zeros((), dtype)
+            node.input.extend([self.constant(zero), self.constant(c.reshape(()))])
+            return t
+        if t.name not in self.convs or not single or op not in ("Add", "Sub", "Mul", "Div"):
+            return None
+        if not tensor_first and op in ("Sub", "Div"):
+            return None
+        channels = self.arrays[self.convs[t.name][1]].shape[0]
+        if c.ndim:  # onnx layout: (batch, channels, spatial...); per channel = only axis 1
+            c = np.transpose(c, t.perm)
+            if any(n != 1 for i, n in enumerate(c.shape) if i != 1):
+                return None
+        vector = np.broadcast_to(c.reshape(-1), (channels,)).astype(dtype)
+        node, weight, bias = self.convs[t.name]
+        if bias is None:
+            bias = self.constant(np.zeros(channels, dtype))
+            node.input.append(bias)
+            self.convs[t.name] = (node, weight, bias)
+        w, b = self.arrays[weight], self.arrays[bias]
+        scale_shape = (channels,) + (1,) * (w.ndim - 1)
+        if op == "Add":
+            self.arrays[bias] = b + vector
+        elif op == "Sub":
+            self.arrays[bias] = b - vector
+        elif op == "Mul":
+            self.arrays[weight] = w * vector.reshape(scale_shape)
+            self.arrays[bias] = b * vector
+        else:
+            self.arrays[weight] = w / vector.reshape(scale_shape)
+            self.arrays[bias] = b / vector
+        return t
 
     def op_convert_element_type(self, eqn, x: _Tensor) -> _Tensor:
         from onnx import helper
@@ -242,6 +319,7 @@ class _Converter:
             dilations=list(p["rhs_dilation"]),
             group=int(p["feature_group_count"]),
         )
+        self.convs[y] = (self.nodes[-1], weight, None)
         return _Tensor(y, tuple(out))
 
     def _pool(self, eqn, x: _Tensor, op: str, **attributes) -> _Tensor:
@@ -440,7 +518,7 @@ def jaxpr_to_onnx(
         name,
         [value_info("images", input_dtype, input_shape)],
         [value_info("logits", out_aval.dtype, out_aval.shape)],
-        converter.initializers,
+        converter.initializers(),
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="dcff_jax"

@@ -2,6 +2,7 @@
 model's logits for all six architectures at any batch size; accepted by `evaluate`; ops outside
 the converter's set are refused by name."""
 
+import collections
 import importlib
 import json
 import os
@@ -140,3 +141,47 @@ def test_a_file_that_is_not_onnx_is_a_clear_error(tmp_path):
     assert out.returncode == 2
     assert "is not a readable ONNX model" in out.stderr.strip().splitlines()[-1]
     assert "Traceback" not in out.stderr
+
+
+def test_batch_norm_folds_into_the_convs_and_relus_are_relus():
+    """Eval-mode batch norm is a per-channel affine map of a conv's output: the graph keeps
+    none of it (no Mul; the one Sub is the input normalisation), and max(x, 0) is a Relu that
+    onnxruntime fuses into the conv before it."""
+    model = models.create_model("resnet56", "[0.5]*27+[0.3]*3", "compact")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    mean, std = input_pipeline.normalization("cifar10")
+    x = input_pipeline.normalize(jnp.asarray(images), mean, std, jnp.float32)
+    variables = trained_looking(model, dict(variables), x)
+    proto = onnx_export.jaxpr_to_onnx(
+        lambda im: model.apply(
+            variables, input_pipeline.normalize(im, mean, std, jnp.float32), train=False
+        ),
+        (None, 32, 32, 3),
+        np.uint8,
+    )
+    ops = collections.Counter(node.op_type for node in proto.graph.node)
+    assert ops["Conv"] == 55 and ops["Relu"] == 55
+    assert ops["Mul"] == 0 and ops["Sub"] == 1 and ops["Max"] == 0
+    session = onnxruntime.InferenceSession(proto.SerializeToString())
+    want = np.asarray(model.apply(variables, x, train=False))
+    got = onnx_export.run_session(session, images)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_conv_output_read_twice_is_not_folded():
+    """conv(x) * s + conv(x): folding * s into the conv would change the second reader."""
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 2, 4)).astype(np.float32)
+    scale = np.asarray([1.0, 2.0, 3.0, 4.0], np.float32)
+
+    def fn(x):
+        y = jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return (y * scale + y).reshape(y.shape[0], -1)
+
+    proto = onnx_export.jaxpr_to_onnx(fn, (None, 5, 5, 2), np.float32)
+    session = onnxruntime.InferenceSession(proto.SerializeToString())
+    x = np.random.default_rng(1).normal(size=(2, 5, 5, 2)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"images": x})[0], fn(x), rtol=1e-5, atol=1e-5)
+    assert "Mul" in [node.op_type for node in proto.graph.node]
