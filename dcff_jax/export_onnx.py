@@ -2,7 +2,8 @@
 
   python -m dcff_jax.export_onnx --checkpoint=WORKDIR/compact
 
-Prints the written path (WORKDIR/compact/vN/model.onnx) as the last line. The file takes uint8
+Prints the MACs per image (the plan's widths, and padded) and, as the last line, the written
+path (WORKDIR/compact/vN/model.onnx). The file takes uint8
 NHWC images of any batch size ("images") and gives float32 logits ("logits"), with the weights
 and the normalisation inside; run it with onnxruntime, or with dcff_jax.evaluate.
 """
@@ -12,6 +13,12 @@ from absl import app, flags
 from dcff_jax import errors
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A compact export (WORKDIR/compact).")
+_PAD_TO = flags.DEFINE_integer(
+    "pad_channels_to",
+    8,
+    "Round conv widths up to a multiple of this with zero filters (onnxruntime's fast CPU convs "
+    "want multiples of 8, or 16 on AVX-512); 1: the plan's widths exactly.",
+)
 flags.mark_flags_as_required(["checkpoint"])
 
 
@@ -23,9 +30,13 @@ def main(argv):
         raise errors.ConfigError(
             "ONNX export needs the onnx package: pip install 'dcff-jax[onnx]'"
         ) from None
+    if _PAD_TO.value < 1:
+        raise errors.ConfigError(f"--pad_channels_to must be >= 1, got {_PAD_TO.value}")
     from dcff_jax import onnx_export
 
-    print(onnx_export.write_onnx(_CHECKPOINT.value))
+    path = onnx_export.write_onnx(_CHECKPOINT.value, _PAD_TO.value)
+    print(onnx_export.describe(path))
+    print(path)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,8 @@ def test_the_cli_writes_it_and_evaluate_gives_the_exports_result(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = run_module("dcff_jax.export_onnx", f"--checkpoint={workdir}/compact")
     assert out.returncode == 0, out.stderr[-3000:]
-    path = out.stdout.strip().splitlines()[-1]
+    *_, said, path = out.stdout.strip().splitlines()
+    assert said.startswith("conv widths padded to multiples of 8: ")
     version = open(os.path.join(workdir, "compact", "LATEST")).read().strip()
     assert path == os.path.join(workdir, "compact", version, onnx_export.ONNX)
     results = []
@@ -185,3 +186,35 @@ def test_a_conv_output_read_twice_is_not_folded():
     x = np.random.default_rng(1).normal(size=(2, 5, 5, 2)).astype(np.float32)
     np.testing.assert_allclose(session.run(None, {"images": x})[0], fn(x), rtol=1e-5, atol=1e-5)
     assert "Mul" in [node.op_type for node in proto.graph.node]
+
+
+def test_padded_widths_are_multiples_of_8_with_the_same_logits():
+    """ResNet-56's compact widths are odd (e.g. 11, 22); padded, every conv is a multiple of 8
+    wide, the option-A shortcut pads still line the real channels up, and the logits are the
+    unpadded graph's."""
+    model = models.create_model("resnet56", "[0.3]*27+[0.3]*3", "compact")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    mean, std = input_pipeline.normalization("cifar10")
+    x = input_pipeline.normalize(jnp.asarray(images), mean, std, jnp.float32)
+    variables = trained_looking(model, dict(variables), x)
+    proto = onnx_export.jaxpr_to_onnx(
+        lambda im: model.apply(
+            variables, input_pipeline.normalize(im, mean, std, jnp.float32), train=False
+        ),
+        (None, 32, 32, 3),
+        np.uint8,
+    )
+    padded = onnx_export.pad_channels(proto, 8)
+    arrays = {t.name: t.dims for t in padded.graph.initializer}
+    widths = [arrays[n.input[1]][0] for n in padded.graph.node if n.op_type == "Conv"]
+    assert len(widths) == 55 and all(w % 8 == 0 for w in widths)
+    original = {t.name: t.dims for t in proto.graph.initializer}
+    assert any(original[n.input[1]][0] % 8 for n in proto.graph.node if n.op_type == "Conv")
+    assert onnx_export.conv_macs(padded) > onnx_export.conv_macs(proto)
+    want = np.asarray(model.apply(variables, x, train=False))
+    for graph in (proto, padded):
+        got = onnx_export.run_session(
+            onnxruntime.InferenceSession(graph.SerializeToString()), images
+        )
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
