@@ -31,7 +31,7 @@ def entry_filters(arch: str, num_rates: int) -> list[int]:
         probe = [0.0] * num_rates
         probe[i] = 0.5
         changed = {
-            a.features
+            a.filters
             for a, b in zip(layers0, models.fused_layers(arch, probe), strict=True)
             if a.kept != b.kept
         }
