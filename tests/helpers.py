@@ -32,6 +32,13 @@ def write_cifar_folder(root: str, train: int = 64, test: int = 40, seed: int = 0
     return root
 
 
+def evaluate_result(checkpoint: str) -> dict:
+    """{"top1", "top5", "loss", "examples"} of `python -m dcff_jax.evaluate` on checkpoint."""
+    out = run_module("dcff_jax.evaluate", f"--checkpoint={checkpoint}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def tiny_config(data_dir: str, **overrides):
     config = default_config()
     config.model = "resnet56"

@@ -4,7 +4,6 @@ the converter's set are refused by name."""
 
 import collections
 import importlib
-import json
 import os
 
 import jax
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from helpers import run_module, write_cifar_folder
+from helpers import evaluate_result, run_module, write_cifar_folder
 
 from dcff_jax import input_pipeline, models, onnx_export
 
@@ -124,12 +123,8 @@ def test_the_cli_writes_it_and_evaluate_gives_the_exports_result(tmp_path):
     assert said.startswith("conv widths padded to multiples of 8: ")
     version = open(os.path.join(workdir, "compact", "LATEST")).read().strip()
     assert path == os.path.join(workdir, "compact", version, onnx_export.ONNX)
-    results = []
-    for checkpoint in (os.path.join(workdir, "compact"), path):
-        out = run_module("dcff_jax.evaluate", f"--checkpoint={checkpoint}")
-        assert out.returncode == 0, out.stderr[-3000:]
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    variables_result, onnx_result = results
+    variables_result = evaluate_result(os.path.join(workdir, "compact"))
+    onnx_result = evaluate_result(path)
     assert onnx_result["examples"] == variables_result["examples"] == 20
     assert onnx_result["top1"] == variables_result["top1"]
     assert onnx_result["loss"] == pytest.approx(variables_result["loss"], rel=1e-4)
@@ -144,11 +139,10 @@ def test_a_file_that_is_not_onnx_is_a_clear_error(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_batch_norm_folds_into_the_convs_and_relus_are_relus():
-    """Eval-mode batch norm is a per-channel affine map of a conv's output: the graph keeps
-    none of it (no Mul; the one Sub is the input normalisation), and max(x, 0) is a Relu that
-    onnxruntime fuses into the conv before it."""
-    model = models.create_model("resnet56", "[0.5]*27+[0.3]*3", "compact")
+def resnet56_graph(cprate: str):
+    """(model, variables, uint8 images (4, 32, 32, 3), their normalised copy, the ONNX graph of
+    the compact ResNet-56 at cprate before padding)."""
+    model = models.create_model("resnet56", cprate, "compact")
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     mean, std = input_pipeline.normalization("cifar10")
@@ -161,6 +155,14 @@ def test_batch_norm_folds_into_the_convs_and_relus_are_relus():
         (None, 32, 32, 3),
         np.uint8,
     )
+    return model, variables, images, x, proto
+
+
+def test_batch_norm_folds_into_the_convs_and_relus_are_relus():
+    """Eval-mode batch norm is a per-channel affine map of a conv's output: the graph keeps
+    none of it (no Mul; the one Sub is the input normalisation), and max(x, 0) is a Relu that
+    onnxruntime fuses into the conv before it."""
+    model, variables, images, x, proto = resnet56_graph("[0.5]*27+[0.3]*3")
     ops = collections.Counter(node.op_type for node in proto.graph.node)
     assert ops["Conv"] == 55 and ops["Relu"] == 55
     assert ops["Mul"] == 0 and ops["Sub"] == 1 and ops["Max"] == 0
@@ -192,19 +194,7 @@ def test_padded_widths_are_multiples_of_8_with_the_same_logits():
     """ResNet-56's compact widths are odd (e.g. 11, 22); padded, every conv is a multiple of 8
     wide, the option-A shortcut pads still line the real channels up, and the logits are the
     unpadded graph's."""
-    model = models.create_model("resnet56", "[0.3]*27+[0.3]*3", "compact")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    mean, std = input_pipeline.normalization("cifar10")
-    x = input_pipeline.normalize(jnp.asarray(images), mean, std, jnp.float32)
-    variables = trained_looking(model, dict(variables), x)
-    proto = onnx_export.jaxpr_to_onnx(
-        lambda im: model.apply(
-            variables, input_pipeline.normalize(im, mean, std, jnp.float32), train=False
-        ),
-        (None, 32, 32, 3),
-        np.uint8,
-    )
+    model, variables, images, x, proto = resnet56_graph("[0.3]*27+[0.3]*3")
     padded = onnx_export.pad_channels(proto, 8)
     arrays = {t.name: t.dims for t in padded.graph.initializer}
     widths = [arrays[n.input[1]][0] for n in padded.graph.node if n.op_type == "Conv"]

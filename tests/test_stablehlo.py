@@ -2,7 +2,6 @@
 any batch size, with the logits of the Flax compact model; written with every export and
 accepted by `evaluate`."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import run_module, write_cifar_folder
+from helpers import evaluate_result, run_module, write_cifar_folder
 
 from dcff_jax import export, input_pipeline, models
 
@@ -91,12 +90,8 @@ def test_training_writes_it_and_evaluate_gives_the_compact_models_result(tmp_pat
     version = open(os.path.join(workdir, "compact", "LATEST")).read().strip()
     stablehlo = os.path.join(workdir, "compact", version, "model.stablehlo")
     assert os.path.isfile(stablehlo)
-    results = []
-    for checkpoint in (os.path.join(workdir, "compact"), stablehlo):
-        out = run_module("dcff_jax.evaluate", f"--checkpoint={checkpoint}")
-        assert out.returncode == 0, out.stderr[-3000:]
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    variables_result, stablehlo_result = results
+    variables_result = evaluate_result(os.path.join(workdir, "compact"))
+    stablehlo_result = evaluate_result(stablehlo)
     assert stablehlo_result["examples"] == variables_result["examples"] == 20
     assert stablehlo_result["top1"] == variables_result["top1"]
     assert stablehlo_result["loss"] == pytest.approx(variables_result["loss"], rel=1e-5)
