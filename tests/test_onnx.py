@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from helpers import evaluate_result, run_module, write_cifar_folder
+from helpers import evaluate_result, main_command, run_module, write_cifar_folder
 
 from dcff_jax import input_pipeline, models, onnx_export
 
@@ -107,15 +107,7 @@ def test_the_layout_follows_convs_and_a_flatten_reads_nhwc_order():
 def test_the_cli_writes_it_and_evaluate_gives_the_exports_result(tmp_path):
     data = write_cifar_folder(str(tmp_path / "cifar"), train=32, test=20)
     workdir = str(tmp_path / "wd")
-    proc = run_module(
-        "dcff_jax.main",
-        "--config=configs/resnet56_cifar.py",
-        f"--workdir={workdir}",
-        "--config.dataset=cifar10_folder",
-        f"--config.data_dir={data}",
-        "--config.batch_size=8",
-        "--config.num_epochs=1",
-    )
+    proc = run_module(*main_command(data, workdir, "--config.num_epochs=1")[2:])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = run_module("dcff_jax.export_onnx", f"--checkpoint={workdir}/compact")
     assert out.returncode == 0, out.stderr[-3000:]
