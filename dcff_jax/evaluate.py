@@ -39,13 +39,13 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
 
     stablehlo = checkpoint.endswith(export.STABLEHLO)
     onnx = checkpoint.endswith(".onnx")
-    if stablehlo:  # the deployable artefact, run as any user would: one device, jax alone
-        exported, meta = export.load_stablehlo(checkpoint)
+    if stablehlo or onnx:  # a deployable file, run as any user would: on one device
         mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    elif onnx:  # run by onnxruntime on the host, called from the jitted step
+    if stablehlo:  # jax alone
+        exported, meta = export.load_stablehlo(checkpoint)
+    elif onnx:  # onnxruntime on the host, called from the jitted step
         session, meta = onnx_export.load_onnx(checkpoint)
         classes = session.get_outputs()[0].shape[-1]
-        mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     else:
         model, variables, meta = export.load_compact(checkpoint)
         mesh = steps.make_mesh()

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dcff_jax.errors import DataError
+from dcff_jax.errors import DataError, MissingFileError
 
 OPSET = 17
 ONNX = "model.onnx"
@@ -113,7 +113,7 @@ class _Converter:
         """The constants some node reads (folding leaves others behind)."""
         from onnx import numpy_helper
 
-        read = {name for node in self.nodes for name in node.input}
+        read = _read_names(self.nodes)
         return [numpy_helper.from_array(a, n) for n, a in self.arrays.items() if n in read]
 
     def int64s(self, values: Sequence[int]) -> str:
@@ -145,14 +145,14 @@ class _Converter:
 
     # --- the walk -----------------------------------------------------------------------
     def run(self, jaxpr, consts: Sequence, args: Sequence) -> list:
+        from jax.extend.core import Literal
+
         env: dict = {}
 
         def read(var):
             if isinstance(var, Literal):
                 return np.asarray(var.val)
             return env[var]
-
-        from jax.extend.core import Literal
 
         uses = collections.Counter(
             v for e in jaxpr.eqns for v in e.invars if not isinstance(v, Literal)
@@ -614,8 +614,6 @@ def load_onnx(path: str):
         data = file.read_bytes()
         metadata = json.loads((file.parent / "metadata.json").read_text())
     except FileNotFoundError as e:
-        from dcff_jax.errors import MissingFileError
-
         raise MissingFileError(f"{e.filename or path} does not exist") from e
     try:
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
@@ -698,7 +696,7 @@ def pad_channels(model, multiple: int = 8):
             filters, per_group = weight.shape[:2]
             group = attrs.get("group", 1)
             if group == 1:
-                width = -(-filters // multiple) * multiple
+                width = _round_up(filters, multiple)
                 if m is not None or width != filters:
                     index = m.index if m is not None else np.arange(per_group)
                     padded = np.zeros((width, m.width if m else per_group, *weight.shape[2:]))
@@ -755,7 +753,7 @@ def pad_channels(model, multiple: int = 8):
             before, after = int(pads[1]), int(pads[1 + rank])
             real = len(m.index)
             wanted = real + before + after
-            width = -(-wanted // multiple) * multiple
+            width = _round_up(wanted, multiple)
             if np.array_equal(m.index, np.arange(real)) and width - before - m.width >= 0:
                 pads[1 + rank] = width - before - m.width
                 node.input[1] = new_constant(pads)
@@ -796,12 +794,13 @@ def pad_channels(model, multiple: int = 8):
             for k, name in enumerate(ins):
                 node.input[k] = unpad(name)
         nodes.append(node)
+    read = _read_names(nodes)
     graph = helper.make_graph(
         nodes,
         model.graph.name,
         list(model.graph.input),
         list(model.graph.output),
-        [numpy_helper.from_array(a, n) for n, a in arrays.items() if n in read_names(nodes)],
+        [numpy_helper.from_array(a, n) for n, a in arrays.items() if n in read],
     )
     padded = helper.make_model(graph, opset_imports=list(model.opset_import))
     padded.ir_version = model.ir_version
@@ -810,8 +809,13 @@ def pad_channels(model, multiple: int = 8):
     return padded
 
 
-def read_names(nodes) -> set[str]:
+def _read_names(nodes) -> set[str]:
+    """The value names the nodes read."""
     return {name for node in nodes for name in node.input}
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _inferred_shapes(model) -> dict[str, list]:

@@ -8,7 +8,7 @@ colour fields, edges and sensor-like noise, so that their size and decode cost a
 photographs, about 110 KB) unless DIR already holds them, then times, for each worker count,
 the whole host path of `--config.dataset=imagenet_folder`: read + decode + RandomResizedCrop
 224 + flip (train) or Resize 256 + CenterCrop 224 (eval), batches of 128, the median of
-`--repeats` epochs of 4 passes over the images each (`load_batches`). Workers 0 is the
+`--repeats` epochs of 8 passes over the images each (`load_batches`). Workers 0 is the
 thread path (a thread per core in this process); N > 0 is N grain worker processes, each
 with --threads threads. --standalone also times the work alone in 1 and 2 plain processes.
 
@@ -70,6 +70,11 @@ def write_images(root: str, count: int, seed: int = 0) -> list[int]:
     return sizes
 
 
+def passes_in_batches(n: int, passes: int, batch: int) -> list[np.ndarray]:
+    """Index arrays of `batch` examples covering `passes` passes over n examples in order."""
+    return [np.arange(i, i + batch) % n for i in range(0, passes * n, batch)]
+
+
 def images_per_second(
     split: ip.Split, repeats: int, threads: int = 1, passes: int = 8, batch: int = 128
 ) -> tuple[float, float]:
@@ -79,8 +84,7 @@ def images_per_second(
     from the first batch instead would leave out every batch the workers finish together with
     it (16 per worker at grain's default of 16 threads, which is what inflated this table's
     first version)."""
-    n = split.num_examples
-    index_batches = [np.arange(i, i + batch) % n for i in range(0, passes * n, batch)]
+    index_batches = passes_in_batches(split.num_examples, passes, batch)
     rates, firsts = [], []
     for epoch in range(repeats):
         start, count = time.perf_counter(), 0
@@ -106,8 +110,7 @@ def standalone_rate(split: ip.Split, processes: int, passes: int = 2, batch: int
     set beside the grain figures. busy share: CPU seconds / wall seconds per process."""
     import multiprocessing
 
-    n = split.num_examples
-    index_batches = [np.arange(i, i + batch) % n for i in range(0, passes * n, batch)]
+    index_batches = passes_in_batches(split.num_examples, passes, batch)
     context = multiprocessing.get_context("spawn")
     with context.Pool(processes) as pool:
         pool.starmap(_build_batches, [(split.example, index_batches[:1], 0)] * processes)  # warm

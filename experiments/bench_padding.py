@@ -68,7 +68,7 @@ def main() -> None:
             counts = flops.model_counts(arch, rates)
             model = models.create_model(arch, rates, "compact")
             variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
-            calls = engines(model, variables, size, mean, std)
+            calls = engines(model, variables, size, mean, std, ("jax", "onnxruntime"))
             for batch in batches:
                 images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8)
                 ms = {
