@@ -1,0 +1,681 @@
+"""DCFF on an unmodified Flax model (linen or nnx): a traced plan, the fused training model, the
+compact export.
+
+    dcff = dcff_jax.auto.DCFF(model, images[:1], rates=0.5, exclude=("head",))
+    print(dcff.plan.table())
+    fused = dcff.fused()                 # train this (linen: a Module; nnx: a copy of yours)
+    compact, compact_vars = dcff.compact(fused_variables)       # nnx: compact = dcff.compact(fused)
+
+Which convs fuse, and how their widths couple, comes from tracing the model (dcff_jax.trace):
+a conv whose outputs only reach channel-wise ops and then convs or dense layers fuses freely;
+outputs that meet at a residual add form a group that shares one rate and one kept width (each
+conv fusing independently into the same slots, as the published ResNet-50 does with conv3 and
+the downsample); concat branches fuse independently; a flatten into a dense layer shrinks its
+input; a depthwise conv follows its producer. Everything else is reported with the reason.
+
+Rates: a number for every fusable conv, or a mapping from glob patterns over layer paths
+("layer1/*/conv1", "*") to rates, the first matching pattern winning (unmatched convs are not
+fused), plus `exclude` patterns; or `target_macs_reduction`, searched by
+dcff_jax.search_rates over one rate per group. Convs of one group must resolve to one rate.
+
+The plan is a value (`Plan.to_json` / `Plan.from_json`); building from a saved plan re-traces
+the model and refuses a model whose convs no longer match it, so a changed model can never
+silently remap layers.
+
+Linen: the fused model is a Module wrapping yours whose variables have the same paths; each fused
+conv keeps all c filters in params and its fusion state in the "fusion" collection (as
+dcff_jax.FusedConv), so `dcff_jax.update_fusion` and `dcff_jax.compact_variables` apply as is.
+nnx: the fused model is a copy of yours with each fused conv wrapped (FusedConvNNX) and its
+consumers resized; `update_fusion_nnx` updates it in place.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import fnmatch
+import functools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from dcff_jax import fusion, trace
+from dcff_jax.errors import ConfigError
+from dcff_jax.plans import keep_width
+
+PLAN_FORMAT = "dcff_jax.plan/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedConv:
+    """One conv of the traced model and what the plan does with it."""
+
+    path: str  # module path, "layer1/0/conv1"
+    kernel_shape: tuple[int, ...]
+    group: int  # convs of one group share one width (residual adds)
+    rate: float
+    kept: int  # output width in the fused/compact model (== filters when not fused)
+    fused: bool
+    reason: str  # why not fused ("" when fused)
+
+    @property
+    def filters(self) -> int:
+        return self.kernel_shape[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Which convs of a model fuse, at which widths. `followers` are the depthwise convs whose
+    groups follow a fused producer; macs are conv + dense multiply-accumulates at batch 1."""
+
+    convs: tuple[PlannedConv, ...]
+    followers: tuple[str, ...]
+    macs: int
+    compact_macs: int
+
+    @property
+    def fused(self) -> dict[str, PlannedConv]:
+        return {c.path: c for c in self.convs if c.fused}
+
+    def to_json(self) -> str:
+        convs = [dataclasses.asdict(c) for c in self.convs]
+        return json.dumps(
+            {
+                "format": PLAN_FORMAT,
+                "convs": convs,
+                "followers": list(self.followers),
+                "macs": self.macs,
+                "compact_macs": self.compact_macs,
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+            if data.get("format") != PLAN_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {PLAN_FORMAT!r}")
+            convs = tuple(
+                PlannedConv(**{**c, "kernel_shape": tuple(c["kernel_shape"])})
+                for c in data["convs"]
+            )
+            return cls(convs, tuple(data["followers"]), data["macs"], data["compact_macs"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"not a dcff-jax plan ({type(e).__name__}: {e})") from e
+
+    def table(self) -> str:
+        """One row per conv: path, kernel shape, group, rate, width, fused or why not."""
+        rows = [f"{'layer':<36}{'kernel':<20}{'group':>6}{'rate':>7}{'width':>12}  fused"]
+        for c in self.convs:
+            width = f"{c.filters}->{c.kept}" if c.kept != c.filters else str(c.filters)
+            rows.append(
+                f"{c.path:<36}{str(c.kernel_shape):<20}{c.group:>6}{c.rate:>7.3g}{width:>12}  "
+                + ("yes" if c.fused else f"no: {c.reason}")
+            )
+        rows.append(
+            f"conv+dense MACs {self.macs:,} -> {self.compact_macs:,} "
+            f"({100 * (1 - self.compact_macs / max(self.macs, 1)):.1f}% fewer)"
+        )
+        return "\n".join(rows)
+
+
+# --- Tracing ----------------------------------------------------------------------------------
+
+
+def _is_nnx(model) -> bool:
+    from flax import nnx
+
+    return isinstance(model, nnx.Module)
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+@dataclasses.dataclass
+class _Traced:
+    analysis: trace.Analysis
+    leaf_paths: list[tuple[str, ...]]
+
+
+def _trace(model, example, apply_kwargs: Mapping[str, Any]) -> _Traced:
+    example = jax.ShapeDtypeStruct(tuple(example.shape), example.dtype)
+    if _is_nnx(model):
+        from flax import nnx
+
+        copy = nnx.clone(model)
+        copy.eval()
+        graphdef, state = nnx.split(copy)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+
+        def fn(leaves, x):
+            return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(x, **apply_kwargs)
+
+    else:
+        variables = jax.eval_shape(
+            lambda x: model.init(jax.random.key(0), x, **apply_kwargs), example
+        )
+        flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
+
+        def fn(leaves, x):
+            return model.apply(jax.tree.unflatten(treedef, leaves), x, **apply_kwargs)
+
+    leaves = [leaf for _, leaf in flat]
+    # nnx state paths end in the Variable's .value attribute, which names nothing.
+    paths = [
+        tuple(
+            _key_name(k)
+            for k in path
+            if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")
+        )
+        for path, _ in flat
+    ]
+    return _Traced(trace.analyze(fn, leaves, example), paths)
+
+
+def _module_path(leaf_path: tuple[str, ...], nnx_model: bool) -> str:
+    # linen: ("params", ..., "kernel"); nnx: (..., "kernel").
+    parts = list(leaf_path)
+    if not nnx_model:
+        parts = parts[1:]
+    return "/".join(parts[:-1])
+
+
+def _match(path: str, patterns: Sequence[str]) -> str | None:
+    return next((p for p in patterns if fnmatch.fnmatchcase(path, p)), None)
+
+
+def _resolve_rate(path: str, rates) -> float:
+    if isinstance(rates, Mapping):
+        pattern = _match(path, list(rates))
+        return 0.0 if pattern is None else float(rates[pattern])
+    return float(rates)
+
+
+def _check_rate(rate: float, where: str) -> float:
+    if not 0.0 <= rate < 1.0:
+        raise ConfigError(
+            f"rate {rate} for {where} is outside [0, 1): the fraction of filters pruned"
+        )
+    return rate
+
+
+def make_plan(
+    model,
+    example,
+    rates: float | Mapping[str, float] = 0.0,
+    *,
+    exclude: Sequence[str] = (),
+    target_macs_reduction: float | None = None,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> Plan:
+    """Trace `model` on `example` (NHWC, any batch) and plan which convs fuse at which rates.
+
+    Args:
+      model: an unmodified flax.linen Module or nnx.Module (traced in eval mode: pass the
+        linen call's eval arguments in apply_kwargs, e.g. {"train": False}).
+      rates: one rate for every fusable conv, or {glob over module paths: rate}.
+      exclude: glob patterns of convs never fused (their group is not fused either).
+      target_macs_reduction: instead of rates, search one rate per group for this fraction of
+        conv + dense MACs removed (dcff_jax.search_rates).
+    """
+    apply_kwargs = dict(apply_kwargs or {})
+    traced = _trace(model, example, apply_kwargs)
+    return _plan_from_trace(traced, _is_nnx(model), rates, exclude, target_macs_reduction)
+
+
+def _plan_from_trace(traced, nnx_model, rates, exclude, target) -> Plan:
+    a = traced.analysis
+    path_of = {
+        i: _module_path(traced.leaf_paths[r.kernel_leaf], nnx_model)
+        for i, r in enumerate(a.records)
+        if r.kind == "conv" and r.kernel_leaf is not None
+    }
+    groups = a.groups()
+    roots = sorted({a.find(s) for s in a.producers})
+    group_id = {root: n for n, root in enumerate(roots)}
+    members = {root: [a.producers[s] for s in groups[root] if s in a.producers] for root in roots}
+    reasons = {root: a.group_reasons(root) for root in roots}
+    for root in roots:
+        for i in members[root]:
+            hit = _match(path_of[i], exclude)
+            if hit:
+                reasons[root].append(f"excluded ({path_of[i]} matches {hit!r})")
+    open_roots = [r for r in roots if not reasons[r]]
+
+    def group_rate(root) -> float:
+        found = {
+            path_of[i]: _check_rate(_resolve_rate(path_of[i], rates), path_of[i])
+            for i in members[root]
+        }
+        if len(set(found.values())) > 1:
+            raise ConfigError(
+                "these convs meet at a residual add and must share one rate, but the rates "
+                f"give {found}: give them one rate (or exclude them)"
+            )
+        return next(iter(found.values()))
+
+    if target is not None:
+        chosen = _search(a, open_roots, target)
+    else:
+        chosen = {root: group_rate(root) for root in open_roots}
+    kept = {root: keep_width(a.spaces[root], rate) for root, rate in chosen.items() if rate > 0}
+
+    convs = []
+    for i, record in enumerate(a.records):
+        if i not in path_of:
+            continue
+        root = a.find(record.out_space) if record.out_space is not None else None
+        if record.groups > 1 and record.in_tag is not None:
+            width = a.width(record.in_tag, lambda r: kept.get(r, a.spaces[r]))
+            convs.append(
+                PlannedConv(
+                    path_of[i],
+                    record.kernel_shape,
+                    -1,
+                    0.0,
+                    width,
+                    False,
+                    "depthwise: follows its input's width",
+                )
+            )
+            continue
+        if root is None:
+            fused, reason, rate = False, "its kernel is not a plain parameter", 0.0
+        elif root in kept:
+            fused, reason, rate = True, "", chosen[root]
+        elif reasons[root]:
+            fused, reason, rate = False, "; ".join(reasons[root]), 0.0
+        else:
+            fused, reason, rate = False, "rate 0", 0.0
+        convs.append(
+            PlannedConv(
+                path_of[i],
+                record.kernel_shape,
+                group_id.get(root, -1),
+                rate,
+                kept[root] if fused else record.out_width,
+                fused,
+                reason,
+            )
+        )
+    followers = tuple(
+        path_of[i]
+        for i, r in enumerate(a.records)
+        if r.groups > 1
+        and r.in_tag is not None
+        and i in path_of
+        and any(s.space is not None and a.find(s.space) in kept for s in r.in_tag.segments)
+    )
+    return Plan(tuple(convs), followers, a.macs(), a.macs(lambda r: kept.get(r, a.spaces[r])))
+
+
+def _search(a: trace.Analysis, roots: list[int], target: float) -> dict[int, float]:
+    from dcff_jax.plan_search import search_rates
+
+    if not roots:
+        raise ConfigError("no conv of this model can be fused, so no MACs target can be met")
+
+    def count(rates):
+        widths = {r: keep_width(a.spaces[r], rate) for r, rate in zip(roots, rates, strict=True)}
+        return a.macs(lambda r: widths.get(r, a.spaces[r])), 1
+
+    result = search_rates(count, len(roots), flops_reduction=target)
+    return dict(zip(roots, result.rates, strict=True))
+
+
+def check_plan(plan: Plan, model, example, apply_kwargs=None) -> None:
+    """Raise ConfigError unless re-tracing `model` finds the plan's convs (same paths, kernel
+    shapes and groups): a plan saved with a checkpoint must never be applied to a changed
+    model."""
+    traced = _trace(model, example, dict(apply_kwargs or {}))
+    fresh = _plan_from_trace(traced, _is_nnx(model), 0.0, (), None)
+    now = {
+        c.path: (c.kernel_shape, c.group, bool(c.reason) and c.reason != "rate 0")
+        for c in fresh.convs
+    }
+    saved = {c.path: (c.kernel_shape, c.group) for c in plan.convs}
+    problems = [p for p in saved if p not in now] + [p for p in now if p not in saved]
+    problems += [p for p in saved if p in now and now[p][:2] != saved[p]]
+    problems += [c.path for c in plan.convs if c.fused and now.get(c.path, (0, 0, True))[2]]
+    if problems:
+        raise ConfigError(
+            f"the model no longer matches its plan at {sorted(set(problems))[:5]}: "
+            "it changed since the plan was made; make a new plan (and retrain) for it"
+        )
+
+
+# --- linen ------------------------------------------------------------------------------------
+
+
+def _kernel_size(module: nn.Conv) -> tuple[int, ...]:
+    k = module.kernel_size
+    return (k,) if isinstance(k, int) else tuple(k)
+
+
+def _conv_with(module: nn.Conv, x, features: int, groups: int, matrix_width: int | None):
+    """module's conv on x with `features` outputs and `groups` groups; with matrix_width c its
+    params hold c filters and the conv uses their fusion (FusedConv's math)."""
+    stored = matrix_width or features
+    shape = (*_kernel_size(module), x.shape[-1] // groups, stored)
+    params = {"kernel": module.param("kernel", module.kernel_init, shape, module.param_dtype)}
+    if module.use_bias:
+        params["bias"] = module.param("bias", module.bias_init, (stored,), module.param_dtype)
+    if matrix_width:
+        initial = fusion.init_fusion_state(matrix_width, features)
+        state = {
+            n: module.variable(fusion.FUSION_COLLECTION, n, lambda n=n: initial[n])
+            for n in ("matrix", "scores", "kept")
+        }
+        matrix = state["matrix"].value
+        params = {
+            k: fusion.fuse_kernel(v.astype(jnp.promote_types(v.dtype, jnp.float32)), matrix)
+            for k, v in params.items()
+        }
+    plain = module.clone(parent=None, name=None, features=features, feature_group_count=groups)
+    return plain.apply({"params": params}, x)
+
+
+class FusedLinen(nn.Module):
+    """A linen model with its planned convs rewritten (same variable paths as the model).
+
+    layers: ((path, output width, stored filters or 0, groups or 0), ...): a conv at `path`
+    gets that output width; with stored filters c it keeps c filters and fuses them (the fused
+    variant), with 0 it is a plain conv at that width (the compact variant). groups > 0 marks a
+    depthwise follower, whose groups become its input width.
+    """
+
+    model: nn.Module
+    layers: tuple[tuple[str, int, int, int], ...]
+
+    def setup(self):
+        nn.share_scope(self, self.model)
+
+    def __call__(self, *args, **kwargs):
+        layers = {path: rest for path, *rest in self.layers}
+
+        def rewrite(next_fun, call_args, call_kwargs, context):
+            module = context.module
+            if context.method_name != "__call__" or not isinstance(module, nn.Conv):
+                return next_fun(*call_args, **call_kwargs)
+            path = "/".join(module.scope.path) if module.scope else ""
+            if path not in layers or not call_args:
+                return next_fun(*call_args, **call_kwargs)
+            width, stored, follower = layers[path]
+            x = call_args[0]
+            if follower:
+                return _conv_with(module, x, x.shape[-1], x.shape[-1], None)
+            return _conv_with(module, x, width, module.feature_group_count, stored or None)
+
+        with nn.intercept_methods(rewrite):
+            return self.model(*args, **kwargs)
+
+
+# --- nnx --------------------------------------------------------------------------------------
+
+_ACTIVE_MATRIX: contextvars.ContextVar = contextvars.ContextVar("dcff_fusion_matrix", default=None)
+
+
+def _fusing_promote(original, arrays, dtype=None, **kwargs):
+    """An nnx.Conv promote_dtype hook: fuses the kernel and bias it is handed with the matrix of
+    the FusedConvNNX calling it, then promotes as the conv would."""
+    matrix = _ACTIVE_MATRIX.get()
+    if matrix is None:
+        raise RuntimeError("a fused nnx conv must be called through its FusedConvNNX wrapper")
+    inputs, kernel, *rest = arrays
+    fused = [
+        None
+        if a is None
+        else fusion.fuse_kernel(a.astype(jnp.promote_types(a.dtype, jnp.float32)), matrix)
+        for a in (kernel, *rest)
+    ]
+    return original((inputs, *fused), dtype=dtype, **kwargs)
+
+
+def _nnx_classes():
+    from flax import nnx
+
+    class FusionState(nnx.Variable):
+        """DCFF fusion state: updated once per epoch, never by the optimizer."""
+
+    class FusedConvNNX(nnx.Module):
+        """An nnx.Conv holding all c filters whose `kept` outputs are their fusions (DCFF).
+
+        conv: the user's conv, unchanged but for a promote_dtype hook; matrix (kept, c),
+        scores (c,), kept (kept,): FusionState, as in dcff_jax.FusedConv's "fusion" collection.
+        """
+
+        def __init__(self, conv, kept: int):
+            initial = fusion.init_fusion_state(conv.out_features, kept)
+            self.matrix = FusionState(initial["matrix"])
+            self.scores = FusionState(initial["scores"])
+            self.kept = FusionState(initial["kept"])
+            conv.promote_dtype = functools.partial(_fusing_promote, conv.promote_dtype)
+            self.conv = conv
+
+        def __call__(self, x, *args, **kwargs):
+            token = _ACTIVE_MATRIX.set(self.matrix[...])
+            try:
+                return self.conv(x, *args, **kwargs)
+            finally:
+                _ACTIVE_MATRIX.reset(token)
+
+    return FusionState, FusedConvNNX
+
+
+FusionState, FusedConvNNX = _nnx_classes()
+
+
+def _nnx_get(root, path: Sequence[str]):
+    node = root
+    for part in path:
+        node = (
+            node[int(part)] if part.isdigit() and not hasattr(node, part) else getattr(node, part)
+        )
+    return node
+
+
+def _nnx_set(root, path: Sequence[str], value) -> None:
+    parent, last = _nnx_get(root, path[:-1]), path[-1]
+    if last.isdigit() and not hasattr(parent, last):
+        parent[int(last)] = value
+    else:
+        setattr(parent, last, value)
+
+
+def _tie_indices(a: trace.Analysis, tag: trace.Tag, kept) -> np.ndarray:
+    """Indices along a tied axis that the first kept(root) channels of each space occupy."""
+    index, offset = [], 0
+    per_copy = sum(s.size for s in tag.segments)
+    for copy in range(tag.repeat):
+        offset = copy * per_copy
+        for s in tag.segments:
+            n = s.size if s.space is None else kept(a.find(s.space))
+            index.extend(range(offset, offset + n))
+            offset += s.size
+    return np.asarray(index)
+
+
+def _fuse_nnx(model, plan: Plan, traced: _Traced):
+    """A copy of the nnx `model` with the plan's convs wrapped and their consumers resized."""
+    from flax import nnx
+
+    a = traced.analysis
+    fused_paths = plan.fused
+    kept_of_root = {}
+    for r in a.records:
+        if r.out_space is not None and r.kernel_leaf is not None:
+            path = _module_path(traced.leaf_paths[r.kernel_leaf], True)
+            if path in fused_paths:
+                kept_of_root[a.find(r.out_space)] = fused_paths[path].kept
+    model = nnx.clone(model)
+    graphdef, state = nnx.split(model)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    leaves = [leaf for _, leaf in flat]
+    own_bias = {
+        i
+        for i, path in enumerate(traced.leaf_paths)
+        if path[-1] == "bias" and _module_path(path, True) in fused_paths
+    }
+    resized: dict[tuple[int, int], np.ndarray] = {}
+    for tie in a.ties:
+        if tie.kind == "produced" or tie.leaf in own_bias:
+            continue  # a fused conv's own filters and bias: kept whole, fused
+        if not any(
+            s.space is not None and a.find(s.space) in kept_of_root for s in tie.tag.segments
+        ):
+            continue
+        index = _tie_indices(a, tie.tag, lambda r: kept_of_root.get(r, a.spaces[r]))
+        resized[(tie.leaf, tie.axis)] = (index, tie.kind)
+    for (leaf, axis), (index, kind) in sorted(resized.items()):
+        value = jnp.take(leaves[leaf], index, axis=axis)
+        if kind == "in":  # keep a fan-in-scaled init's scale (nnx's default lecun_normal)
+            value = value * math.sqrt(leaves[leaf].shape[axis] / len(index))
+        leaves[leaf] = value
+    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    for _, module in nnx.iter_graph(model):
+        _sync_nnx_attributes(module)
+    for path, conv in fused_paths.items():
+        parts = path.split("/")
+        _nnx_set(model, parts, FusedConvNNX(_nnx_get(model, parts), conv.kept))
+    return model
+
+
+def _sync_nnx_attributes(module) -> None:
+    """Re-derive the width attributes of nnx layers from their (resized) parameters."""
+    from flax import nnx
+
+    if isinstance(module, nnx.Conv):
+        shape = module.kernel[...].shape
+        depthwise = (
+            module.feature_group_count > 1 and module.feature_group_count == module.in_features
+        )
+        if depthwise:
+            module.feature_group_count = shape[-1]
+        module.in_features = shape[-2] * module.feature_group_count
+        module.out_features = shape[-1]
+        module.kernel_shape = tuple(shape)
+    elif isinstance(module, nnx.Linear):
+        module.in_features, module.out_features = module.kernel[...].shape
+    elif hasattr(module, "num_features"):
+        for name in ("scale", "bias", "mean", "var"):
+            value = getattr(module, name, None)
+            if isinstance(value, nnx.Variable) and value[...] is not None:
+                module.num_features = value[...].shape[-1]
+                break
+
+
+def update_fusion_nnx(model, epoch, num_epochs, **kwargs) -> dict:
+    """dcff_jax.update_fusion for an nnx fused model, in place; returns its info."""
+    from flax import nnx
+
+    wrappers = {
+        "/".join(map(str, path)): m
+        for path, m in nnx.iter_graph(model)
+        if isinstance(m, FusedConvNNX)
+    }
+    params = {p: {"kernel": w.conv.kernel[...]} for p, w in wrappers.items()}
+    state = {
+        p: {n: getattr(w, n)[...] for n in ("matrix", "scores", "kept")}
+        for p, w in wrappers.items()
+    }
+    new, info = fusion.update_fusion(params, state, epoch, num_epochs, **kwargs)
+    for p, w in wrappers.items():
+        for n in ("matrix", "scores", "kept"):
+            getattr(w, n)[...] = new[p][n]
+    return info
+
+
+def compact_nnx(fused_model):
+    """The compact nnx model of a fused one: each FusedConvNNX replaced by its conv at the kept
+    width holding the fused kernel and bias (a new object; the fused model is unchanged)."""
+    from flax import nnx
+
+    model = nnx.clone(fused_model)
+    wrappers = [(path, m) for path, m in nnx.iter_graph(model) if isinstance(m, FusedConvNNX)]
+    for path, wrapper in wrappers:
+        conv, matrix = wrapper.conv, wrapper.matrix[...]
+        # set_value, not [...] =: the width changes.
+        conv.kernel.set_value(fusion.fuse_kernel(conv.kernel[...], matrix))
+        if conv.bias is not None:
+            conv.bias.set_value(fusion.fuse_kernel(conv.bias[...], matrix))
+        conv.promote_dtype = conv.promote_dtype.args[0]
+        _sync_nnx_attributes(conv)
+        _nnx_set(model, [str(p) for p in path], conv)
+    return model
+
+
+# --- The entry point --------------------------------------------------------------------------
+
+
+class DCFF:
+    """DCFF for an unmodified Flax model: its plan, fused training model and compact export.
+
+    Args:
+      model: a flax.linen Module or an nnx.Module, unchanged.
+      example: an input batch (NHWC; only its shape and dtype are used).
+      rates / exclude / target_macs_reduction: see make_plan.
+      plan: a saved Plan (Plan.from_json) instead of rates; the model is checked against it.
+      apply_kwargs: the linen call's eval-mode arguments, e.g. {"train": False}.
+    """
+
+    def __init__(
+        self,
+        model,
+        example,
+        rates: float | Mapping[str, float] = 0.0,
+        *,
+        exclude: Sequence[str] = (),
+        target_macs_reduction: float | None = None,
+        plan: Plan | None = None,
+        apply_kwargs: Mapping[str, Any] | None = None,
+    ):
+        self.model = model
+        self.is_nnx = _is_nnx(model)
+        self.apply_kwargs = dict(apply_kwargs or {})
+        self._traced = _trace(model, example, self.apply_kwargs)
+        if plan is None:
+            plan = _plan_from_trace(
+                self._traced, self.is_nnx, rates, exclude, target_macs_reduction
+            )
+        else:
+            check_plan(plan, model, example, self.apply_kwargs)
+        self.plan = plan
+
+    def _linen_layers(self, fused: bool) -> tuple:
+        layers = [
+            (c.path, c.kept, c.filters if fused else 0, 0) for c in self.plan.convs if c.fused
+        ]
+        layers += [(path, 0, 0, 1) for path in self.plan.followers]
+        return tuple(layers)
+
+    def fused(self):
+        """The fused training model (linen: a Module; nnx: a resized copy of the model)."""
+        if self.is_nnx:
+            return _fuse_nnx(self.model, self.plan, self._traced)
+        return FusedLinen(self.model, self._linen_layers(True))
+
+    def compact_model(self) -> nn.Module:
+        """linen: the compact model (plain convs at the kept widths) for compact_variables."""
+        if self.is_nnx:
+            raise TypeError("for an nnx model, call compact(fused_model)")
+        return FusedLinen(self.model, self._linen_layers(False))
+
+    def compact(self, fused):
+        """linen: fused variables -> (compact Module, its variables); nnx: fused model -> the
+        compact model. Eval-mode logits are the fused model's."""
+        if self.is_nnx:
+            return compact_nnx(fused)
+        from dcff_jax.export import compact_variables
+
+        return self.compact_model(), compact_variables(fused)

@@ -1,0 +1,112 @@
+"""Models written the way Flax users write them, not for dcff-jax: the subjects of test_auto.
+
+ResNet follows the structure of flax's examples/imagenet (module classes given
+functools.partial(nn.Conv, use_bias=False) and a BatchNorm partial, bottleneck blocks, projection
+shortcuts), written here from its description.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
+
+
+class Bottleneck(nn.Module):
+    filters: int
+    conv: Any
+    norm: Any
+    act: Callable
+    strides: tuple[int, int] = (1, 1)
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = self.act(self.norm()(self.conv(self.filters, (1, 1))(x)))
+        y = self.act(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
+        y = self.conv(self.filters * 4, (1, 1))(y)
+        y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+        if residual.shape != y.shape:
+            residual = self.conv(self.filters * 4, (1, 1), self.strides, name="conv_proj")(residual)
+            residual = self.norm(name="norm_proj")(residual)
+        return self.act(residual + y)
+
+
+class ResNet(nn.Module):
+    stage_sizes: tuple[int, ...] = (1, 2)
+    num_filters: int = 8
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        conv = functools.partial(nn.Conv, use_bias=False)
+        norm = functools.partial(
+            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5
+        )
+        x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
+        x = nn.relu(norm(name="bn_init")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        for i, n in enumerate(self.stage_sizes):
+            for j in range(n):
+                strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+                x = Bottleneck(self.num_filters * 2**i, conv, norm, nn.relu, strides)(x)
+        return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+class ConcatCNN(nn.Module):
+    """Two branches concatenated, pools, a flatten into a dense classifier with dropout."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(16, (3, 3))(x))
+        a = nn.relu(nn.Conv(8, (1, 1), name="branch_a")(x))
+        b = nn.relu(nn.Conv(12, (3, 3), name="branch_b")(x))
+        x = nn.max_pool(jnp.concatenate([a, b], axis=-1), (2, 2), (2, 2))
+        x = nn.relu(nn.Conv(16, (3, 3), name="conv_after")(x))
+        x = nn.avg_pool(x, (2, 2), (2, 2)).reshape((x.shape[0], -1))
+        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(32, name="fc1")(x)))
+        return nn.Dense(10, name="fc2")(x)
+
+
+class SlicingCNN(nn.Module):
+    """Convs DCFF cannot fuse: one whose channels are sliced, one that is the model's output."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3), name="free")(x))
+        y = nn.Conv(8, (3, 3), name="sliced")(x)[..., :4]
+        return nn.Conv(10, (1, 1), name="head")(y).mean(axis=(1, 2))
+
+
+class SepBlock(nnx.Module):
+    """Depthwise-separable: depthwise 3x3 + BN + ReLU, pointwise 1x1 + BN + ReLU."""
+
+    def __init__(self, cin: int, cout: int, rngs: nnx.Rngs):
+        self.depthwise = nnx.Conv(
+            cin, cin, (3, 3), feature_group_count=cin, use_bias=False, rngs=rngs
+        )
+        self.bn1 = nnx.BatchNorm(cin, rngs=rngs)
+        self.pointwise = nnx.Conv(cin, cout, (1, 1), use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(cout, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn1(self.depthwise(x)))
+        return nnx.relu(self.bn2(self.pointwise(x)))
+
+
+class SepNet(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs, num_classes: int = 10):
+        self.stem = nnx.Conv(3, 16, (3, 3), strides=2, rngs=rngs)
+        self.bn = nnx.BatchNorm(16, rngs=rngs)
+        self.blocks = nnx.List([SepBlock(16, 32, rngs), SepBlock(32, 32, rngs)])
+        self.head = nnx.Linear(32, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn(self.stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(axis=(1, 2)))

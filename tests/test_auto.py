@@ -1,0 +1,316 @@
+"""DCFF on unmodified Flax models (dcff_jax.auto): traced plans, fused training, compact export."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import dcff_jax
+from dcff_jax import auto, models
+from dcff_jax.errors import ConfigError
+from tests import flax_user_models as user
+
+IMAGES = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
+LABELS = jnp.arange(8) % 10
+# Fused eval and compact logits are the same function of the same numbers up to the order of
+# float32 sums (the fused kernel is computed once at export instead of inside the step).
+TOLERANCE = 1e-5
+
+
+def relative(a, b) -> float:
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
+
+
+def train_linen(module, variables, steps=6, epochs=2, **train_kwargs):
+    """A few SGD steps per epoch with the fusion updated before each epoch, as DCFF trains."""
+    tx = optax.sgd(0.01, momentum=0.9)
+    opt_state = tx.init(variables["params"])
+
+    @jax.jit
+    def step(variables, opt_state):
+        def loss_fn(params):
+            logits, updates = module.apply(
+                {**variables, "params": params}, IMAGES, mutable=["batch_stats"], **train_kwargs
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, LABELS).mean()
+            return loss, updates
+
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+        new, opt_state = tx.update(grads, opt_state, variables["params"])
+        params = optax.apply_updates(variables["params"], new)
+        return {**variables, **updates, "params": params}, opt_state, loss
+
+    losses = []
+    for epoch in range(epochs):
+        fusion, _ = dcff_jax.update_fusion(variables["params"], variables["fusion"], epoch, epochs)
+        variables = {**variables, "fusion": fusion}
+        for _ in range(steps):
+            variables, opt_state, loss = step(variables, opt_state)
+            losses.append(float(loss))
+    return variables, losses
+
+
+def spatial_sizes(model, x, **kwargs) -> dict[str, int]:
+    """Output H*W of every nn.Conv of the unpruned model, by module path (pruning keeps them)."""
+    sizes = {}
+
+    def record(next_fun, args, kw, context):
+        y = next_fun(*args, **kw)
+        if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
+            sizes["/".join(context.module.scope.path)] = math.prod(y.shape[1:-1])
+        return y
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, **kwargs), x)
+    return sizes
+
+
+def linen_macs(compact_params, sizes: dict[str, int]) -> int:
+    """Conv + dense MACs of batch 1 from the compact kernels' shapes alone (kernel elements x
+    output pixels; a dense kernel's elements): independent of dcff_jax.trace."""
+    flat = jax.tree_util.tree_flatten_with_path(compact_params)[0]
+    total = 0
+    for path, leaf in flat:
+        names = [k.key for k in path]
+        if names[-1] != "kernel":
+            continue
+        module = "/".join(names[:-1])
+        total += leaf.size * (sizes[module] if leaf.ndim == 4 else 1)
+    return total
+
+
+def check_linen_export(model, plan_kwargs, apply_kwargs=None, train_kwargs=None):
+    apply_kwargs = apply_kwargs or {}
+    dcff = auto.DCFF(model, IMAGES[:1], apply_kwargs=apply_kwargs, **plan_kwargs)
+    fused = dcff.fused()
+    variables = fused.init(jax.random.key(0), IMAGES[:1], **apply_kwargs)
+    variables, losses = train_linen(fused, variables, **(train_kwargs or apply_kwargs))
+    assert losses[-1] < losses[0]
+    # Epoch 0 of 10 (T = 1): every fused output mixes all filters, so the export must fuse.
+    fusion, _ = dcff_jax.update_fusion(variables["params"], variables["fusion"], 0, 10)
+    variables = {**variables, "fusion": fusion}
+    compact, compact_vars = dcff.compact(variables)
+    reference = fused.apply(variables, IMAGES, **apply_kwargs)
+    assert relative(reference, compact.apply(compact_vars, IMAGES, **apply_kwargs)) <= TOLERANCE
+    # Each fused conv stores all its filters; the compact conv has the kept width.
+    for path, conv in dcff.plan.fused.items():
+        node = variables["params"]
+        compact_node = compact_vars["params"]
+        for part in path.split("/"):
+            node, compact_node = node[part], compact_node[part]
+        assert node["kernel"].shape[-1] == conv.filters
+        assert compact_node["kernel"].shape[-1] == conv.kept
+    sizes = spatial_sizes(model, IMAGES[:1], **apply_kwargs)
+    assert dcff.plan.compact_macs == linen_macs(compact_vars["params"], sizes)
+    return dcff, compact_vars
+
+
+def test_flax_examples_resnet_plan_couples_residual_adds():
+    dcff, _ = check_linen_export(
+        user.ResNet(), {"rates": 0.5}, {"train": False}, train_kwargs={"train": True}
+    )
+    convs = {c.path: c for c in dcff.plan.convs}
+    # conv3 and the projection meet at the add; the next block's conv3 adds to their sum.
+    assert convs["Bottleneck_0/Conv_2"].group == convs["Bottleneck_0/conv_proj"].group
+    stage2 = {
+        convs[p].group
+        for p in ("Bottleneck_1/Conv_2", "Bottleneck_1/conv_proj", "Bottleneck_2/Conv_2")
+    }
+    assert len(stage2) == 1 and stage2 != {convs["Bottleneck_0/Conv_2"].group}
+    assert len({c.group for c in dcff.plan.convs}) == 9
+    assert all(c.fused and c.kept == c.filters // 2 for c in dcff.plan.convs)
+    assert "Bottleneck_0/conv_proj" in dcff.plan.table()
+
+
+def test_concat_and_flatten_into_dense():
+    dcff, compact_vars = check_linen_export(user.ConcatCNN(), {"rates": {"*": 0.5}})
+    widths = {c.path: c.kept for c in dcff.plan.convs}
+    assert widths == {"Conv_0": 8, "branch_a": 4, "branch_b": 6, "conv_after": 8}
+    # The concat's consumer sees 4 + 6 channels; the flatten 8 x 8 pixels x 8 channels.
+    assert compact_vars["params"]["conv_after"]["kernel"].shape == (3, 3, 10, 8)
+    assert compact_vars["params"]["fc1"]["kernel"].shape == (8 * 8 * 8, 32)
+    params = sum(x.size for x in jax.tree.leaves(compact_vars["params"]))
+    by_hand = (27 * 8 + 8) + (8 * 4 + 4) + (72 * 6 + 6) + (90 * 8 + 8) + (512 * 32 + 32) + 330
+    assert params == by_hand == 18172
+    macs = 32 * 32 * (8 * 27 + 4 * 8 + 6 * 72) + 16 * 16 * 8 * 90 + 512 * 32 + 32 * 10
+    assert dcff.plan.compact_macs == macs
+
+
+def test_flaxmodels_resnet18_third_party():
+    flaxmodels = pytest.importorskip("flaxmodels")
+    model = flaxmodels.ResNet18(output="logits", pretrained=None, num_classes=10)
+    dcff, _ = check_linen_export(
+        model, {"rates": 0.4}, {"train": False}, train_kwargs={"train": True}
+    )
+    convs = {c.path: c for c in dcff.plan.convs}
+    assert len(convs) == 20 and all(c.fused for c in convs.values())
+    # The stem and the first stage's conv2s meet at identity shortcuts: one group, one width.
+    assert convs["Conv_0"].group == convs["BasicBlock_1/Conv_1"].group
+    assert convs["BasicBlock_2/Conv_2"].group == convs["BasicBlock_3/Conv_1"].group
+    assert convs["BasicBlock_6/Conv_0"].kept == 307
+
+
+def nnx_train(model, steps=6, epochs=2):
+    """The nnx way: nnx.jit, nnx.value_and_grad over the Params, an nnx.Optimizer; the fusion
+    state (not a Param) is updated before each epoch."""
+    optimizer = nnx.Optimizer(model, optax.sgd(0.01, momentum=0.9), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss_fn(model):
+            logits = model(IMAGES)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, LABELS).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    model.train()
+    losses = []
+    for epoch in range(epochs):
+        auto.update_fusion_nnx(model, epoch, epochs)
+        losses += [float(step(model, optimizer)) for _ in range(steps)]
+    model.eval()
+    return losses
+
+
+def test_nnx_depthwise_separable():
+    model = user.SepNet(nnx.Rngs(0))
+    dcff = auto.DCFF(model, IMAGES[:1], rates=0.5)
+    convs = {c.path: c for c in dcff.plan.convs}
+    assert [p for p, c in convs.items() if c.fused] == [
+        "stem",
+        "blocks/0/pointwise",
+        "blocks/1/pointwise",
+    ]
+    assert convs["blocks/0/depthwise"].kept == 8 and "follows" in convs["blocks/0/depthwise"].reason
+    fused = dcff.fused()
+    # The depthwise conv and its BN follow the stem's 8 kept channels; the head sees 16.
+    assert fused.blocks[0].depthwise.kernel.shape == (3, 3, 1, 8)
+    assert fused.blocks[0].bn1.scale.shape == (8,)
+    assert fused.blocks[0].pointwise.conv.kernel.shape == (1, 1, 8, 32)
+    assert fused.head.kernel.shape == (16, 10)
+    assert model.stem.kernel.shape == (3, 3, 3, 16)  # the user's model is untouched
+    losses = nnx_train(fused)
+    assert losses[-1] < losses[0]
+    auto.update_fusion_nnx(fused, 0, 10)  # epoch 0 of 10 (T = 1): every filter mixes in
+    assert int(jnp.sum(fused.stem.matrix[...] > 0)) == 8 * 16
+    compact = auto.compact_nnx(fused)
+    assert relative(fused(IMAGES), compact(IMAGES)) <= TOLERANCE
+    assert compact.stem.kernel.shape == (3, 3, 3, 8) and compact.stem.bias.shape == (8,)
+    kernels = [
+        compact.stem.kernel,
+        *[getattr(b, n).kernel for b in compact.blocks for n in ("depthwise", "pointwise")],
+    ]
+    # Every conv runs at 16 x 16 (stride-2 stem on 32 x 32); the head is dense.
+    assert dcff.plan.compact_macs == sum(k.size for k in kernels) * 16 * 16 + 16 * 10
+
+
+def test_our_architectures_traced_match_their_published_plans():
+    """The six architectures' original variants, traced: the plan finds every conv the
+    published plans fuse, at their widths, and the compact MACs exactly."""
+    import importlib
+
+    config_of = {
+        "vgg16": "vgg16_cifar",
+        "googlenet": "googlenet_cifar",
+        "resnet50": "resnet50_imagenet",
+        "mobilenetv2": "mobilenetv2_imagenet",
+    }
+    for arch, config in config_of.items():
+        cprate = importlib.import_module(f"configs.{config}").get_config().cprate
+        layers = models.fused_layers(arch, cprate)
+        # Rates that truncate to the published widths; the published ResNet-50 downsample
+        # takes its stage's conv3 width (there trained unfused, here fused into the same slots).
+        rates = {x.path: max(0.0, 1 - (x.kept + 0.5) / x.filters) for x in layers}
+        rates |= {
+            p.replace("conv3", "downsample_conv"): r
+            for p, r in rates.items()
+            if p.endswith("block0/conv3")
+        }
+        plan = auto.make_plan(
+            models.create_model(arch, None, "original"),
+            jnp.zeros(models.input_shape(arch)),
+            rates,
+            apply_kwargs={"train": False},
+        )
+        for layer in layers:
+            if layer.kept != layer.filters:
+                assert plan.fused[layer.path].kept == layer.kept, (arch, layer)
+        compact = models.create_model(arch, cprate, "compact")
+        calls, _ = models.trace_calls(compact, models.input_shape(arch))
+        expected = 0
+        for call in calls:
+            if isinstance(call.module, nn.Conv):
+                expected += (
+                    math.prod(call.output_shape)
+                    * call.input_shape[-1]
+                    // call.module.feature_group_count
+                    * math.prod(call.module.kernel_size)
+                )
+            elif isinstance(call.module, nn.Dense):
+                expected += math.prod(call.output_shape) * call.input_shape[-1]
+        assert plan.compact_macs == expected, arch
+
+
+def test_blocked_convs_say_why():
+    plan = auto.make_plan(user.SlicingCNN(), IMAGES[:1], 0.5)
+    convs = {c.path: c for c in plan.convs}
+    assert convs["free"].fused and convs["free"].kept == 4
+    assert not convs["sliced"].fused and "slice selects channels" in convs["sliced"].reason
+    assert not convs["head"].fused and "model's output" in convs["head"].reason
+    assert "no: slice selects channels" in plan.table()
+
+
+def test_rates_by_glob_with_exclusions_and_conflicts():
+    model, kwargs = user.ResNet(), {"apply_kwargs": {"train": False}}
+    plan = auto.make_plan(
+        model,
+        IMAGES[:1],
+        {"Bottleneck_0/*": 0.25, "*/Conv_0": 0.5},
+        exclude=["conv_init"],
+        **kwargs,
+    )
+    convs = {c.path: c for c in plan.convs}
+    assert convs["Bottleneck_0/Conv_0"].kept == 6  # first matching pattern wins: 8 * 0.75
+    assert convs["Bottleneck_1/Conv_0"].kept == 8  # 16 * 0.5
+    assert (
+        not convs["Bottleneck_1/Conv_1"].fused and convs["Bottleneck_1/Conv_1"].reason == "rate 0"
+    )
+    assert not convs["conv_init"].fused and "excluded" in convs["conv_init"].reason
+    with pytest.raises(ConfigError, match="must share one rate"):
+        auto.make_plan(model, IMAGES[:1], {"*/Conv_2": 0.5, "*": 0.25}, **kwargs)
+    with pytest.raises(ConfigError, match="outside"):
+        auto.make_plan(model, IMAGES[:1], 1.0, **kwargs)
+
+
+def test_plan_round_trips_and_refuses_a_changed_model():
+    model, kwargs = user.ResNet(), {"apply_kwargs": {"train": False}}
+    plan = auto.make_plan(model, IMAGES[:1], 0.5, **kwargs)
+    restored = auto.Plan.from_json(plan.to_json())
+    assert restored == plan
+    assert auto.DCFF(model, IMAGES[:1], plan=restored, **kwargs).plan == plan
+    with pytest.raises(ConfigError, match="no longer matches its plan"):
+        auto.DCFF(user.ResNet(stage_sizes=(1, 3)), IMAGES[:1], plan=restored, **kwargs)
+    with pytest.raises(ConfigError, match="no longer matches its plan"):
+        auto.DCFF(user.ResNet(num_filters=16), IMAGES[:1], plan=restored, **kwargs)
+    with pytest.raises(ConfigError, match="not a dcff-jax plan"):
+        auto.Plan.from_json('{"format": "something else"}')
+
+
+def test_target_macs_reduction_is_searched_per_group():
+    plan = auto.make_plan(
+        user.ResNet(), IMAGES[:1], target_macs_reduction=0.5, apply_kwargs={"train": False}
+    )
+    reached = 1 - plan.compact_macs / plan.macs
+    assert abs(reached - 0.5) < 0.03, reached
+    groups = {}
+    for c in plan.convs:
+        groups.setdefault(c.group, set()).add(c.rate)
+    assert all(len(rates) == 1 for rates in groups.values())
+    assert np.isfinite(reached)
