@@ -12,10 +12,14 @@ Plans:
   and/or params reduction), rate_string
 FLOPs, params and export:
   count_flops, model_counts, compact_variables, load_compact (an exported compact model)
+Any Flax model (linen or nnx), unmodified (dcff_jax.auto):
+  DCFF (trace a plan; fused training model; save/load with the plan; compact export),
+  Plan, make_plan, update_fusion_nnx, compact_nnx
 Compiling:
   compiler_options (pass to jax.jit: XLA:CPU settings that make conv-net steps ~2x faster)
 """
 
+from dcff_jax.auto import DCFF, Plan, compact_nnx, make_plan, update_fusion_nnx
 from dcff_jax.export import compact_variables, load_compact
 from dcff_jax.flops import count as count_flops
 from dcff_jax.flops import model_counts
@@ -42,6 +46,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCHITECTURES",
+    "DCFF",
+    "Plan",
+    "compact_nnx",
+    "make_plan",
+    "update_fusion_nnx",
     "FUSION_COLLECTION",
     "VARIANTS",
     "FusedConv",

@@ -50,6 +50,7 @@ from dcff_jax.errors import ConfigError
 from dcff_jax.plans import keep_width
 
 PLAN_FORMAT = "dcff_jax.plan/1"
+PLAN_FILE = "plan.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -679,3 +680,116 @@ class DCFF:
         from dcff_jax.export import compact_variables
 
         return self.compact_model(), compact_variables(fused)
+
+    # --- Checkpoints and exports, each with its plan -------------------------------------------
+
+    def save(self, directory: str, fused) -> None:
+        """Write a fused training state (linen: its variables; nnx: the fused model) to
+        `directory` as an orbax checkpoint ("state") beside the plan ("plan.json"), so that
+        `DCFF.load` can refuse a model that changed since."""
+        _write(directory, "state", _state_of(fused, self.is_nnx), self.plan)
+
+    @classmethod
+    def load(cls, directory: str, model, example, apply_kwargs=None):
+        """(DCFF, fused) from a `save`d directory: linen fused variables, or the nnx fused model.
+
+        Raises ConfigError if `model` no longer matches the saved plan, MissingFileError if
+        the directory has no plan, DataError if the checkpoint cannot be read."""
+        dcff = cls(model, example, plan=_read_plan(directory), apply_kwargs=apply_kwargs)
+        if dcff.is_nnx:
+            fused = dcff.fused()
+            abstract = _state_of(fused, True)
+        else:
+            fused = None
+            abstract = jax.eval_shape(
+                lambda x: dcff.fused().init(jax.random.key(0), x, **dcff.apply_kwargs),
+                jax.ShapeDtypeStruct(tuple(example.shape), example.dtype),
+            )
+        restored = _restore(directory, "state", abstract)
+        if dcff.is_nnx:
+            from flax import nnx
+
+            nnx.update(fused, restored)
+            return dcff, fused
+        return dcff, restored
+
+    def export(self, directory: str, fused, example) -> tuple[Any, Any]:
+        """Write the compact model of `fused` (linen variables or the nnx fused model) to
+        `directory`: its variables (orbax, "variables"), the plan, and `model.stablehlo`, the
+        eval-mode function images -> logits with the variables inside and any batch size,
+        loadable with jax alone (jax.export.deserialize(...).call(images)). Returns the
+        compact (model, variables) for linen, (model, None) for nnx."""
+        from dcff_jax import storage
+        from dcff_jax.export import STABLEHLO, STABLEHLO_PLATFORMS
+
+        if self.is_nnx:
+            from flax import nnx
+
+            model, variables = self.compact(fused), None
+            graphdef, state = nnx.split(model)
+
+            def logits(x):
+                return nnx.merge(graphdef, state)(x)
+
+        else:
+            model, variables = self.compact(fused)
+
+            def logits(x):
+                return model.apply(variables, x, **self.apply_kwargs)
+
+        _write(
+            directory,
+            "variables",
+            _state_of(model if self.is_nnx else variables, self.is_nnx),
+            self.plan,
+        )
+        (batch,) = jax.export.symbolic_shape("b")
+        spec = jax.ShapeDtypeStruct((batch, *example.shape[1:]), example.dtype)
+        exported = jax.export.export(jax.jit(logits), platforms=STABLEHLO_PLATFORMS)(spec)
+        storage.write_text_atomic(storage.resolve(directory) / STABLEHLO, exported.serialize())
+        return model, variables
+
+
+def _state_of(fused, is_nnx: bool):
+    if not is_nnx:
+        return fused
+    from flax import nnx
+
+    return nnx.state(fused)
+
+
+def _write(directory: str, name: str, tree, plan: Plan) -> None:
+    import orbax.checkpoint as ocp
+
+    from dcff_jax import storage
+
+    root = storage.ensure_dir(storage.resolve(directory))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(root / name, tree, force=True)
+        checkpointer.wait_until_finished()
+    storage.write_text_atomic(root / PLAN_FILE, plan.to_json())
+
+
+def _read_plan(directory: str) -> Plan:
+    from dcff_jax import storage
+    from dcff_jax.errors import MissingFileError
+
+    path = storage.resolve(directory) / PLAN_FILE
+    if not path.exists():
+        raise MissingFileError(f"{path} does not exist: {directory} is not a dcff-jax save")
+    return Plan.from_json(path.read_text())
+
+
+def _restore(directory: str, name: str, abstract):
+    import orbax.checkpoint as ocp
+
+    from dcff_jax import storage
+    from dcff_jax.errors import DataError
+
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(storage.resolve(directory) / name, abstract)
+    except Exception as e:
+        raise DataError(
+            f"{directory}/{name} is corrupt or unreadable ({type(e).__name__}: {e})"
+        ) from e

@@ -2,6 +2,7 @@
 
 import math
 
+import flax_user_models as user
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,6 @@ from flax import nnx
 import dcff_jax
 from dcff_jax import auto, models
 from dcff_jax.errors import ConfigError
-from tests import flax_user_models as user
 
 IMAGES = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
 LABELS = jnp.arange(8) % 10
@@ -314,3 +314,40 @@ def test_target_macs_reduction_is_searched_per_group():
         groups.setdefault(c.group, set()).add(c.rate)
     assert all(len(rates) == 1 for rates in groups.values())
     assert np.isfinite(reached)
+
+
+def test_linen_save_load_and_export_carry_the_plan(tmp_path):
+    model, kwargs = user.ResNet(), {"apply_kwargs": {"train": False}}
+    dcff = auto.DCFF(model, IMAGES[:1], 0.5, **kwargs)
+    fused = dcff.fused()
+    variables = fused.init(jax.random.key(0), IMAGES[:1], train=False)
+    fusion, _ = dcff_jax.update_fusion(variables["params"], variables["fusion"], 0, 10)
+    variables = {**variables, "fusion": fusion}
+    dcff.save(str(tmp_path / "ckpt"), variables)
+    loaded, restored = auto.DCFF.load(str(tmp_path / "ckpt"), model, IMAGES[:1], **kwargs)
+    assert loaded.plan == dcff.plan
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), variables, restored))
+    with pytest.raises(ConfigError, match="no longer matches its plan"):
+        auto.DCFF.load(str(tmp_path / "ckpt"), user.ResNet(num_filters=4), IMAGES[:1], **kwargs)
+
+    compact, compact_vars = dcff.export(str(tmp_path / "export"), variables, IMAGES[:1])
+    exported = jax.export.deserialize(bytearray((tmp_path / "export/model.stablehlo").read_bytes()))
+    expected = fused.apply(variables, IMAGES, train=False)
+    assert relative(expected, exported.call(IMAGES)) <= TOLERANCE
+    assert relative(expected[:3], exported.call(IMAGES[:3])) <= TOLERANCE  # any batch size
+    assert auto.Plan.from_json((tmp_path / "export/plan.json").read_text()) == dcff.plan
+
+
+def test_nnx_save_load_and_export(tmp_path):
+    model = user.SepNet(nnx.Rngs(0))
+    dcff = auto.DCFF(model, IMAGES[:1], 0.5)
+    fused = dcff.fused()
+    auto.update_fusion_nnx(fused, 0, 10)
+    fused.eval()
+    dcff.save(str(tmp_path / "ckpt"), fused)
+    loaded, restored = auto.DCFF.load(str(tmp_path / "ckpt"), model, IMAGES[:1])
+    restored.eval()
+    assert relative(fused(IMAGES), restored(IMAGES)) == 0.0
+    compact, _ = dcff.export(str(tmp_path / "export"), fused, IMAGES[:1])
+    exported = jax.export.deserialize(bytearray((tmp_path / "export/model.stablehlo").read_bytes()))
+    assert relative(fused(IMAGES), exported.call(IMAGES)) <= TOLERANCE
