@@ -79,6 +79,8 @@ class Plan:
     followers: tuple[str, ...]
     macs: int
     compact_macs: int
+    params: int  # trainable parameters
+    compact_params: int
 
     @property
     def fused(self) -> dict[str, PlannedConv]:
@@ -93,6 +95,8 @@ class Plan:
                 "followers": list(self.followers),
                 "macs": self.macs,
                 "compact_macs": self.compact_macs,
+                "params": self.params,
+                "compact_params": self.compact_params,
             },
             indent=1,
         )
@@ -107,7 +111,8 @@ class Plan:
                 PlannedConv(**{**c, "kernel_shape": tuple(c["kernel_shape"])})
                 for c in data["convs"]
             )
-            return cls(convs, tuple(data["followers"]), data["macs"], data["compact_macs"])
+            counts = [data[k] for k in ("macs", "compact_macs", "params", "compact_params")]
+            return cls(convs, tuple(data["followers"]), *counts)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"not a dcff-jax plan ({type(e).__name__}: {e})") from e
 
@@ -122,7 +127,9 @@ class Plan:
             )
         rows.append(
             f"conv+dense MACs {self.macs:,} -> {self.compact_macs:,} "
-            f"({100 * (1 - self.compact_macs / max(self.macs, 1)):.1f}% fewer)"
+            f"({100 * (1 - self.compact_macs / max(self.macs, 1)):.1f}% fewer), params "
+            f"{self.params:,} -> {self.compact_params:,} "
+            f"({100 * (1 - self.compact_params / max(self.params, 1)):.1f}% fewer)"
         )
         return "\n".join(rows)
 
@@ -147,6 +154,17 @@ def _key_name(key) -> str:
 class _Traced:
     analysis: trace.Analysis
     leaf_paths: list[tuple[str, ...]]
+    leaf_shapes: list[tuple[int, ...]]
+    trainable: list[bool]  # linen: in "params"; nnx: an nnx.Param
+
+    def params(self, kept=None) -> int:
+        """Trainable parameters with every group root r at kept(r) channels (None: all)."""
+        a = self.analysis
+        shapes = [list(shape) for shape in self.leaf_shapes]
+        if kept is not None:
+            for tie in a.ties:
+                shapes[tie.leaf][tie.axis] = a.width(tie.tag, kept)
+        return sum(math.prod(s) for s, t in zip(shapes, self.trainable, strict=True) if t)
 
 
 def _trace(model, example, apply_kwargs: Mapping[str, Any]) -> _Traced:
@@ -158,6 +176,8 @@ def _trace(model, example, apply_kwargs: Mapping[str, Any]) -> _Traced:
         copy.eval()
         graphdef, state = nnx.split(copy)
         flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+        variables = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        trainable = [isinstance(v, nnx.Param) for v in variables]
 
         def fn(leaves, x):
             return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(x, **apply_kwargs)
@@ -167,6 +187,7 @@ def _trace(model, example, apply_kwargs: Mapping[str, Any]) -> _Traced:
             lambda x: model.init(jax.random.key(0), x, **apply_kwargs), example
         )
         flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
+        trainable = [_key_name(path[0]) == "params" for path, _ in flat]
 
         def fn(leaves, x):
             return model.apply(jax.tree.unflatten(treedef, leaves), x, **apply_kwargs)
@@ -181,7 +202,8 @@ def _trace(model, example, apply_kwargs: Mapping[str, Any]) -> _Traced:
         )
         for path, _ in flat
     ]
-    return _Traced(trace.analyze(fn, leaves, example), paths)
+    shapes = [tuple(leaf.shape) for leaf in leaves]
+    return _Traced(trace.analyze(fn, leaves, example), paths, shapes, trainable)
 
 
 def _module_path(leaf_path: tuple[str, ...], nnx_model: bool) -> str:
@@ -218,6 +240,7 @@ def make_plan(
     *,
     exclude: Sequence[str] = (),
     target_macs_reduction: float | None = None,
+    target_params_reduction: float | None = None,
     apply_kwargs: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Trace `model` on `example` (NHWC, any batch) and plan which convs fuse at which rates.
@@ -227,15 +250,17 @@ def make_plan(
         linen call's eval arguments in apply_kwargs, e.g. {"train": False}).
       rates: one rate for every fusable conv, or {glob over module paths: rate}.
       exclude: glob patterns of convs never fused (their group is not fused either).
-      target_macs_reduction: instead of rates, search one rate per group for this fraction of
-        conv + dense MACs removed (dcff_jax.search_rates).
+      target_macs_reduction / target_params_reduction: instead of rates, search one rate per
+        group for these fractions of conv + dense MACs and of trainable parameters removed
+        (dcff_jax.search_rates; either or both).
     """
     apply_kwargs = dict(apply_kwargs or {})
     traced = _trace(model, example, apply_kwargs)
-    return _plan_from_trace(traced, _is_nnx(model), rates, exclude, target_macs_reduction)
+    targets = (target_macs_reduction, target_params_reduction)
+    return _plan_from_trace(traced, _is_nnx(model), rates, exclude, targets)
 
 
-def _plan_from_trace(traced, nnx_model, rates, exclude, target) -> Plan:
+def _plan_from_trace(traced, nnx_model, rates, exclude, targets=(None, None)) -> Plan:
     a = traced.analysis
     path_of = {
         i: _module_path(traced.leaf_paths[r.kernel_leaf], nnx_model)
@@ -266,8 +291,8 @@ def _plan_from_trace(traced, nnx_model, rates, exclude, target) -> Plan:
             )
         return next(iter(found.values()))
 
-    if target is not None:
-        chosen = _search(a, open_roots, target)
+    if any(t is not None for t in targets):
+        chosen = _search(traced, open_roots, targets)
     else:
         chosen = {root: group_rate(root) for root in open_roots}
     kept = {root: keep_width(a.spaces[root], rate) for root, rate in chosen.items() if rate > 0}
@@ -318,20 +343,37 @@ def _plan_from_trace(traced, nnx_model, rates, exclude, target) -> Plan:
         and i in path_of
         and any(s.space is not None and a.find(s.space) in kept for s in r.in_tag.segments)
     )
-    return Plan(tuple(convs), followers, a.macs(), a.macs(lambda r: kept.get(r, a.spaces[r])))
+
+    def width(root):
+        return kept.get(root, a.spaces[root])
+
+    return Plan(
+        tuple(convs),
+        followers,
+        a.macs(),
+        a.macs(width),
+        traced.params(),
+        traced.params(width),
+    )
 
 
-def _search(a: trace.Analysis, roots: list[int], target: float) -> dict[int, float]:
+def _search(traced: _Traced, roots: list[int], targets) -> dict[int, float]:
     from dcff_jax.plan_search import search_rates
 
+    a = traced.analysis
     if not roots:
-        raise ConfigError("no conv of this model can be fused, so no MACs target can be met")
+        raise ConfigError("no conv of this model can be fused, so no reduction target can be met")
 
     def count(rates):
         widths = {r: keep_width(a.spaces[r], rate) for r, rate in zip(roots, rates, strict=True)}
-        return a.macs(lambda r: widths.get(r, a.spaces[r])), 1
 
-    result = search_rates(count, len(roots), flops_reduction=target)
+        def width(root):
+            return widths.get(root, a.spaces[root])
+
+        return a.macs(width), traced.params(width)
+
+    macs, params = targets
+    result = search_rates(count, len(roots), flops_reduction=macs, params_reduction=params)
     return dict(zip(roots, result.rates, strict=True))
 
 
@@ -339,19 +381,22 @@ def check_plan(plan: Plan, model, example, apply_kwargs=None) -> None:
     """Raise ConfigError unless re-tracing `model` finds the plan's convs (same paths, kernel
     shapes and groups): a plan saved with a checkpoint must never be applied to a changed
     model."""
-    traced = _trace(model, example, dict(apply_kwargs or {}))
-    fresh = _plan_from_trace(traced, _is_nnx(model), 0.0, (), None)
-    now = {
-        c.path: (c.kernel_shape, c.group, bool(c.reason) and c.reason != "rate 0")
-        for c in fresh.convs
-    }
-    saved = {c.path: (c.kernel_shape, c.group) for c in plan.convs}
-    problems = [p for p in saved if p not in now] + [p for p in now if p not in saved]
-    problems += [p for p in saved if p in now and now[p][:2] != saved[p]]
-    problems += [c.path for c in plan.convs if c.fused and now.get(c.path, (0, 0, True))[2]]
+    _check_plan(plan, _trace(model, example, dict(apply_kwargs or {})), _is_nnx(model))
+
+
+def _check_plan(plan: Plan, traced: _Traced, nnx_model: bool) -> None:
+    now = {c.path: c for c in _plan_from_trace(traced, nnx_model, 0.0, ()).convs}
+    saved = {c.path: c for c in plan.convs}
+    problems = set(now) ^ set(saved)
+    for path in set(now) & set(saved):
+        old, new = saved[path], now[path]
+        if (old.kernel_shape, old.group) != (new.kernel_shape, new.group):
+            problems.add(path)
+        elif old.fused and new.reason != "rate 0":  # fusable then, blocked now
+            problems.add(path)
     if problems:
         raise ConfigError(
-            f"the model no longer matches its plan at {sorted(set(problems))[:5]}: "
+            f"the model no longer matches its plan at {sorted(problems)[:5]}: "
             "it changed since the plan was made; make a new plan (and retrain) for it"
         )
 
@@ -625,7 +670,7 @@ class DCFF:
     Args:
       model: a flax.linen Module or an nnx.Module, unchanged.
       example: an input batch (NHWC; only its shape and dtype are used).
-      rates / exclude / target_macs_reduction: see make_plan.
+      rates / exclude / target_macs_reduction / target_params_reduction: see make_plan.
       plan: a saved Plan (Plan.from_json) instead of rates; the model is checked against it.
       apply_kwargs: the linen call's eval-mode arguments, e.g. {"train": False}.
     """
@@ -638,6 +683,7 @@ class DCFF:
         *,
         exclude: Sequence[str] = (),
         target_macs_reduction: float | None = None,
+        target_params_reduction: float | None = None,
         plan: Plan | None = None,
         apply_kwargs: Mapping[str, Any] | None = None,
     ):
@@ -646,11 +692,10 @@ class DCFF:
         self.apply_kwargs = dict(apply_kwargs or {})
         self._traced = _trace(model, example, self.apply_kwargs)
         if plan is None:
-            plan = _plan_from_trace(
-                self._traced, self.is_nnx, rates, exclude, target_macs_reduction
-            )
+            targets = (target_macs_reduction, target_params_reduction)
+            plan = _plan_from_trace(self._traced, self.is_nnx, rates, exclude, targets)
         else:
-            check_plan(plan, model, example, self.apply_kwargs)
+            _check_plan(plan, self._traced, self.is_nnx)
         self.plan = plan
 
     def _linen_layers(self, fused: bool) -> tuple:

@@ -5,7 +5,6 @@ import math
 import flax_user_models as user
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from flax import linen as nn
@@ -107,6 +106,9 @@ def check_linen_export(model, plan_kwargs, apply_kwargs=None, train_kwargs=None)
         assert compact_node["kernel"].shape[-1] == conv.kept
     sizes = spatial_sizes(model, IMAGES[:1], **apply_kwargs)
     assert dcff.plan.compact_macs == linen_macs(compact_vars["params"], sizes)
+    original = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, **apply_kwargs), IMAGES)
+    assert dcff.plan.params == sum(x.size for x in jax.tree.leaves(original["params"]))
+    assert dcff.plan.compact_params == sum(x.size for x in jax.tree.leaves(compact_vars["params"]))
     return dcff, compact_vars
 
 
@@ -136,7 +138,7 @@ def test_concat_and_flatten_into_dense():
     assert compact_vars["params"]["fc1"]["kernel"].shape == (8 * 8 * 8, 32)
     params = sum(x.size for x in jax.tree.leaves(compact_vars["params"]))
     by_hand = (27 * 8 + 8) + (8 * 4 + 4) + (72 * 6 + 6) + (90 * 8 + 8) + (512 * 32 + 32) + 330
-    assert params == by_hand == 18172
+    assert params == by_hand == dcff.plan.compact_params == 18172
     macs = 32 * 32 * (8 * 27 + 4 * 8 + 6 * 72) + 16 * 16 * 8 * 90 + 512 * 32 + 32 * 10
     assert dcff.plan.compact_macs == macs
 
@@ -209,6 +211,8 @@ def test_nnx_depthwise_separable():
     ]
     # Every conv runs at 16 x 16 (stride-2 stem on 32 x 32); the head is dense.
     assert dcff.plan.compact_macs == sum(k.size for k in kernels) * 16 * 16 + 16 * 10
+    params = jax.tree.leaves(nnx.state(compact, nnx.Param))
+    assert dcff.plan.compact_params == sum(x.size for x in params)
 
 
 def test_our_architectures_traced_match_their_published_plans():
@@ -256,6 +260,7 @@ def test_our_architectures_traced_match_their_published_plans():
             elif isinstance(call.module, nn.Dense):
                 expected += math.prod(call.output_shape) * call.input_shape[-1]
         assert plan.compact_macs == expected, arch
+        assert plan.compact_params == dcff_jax.count_flops(compact, models.input_shape(arch)).params
 
 
 def test_blocked_convs_say_why():
@@ -303,17 +308,22 @@ def test_plan_round_trips_and_refuses_a_changed_model():
         auto.Plan.from_json('{"format": "something else"}')
 
 
-def test_target_macs_reduction_is_searched_per_group():
+@pytest.mark.parametrize("target", ["macs", "params"])
+def test_target_reduction_is_searched_per_group(target):
     plan = auto.make_plan(
-        user.ResNet(), IMAGES[:1], target_macs_reduction=0.5, apply_kwargs={"train": False}
+        user.ResNet(),
+        IMAGES[:1],
+        apply_kwargs={"train": False},
+        **{f"target_{target}_reduction": 0.5},
     )
-    reached = 1 - plan.compact_macs / plan.macs
+    reached = 1 - getattr(plan, f"compact_{target}") / getattr(plan, target)
+    # Widths are integers (8 to 64 filters here): a group's step moves the total by a few %.
     assert abs(reached - 0.5) < 0.03, reached
     groups = {}
     for c in plan.convs:
         groups.setdefault(c.group, set()).add(c.rate)
     assert all(len(rates) == 1 for rates in groups.values())
-    assert np.isfinite(reached)
+    assert any(c.fused for c in plan.convs)
 
 
 def test_linen_save_load_and_export_carry_the_plan(tmp_path):
@@ -351,3 +361,33 @@ def test_nnx_save_load_and_export(tmp_path):
     compact, _ = dcff.export(str(tmp_path / "export"), fused, IMAGES[:1])
     exported = jax.export.deserialize(bytearray((tmp_path / "export/model.stablehlo").read_bytes()))
     assert relative(fused(IMAGES), exported.call(IMAGES)) <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_our_mobilenetv2_through_the_tracer_fuses_and_exports():
+    """Linen depthwise convs follow their producers: our MobileNetV2's unpruned definition,
+    fused by the tracer, exports a compact model with the fused model's logits."""
+    model = models.create_model("mobilenetv2", None, "original", num_classes=10)
+    dcff = auto.DCFF(model, IMAGES[:1], 0.3, apply_kwargs={"train": False})
+    assert len(dcff.plan.followers) == 17  # one depthwise conv per inverted-residual block
+    fused = dcff.fused()
+    variables = fused.init(jax.random.key(0), IMAGES[:1], train=False)
+    # Untrained, every BN is zero-centred and the logits are ~1e-10: shift the biases.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, a: a + 0.1 if p[-1].key == "bias" else a, variables["params"]
+    )
+    train_apply = jax.jit(
+        lambda v: fused.apply(
+            v, IMAGES, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)}
+        )[1]
+    )
+    variables = {**variables, "params": params}
+    for _ in range(10):
+        variables = {**variables, **train_apply(variables)}
+    fusion, _ = dcff_jax.update_fusion(variables["params"], variables["fusion"], 0, 10)
+    variables = {**variables, "fusion": fusion}
+    compact, compact_vars = dcff.compact(variables)
+    reference = fused.apply(variables, IMAGES, train=False)
+    assert relative(reference, compact.apply(compact_vars, IMAGES, train=False)) <= TOLERANCE
+    block = compact_vars["params"]["block1"]
+    assert block["depthwise"]["kernel"].shape == (3, 3, 1, block["expand"]["kernel"].shape[-1])
