@@ -15,7 +15,8 @@ input; a depthwise conv follows its producer. Everything else is reported with t
 
 Rates: a number for every fusable conv, or a mapping from glob patterns over layer paths
 ("layer1/*/conv1", "*") to rates, the first matching pattern winning (unmatched convs are not
-fused), plus `exclude` patterns; or `target_macs_reduction`, searched by
+fused; a rate of 0 fuses all c filters into c, as the published code's rate-0 layers do), plus
+`exclude` patterns; or `target_macs_reduction`, searched by
 dcff_jax.search_rates over one rate per group. Convs of one group must resolve to one rate.
 
 The plan is a value (`Plan.to_json` / `Plan.from_json`); building from a saved plan re-traces
@@ -64,6 +65,7 @@ class PlannedConv:
     kept: int  # output width in the fused/compact model (== filters when not fused)
     fused: bool
     reason: str  # why not fused ("" when fused)
+    resized: bool = False  # not fused but at its group's kept width (see `unfused`)
 
     @property
     def filters(self) -> int:
@@ -218,11 +220,18 @@ def _match(path: str, patterns: Sequence[str]) -> str | None:
     return next((p for p in patterns if fnmatch.fnmatchcase(path, p)), None)
 
 
-def _resolve_rate(path: str, rates) -> float:
+# The reason a conv that could fuse does not: no rate pattern matched it.
+NO_RATE = "no rate given"
+
+
+def _resolve_rate(path: str, rates) -> float | None:
+    """The rate of the conv at `path`: None (not fused) when no pattern matches."""
+    if rates is None:
+        return None
     if isinstance(rates, Mapping):
         pattern = _match(path, list(rates))
-        return 0.0 if pattern is None else float(rates[pattern])
-    return float(rates)
+        return None if pattern is None else _check_rate(float(rates[pattern]), path)
+    return _check_rate(float(rates), path)
 
 
 def _check_rate(rate: float, where: str) -> float:
@@ -236,9 +245,10 @@ def _check_rate(rate: float, where: str) -> float:
 def make_plan(
     model,
     example,
-    rates: float | Mapping[str, float] = 0.0,
+    rates: float | Mapping[str, float] | None = None,
     *,
     exclude: Sequence[str] = (),
+    unfused: Sequence[str] = (),
     target_macs_reduction: float | None = None,
     target_params_reduction: float | None = None,
     apply_kwargs: Mapping[str, Any] | None = None,
@@ -248,19 +258,34 @@ def make_plan(
     Args:
       model: an unmodified flax.linen Module or nnx.Module (traced in eval mode: pass the
         linen call's eval arguments in apply_kwargs, e.g. {"train": False}).
-      rates: one rate for every fusable conv, or {glob over module paths: rate}.
+      rates: one rate for every fusable conv, or {glob over module paths: rate} (first match
+        wins; unmatched convs are not fused; rate 0 fuses c filters into c).
       exclude: glob patterns of convs never fused (their group is not fused either).
+      unfused: glob patterns of convs in a fused group that are not fused but trained directly
+        at the group's kept width (the published ResNet-50's downsample convs).
       target_macs_reduction / target_params_reduction: instead of rates, search one rate per
         group for these fractions of conv + dense MACs and of trainable parameters removed
         (dcff_jax.search_rates; either or both).
     """
-    apply_kwargs = dict(apply_kwargs or {})
-    traced = _trace(model, example, apply_kwargs)
     targets = (target_macs_reduction, target_params_reduction)
-    return _plan_from_trace(traced, _is_nnx(model), rates, exclude, targets)
+    _check_rates_given(rates, targets)
+    traced = _trace(model, example, dict(apply_kwargs or {}))
+    return _plan_from_trace(traced, _is_nnx(model), rates, exclude, targets, unfused)
 
 
-def _plan_from_trace(traced, nnx_model, rates, exclude, targets=(None, None)) -> Plan:
+def _check_rates_given(rates, targets) -> None:
+    if rates is None and all(t is None for t in targets):
+        raise ConfigError(
+            "give rates (a number, or {glob over layer paths: rate}) or a target reduction "
+            "(target_macs_reduction=, target_params_reduction=)"
+        )
+    if rates is not None and any(t is not None for t in targets):
+        raise ConfigError("give rates or a target reduction, not both")
+
+
+def _plan_from_trace(
+    traced, nnx_model, rates, exclude=(), targets=(None, None), unfused=()
+) -> Plan:
     a = traced.analysis
     path_of = {
         i: _module_path(traced.leaf_paths[r.kernel_leaf], nnx_model)
@@ -279,11 +304,8 @@ def _plan_from_trace(traced, nnx_model, rates, exclude, targets=(None, None)) ->
                 reasons[root].append(f"excluded ({path_of[i]} matches {hit!r})")
     open_roots = [r for r in roots if not reasons[r]]
 
-    def group_rate(root) -> float:
-        found = {
-            path_of[i]: _check_rate(_resolve_rate(path_of[i], rates), path_of[i])
-            for i in members[root]
-        }
+    def group_rate(root) -> float | None:
+        found = {path_of[i]: _resolve_rate(path_of[i], rates) for i in members[root]}
         if len(set(found.values())) > 1:
             raise ConfigError(
                 "these convs meet at a residual add and must share one rate, but the rates "
@@ -295,7 +317,10 @@ def _plan_from_trace(traced, nnx_model, rates, exclude, targets=(None, None)) ->
         chosen = _search(traced, open_roots, targets)
     else:
         chosen = {root: group_rate(root) for root in open_roots}
-    kept = {root: keep_width(a.spaces[root], rate) for root, rate in chosen.items() if rate > 0}
+    # Rate 0 still fuses (m = c filters, each a fusion of all c), as the published code does.
+    kept = {
+        root: keep_width(a.spaces[root], rate) for root, rate in chosen.items() if rate is not None
+    }
 
     convs = []
     for i, record in enumerate(a.records):
@@ -318,12 +343,26 @@ def _plan_from_trace(traced, nnx_model, rates, exclude, targets=(None, None)) ->
             continue
         if root is None:
             fused, reason, rate = False, "its kernel is not a plain parameter", 0.0
+        elif root in kept and _match(path_of[i], unfused):
+            convs.append(
+                PlannedConv(
+                    path_of[i],
+                    record.kernel_shape,
+                    group_id[root],
+                    chosen[root],
+                    kept[root],
+                    False,
+                    f"unfused: trained at its group's width ({_match(path_of[i], unfused)!r})",
+                    resized=True,
+                )
+            )
+            continue
         elif root in kept:
             fused, reason, rate = True, "", chosen[root]
         elif reasons[root]:
             fused, reason, rate = False, "; ".join(reasons[root]), 0.0
         else:
-            fused, reason, rate = False, "rate 0", 0.0
+            fused, reason, rate = False, NO_RATE, 0.0
         convs.append(
             PlannedConv(
                 path_of[i],
@@ -385,14 +424,14 @@ def check_plan(plan: Plan, model, example, apply_kwargs=None) -> None:
 
 
 def _check_plan(plan: Plan, traced: _Traced, nnx_model: bool) -> None:
-    now = {c.path: c for c in _plan_from_trace(traced, nnx_model, 0.0, ()).convs}
+    now = {c.path: c for c in _plan_from_trace(traced, nnx_model, None, ()).convs}
     saved = {c.path: c for c in plan.convs}
     problems = set(now) ^ set(saved)
     for path in set(now) & set(saved):
         old, new = saved[path], now[path]
         if (old.kernel_shape, old.group) != (new.kernel_shape, new.group):
             problems.add(path)
-        elif old.fused and new.reason != "rate 0":  # fusable then, blocked now
+        elif old.fused and new.reason != NO_RATE:  # fusable then, blocked now
             problems.add(path)
     if problems:
         raise ConfigError(
@@ -558,24 +597,25 @@ def _fuse_nnx(model, plan: Plan, traced: _Traced):
 
     a = traced.analysis
     fused_paths = plan.fused
+    narrowed = {c.path: c.kept for c in plan.convs if c.fused or c.resized}
     kept_of_root = {}
     for r in a.records:
         if r.out_space is not None and r.kernel_leaf is not None:
             path = _module_path(traced.leaf_paths[r.kernel_leaf], True)
-            if path in fused_paths:
-                kept_of_root[a.find(r.out_space)] = fused_paths[path].kept
+            if path in narrowed:
+                kept_of_root[a.find(r.out_space)] = narrowed[path]
     model = nnx.clone(model)
     graphdef, state = nnx.split(model)
     flat, treedef = jax.tree_util.tree_flatten_with_path(state)
     leaves = [leaf for _, leaf in flat]
-    own_bias = {
-        i
+    own = {
+        i: path[-1]
         for i, path in enumerate(traced.leaf_paths)
-        if path[-1] == "bias" and _module_path(path, True) in fused_paths
+        if path[-1] in ("kernel", "bias") and _module_path(path, True) in fused_paths
     }
     resized: dict[tuple[int, int], np.ndarray] = {}
     for tie in a.ties:
-        if tie.kind == "produced" or tie.leaf in own_bias:
+        if own.get(tie.leaf) == "bias" or (tie.leaf in own and tie.kind == "produced"):
             continue  # a fused conv's own filters and bias: kept whole, fused
         if not any(
             s.space is not None and a.find(s.space) in kept_of_root for s in tie.tag.segments
@@ -670,7 +710,8 @@ class DCFF:
     Args:
       model: a flax.linen Module or an nnx.Module, unchanged.
       example: an input batch (NHWC; only its shape and dtype are used).
-      rates / exclude / target_macs_reduction / target_params_reduction: see make_plan.
+      rates / exclude / unfused / target_macs_reduction / target_params_reduction: see
+        make_plan.
       plan: a saved Plan (Plan.from_json) instead of rates; the model is checked against it.
       apply_kwargs: the linen call's eval-mode arguments, e.g. {"train": False}.
     """
@@ -679,9 +720,10 @@ class DCFF:
         self,
         model,
         example,
-        rates: float | Mapping[str, float] = 0.0,
+        rates: float | Mapping[str, float] | None = None,
         *,
         exclude: Sequence[str] = (),
+        unfused: Sequence[str] = (),
         target_macs_reduction: float | None = None,
         target_params_reduction: float | None = None,
         plan: Plan | None = None,
@@ -693,14 +735,17 @@ class DCFF:
         self._traced = _trace(model, example, self.apply_kwargs)
         if plan is None:
             targets = (target_macs_reduction, target_params_reduction)
-            plan = _plan_from_trace(self._traced, self.is_nnx, rates, exclude, targets)
+            _check_rates_given(rates, targets)
+            plan = _plan_from_trace(self._traced, self.is_nnx, rates, exclude, targets, unfused)
         else:
             _check_plan(plan, self._traced, self.is_nnx)
         self.plan = plan
 
     def _linen_layers(self, fused: bool) -> tuple:
         layers = [
-            (c.path, c.kept, c.filters if fused else 0, 0) for c in self.plan.convs if c.fused
+            (c.path, c.kept, c.filters if fused and c.fused else 0, 0)
+            for c in self.plan.convs
+            if c.fused or c.resized
         ]
         layers += [(path, 0, 0, 1) for path in self.plan.followers]
         return tuple(layers)

@@ -274,20 +274,18 @@ def test_blocked_convs_say_why():
 
 def test_rates_by_glob_with_exclusions_and_conflicts():
     model, kwargs = user.ResNet(), {"apply_kwargs": {"train": False}}
-    plan = auto.make_plan(
-        model,
-        IMAGES[:1],
-        {"Bottleneck_0/*": 0.25, "*/Conv_0": 0.5},
-        exclude=["conv_init"],
-        **kwargs,
-    )
+    rates = {"Bottleneck_0/*": 0.25, "*/Conv_0": 0.5, "Bottleneck_2/Conv_1": 0}
+    plan = auto.make_plan(model, IMAGES[:1], rates, exclude=["conv_init"], **kwargs)
     convs = {c.path: c for c in plan.convs}
     assert convs["Bottleneck_0/Conv_0"].kept == 6  # first matching pattern wins: 8 * 0.75
     assert convs["Bottleneck_1/Conv_0"].kept == 8  # 16 * 0.5
-    assert (
-        not convs["Bottleneck_1/Conv_1"].fused and convs["Bottleneck_1/Conv_1"].reason == "rate 0"
-    )
+    unmatched = convs["Bottleneck_1/Conv_1"]
+    assert not unmatched.fused and unmatched.reason == auto.NO_RATE
+    # Rate 0 fuses all 16 filters into 16, as the published code's rate-0 layers do.
+    assert convs["Bottleneck_2/Conv_1"].fused and convs["Bottleneck_2/Conv_1"].kept == 16
     assert not convs["conv_init"].fused and "excluded" in convs["conv_init"].reason
+    with pytest.raises(ConfigError, match="give rates"):
+        auto.make_plan(model, IMAGES[:1], **kwargs)
     with pytest.raises(ConfigError, match="must share one rate"):
         auto.make_plan(model, IMAGES[:1], {"*/Conv_2": 0.5, "*": 0.25}, **kwargs)
     with pytest.raises(ConfigError, match="outside"):
@@ -391,3 +389,74 @@ def test_our_mobilenetv2_through_the_tracer_fuses_and_exports():
     assert relative(reference, compact.apply(compact_vars, IMAGES, train=False)) <= TOLERANCE
     block = compact_vars["params"]["block1"]
     assert block["depthwise"]["kernel"].shape == (3, 3, 1, block["expand"]["kernel"].shape[-1])
+
+
+def test_nnx_unfused_conv_is_resized_not_wrapped():
+    model = user.SepNet(nnx.Rngs(0))
+    dcff = auto.DCFF(model, IMAGES[:1], 0.5, unfused=["stem"])
+    stem = {c.path: c for c in dcff.plan.convs}["stem"]
+    assert stem.resized and not stem.fused and stem.kept == 8
+    fused = dcff.fused()
+    assert isinstance(fused.stem, nnx.Conv) and fused.stem.kernel.shape == (3, 3, 3, 8)
+    assert fused.stem.bias.shape == (8,) and fused.bn.scale.shape == (8,)
+    assert isinstance(fused.blocks[0].pointwise, auto.FusedConvNNX)
+    auto.update_fusion_nnx(fused, 0, 10)
+    fused.eval()
+    assert relative(fused(IMAGES), auto.compact_nnx(fused)(IMAGES)) <= TOLERANCE
+
+
+IDENTICAL = {
+    "vgg16": ("vgg16_cifar", 32),
+    "googlenet": ("googlenet_cifar", 32),
+    "mobilenetv2": ("mobilenetv2_imagenet", 32),
+    "resnet50": ("resnet50_imagenet", 224),
+}
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param(a, marks=pytest.mark.slow) if a in ("resnet50", "googlenet") else a
+        for a in IDENTICAL
+    ],
+)
+def test_our_architectures_through_the_tracer_are_our_fused_models(arch):
+    """Our unpruned definitions, traced and fused with the published widths, ARE the
+    hand-written fused variants: the same variables at init, bit for bit, and the same
+    logits (ResNet-50's downsample convs `unfused`, as published)."""
+    import importlib
+
+    config, size = IDENTICAL[arch]
+    cprate = importlib.import_module(f"configs.{config}").get_config().cprate
+    rates = {
+        x.path: max(0.0, 1 - (x.kept + 0.5) / x.filters) for x in models.fused_layers(arch, cprate)
+    }
+    rates |= {
+        p.replace("conv3", "downsample_conv"): r for p, r in rates.items() if "block0/conv3" in p
+    }
+    images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+    original = models.create_model(arch, None, "original", num_classes=10)
+    dcff = auto.DCFF(
+        original, images[:1], rates, unfused=["*/downsample_conv"], apply_kwargs={"train": False}
+    )
+    traced, ours = dcff.fused(), models.create_model(arch, cprate, "fused", num_classes=10)
+    # Jitted (eagerly every distinct op shape compiles on its own), with rbg keys, whose init
+    # compiles ~2x faster than threefry's; both models draw from the same key.
+    v_traced, v_ours = (
+        jax.jit(lambda x, m=m: m.init(jax.random.key(0, impl="rbg"), x, train=False))(images[:1])
+        for m in (traced, ours)
+    )
+    assert jax.tree.structure(v_traced) == jax.tree.structure(v_ours)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), v_traced, v_ours))
+    # Dense fusion matrices, so that every fused kernel mixes all its filters.
+    fusion = jax.tree_util.tree_map_with_path(
+        lambda p, a: (
+            jax.random.uniform(jax.random.key(len(p)), a.shape) if p[-1].key == "matrix" else a
+        ),
+        v_ours["fusion"],
+    )
+    logits = [
+        jax.jit(lambda v, m=m: m.apply(v, images, train=False))({**v_ours, "fusion": fusion})
+        for m in (traced, ours)
+    ]
+    assert jnp.array_equal(*logits)
