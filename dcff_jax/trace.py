@@ -113,10 +113,12 @@ _INLINE = {
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """A run of `size` channels from one space (None: channels that no conv made)."""
+    """A run of `size` channels from one space (None: channels that no conv made; zeros: a
+    zero pad of the channel axis)."""
 
     space: int | None
     size: int
+    zeros: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +235,7 @@ class _Info:
     tag: Tag | None = None
     param: _Param | None = None
     const_axes: frozenset = frozenset()  # axes along which the value is constant (broadcast)
+    scalar: float | None = None  # the value of a known scalar constant
 
 
 class _Walker:
@@ -287,7 +290,9 @@ class _Walker:
 
         def read(v) -> _Info:
             if isinstance(v, Literal):
-                return _Info(const_axes=frozenset(range(len(getattr(v.aval, "shape", ())))))
+                shape = getattr(v.aval, "shape", ())
+                scalar = float(v.val) if shape == () else None
+                return _Info(const_axes=frozenset(range(len(shape))), scalar=scalar)
             return env.get(v, _Info())
 
         for v in jaxpr.constvars:
@@ -333,13 +338,15 @@ class _Walker:
         """Untagged, parameter-free values: only which axes stay constant matters."""
         name = eqn.primitive.name
         shape = eqn.outvars[0].aval.shape if hasattr(eqn.outvars[0].aval, "shape") else ()
+        if name in _PASS_THROUGH:
+            return ins[0]
         if name == "broadcast_in_dim":
             dims = eqn.params["broadcast_dimensions"]
             in_shape = eqn.invars[0].aval.shape
             kept = {dims[i] for i in ins[0].const_axes}
             kept |= {dims[i] for i, n in enumerate(in_shape) if n == 1}
             return _Info(const_axes=frozenset(set(range(len(shape))) - set(dims)) | kept)
-        if name in _ELEMENTWISE or name in _PASS_THROUGH:
+        if name in _ELEMENTWISE:
             axes = frozenset(range(len(shape)))
             for i, v in zip(ins, eqn.invars, strict=True):
                 if len(getattr(v.aval, "shape", ())) == len(shape):
@@ -349,10 +356,12 @@ class _Walker:
 
     def elementwise(self, eqn, ins: list[_Info], shape=None) -> _Info:
         where = eqn.primitive.name
-        tagged = [i.tag for i in ins if i.tag is not None]
+        tagged = sorted((i.tag for i in ins if i.tag is not None), key=_has_zero_pad)
         if tagged:
             tag = tagged[0]
             for other in tagged[1:]:
+                if where in ("add", "add_any", "sub") and _pads_to(other, tag):
+                    continue  # an option-A shortcut: its zero pad follows tag's width
                 self.union(tag, other, where)
             for i, v in zip(ins, eqn.invars, strict=True):
                 v_shape = getattr(v.aval, "shape", ()) if shape is None else shape
@@ -477,10 +486,16 @@ class _Walker:
 
     def op_pad(self, eqn, ins):
         x = ins[0]
-        if x.tag is not None and tuple(eqn.params["padding_config"][x.tag.axis]) != (0, 0, 0):
+        if x.tag is None or tuple(eqn.params["padding_config"][x.tag.axis]) == (0, 0, 0):
+            return [_Info(tag=x.tag)]
+        low, high, interior = eqn.params["padding_config"][x.tag.axis]
+        if interior or low < 0 or high < 0 or x.tag.repeat != 1 or ins[1].scalar != 0.0:
             self.block(x.tag, "pad adds channels")
             return [_Info()]
-        return [_Info(tag=x.tag)]
+        # Zero channels before and after (the option-A shortcut of the CIFAR ResNets).
+        pads = [Segment(None, n, zeros=True) for n in (low, high)]
+        segments = (pads[0],) * bool(low) + x.tag.segments + (pads[1],) * bool(high)
+        return [_Info(tag=dataclasses.replace(x.tag, segments=segments))]
 
     def op_slice(self, eqn, ins):
         x = ins[0]
@@ -608,6 +623,23 @@ class _Walker:
             space = self.new_space(width, "the output of a dense layer (not fused)")
             return [_Info(tag=Tag(len(out_shape) - 1, (Segment(space, width),)))]
         return [_Info()]
+
+
+def _has_zero_pad(tag: Tag) -> bool:
+    return any(s.zeros for s in tag.segments)
+
+
+def _pads_to(padded: Tag, partner: Tag) -> bool:
+    """Whether `padded` is channels zero-padded to `partner`'s width, as an option-A shortcut
+    pads its input (the published code computes the pads from the two widths, so they follow
+    the fused widths: the spaces stay independent)."""
+    return (
+        _has_zero_pad(padded)
+        and not _has_zero_pad(partner)
+        and padded.axis == partner.axis
+        and padded.repeat == partner.repeat == 1
+        and padded.width == partner.width
+    )
 
 
 def analyze(fn: Callable, leaves: Sequence[Any], example: Any) -> Analysis:

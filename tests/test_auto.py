@@ -407,6 +407,7 @@ def test_nnx_unfused_conv_is_resized_not_wrapped():
 
 IDENTICAL = {
     "vgg16": ("vgg16_cifar", 32),
+    "resnet56": ("resnet56_cifar", 32),
     "googlenet": ("googlenet_cifar", 32),
     "mobilenetv2": ("mobilenetv2_imagenet", 32),
     "resnet50": ("resnet50_imagenet", 224),
@@ -460,3 +461,17 @@ def test_our_architectures_through_the_tracer_are_our_fused_models(arch):
         for m in (traced, ours)
     ]
     assert jnp.array_equal(*logits)
+
+
+def test_readme_three_lines_run_as_written():
+    """The README's use on an unmodified model, executed verbatim on the flax-examples ResNet."""
+    import pathlib
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### DCFF on your unmodified Flax model")[1]
+    code = section.split("```python\n")[1].split("```")[0]
+    assert len(code.strip().splitlines()) == 3
+    namespace = {"dcff_jax": dcff_jax, "model": user.ResNet(), "images": IMAGES}
+    exec(code, namespace)  # noqa: S102 (our own README)
+    assert isinstance(namespace["fused"], auto.FusedLinen)
+    assert all(c.fused for c in namespace["dcff"].plan.convs)
