@@ -267,10 +267,16 @@ def make_plan(
         group for these fractions of conv + dense MACs and of trainable parameters removed
         (dcff_jax.search_rates; either or both).
     """
-    targets = (target_macs_reduction, target_params_reduction)
-    _check_rates_given(rates, targets)
-    traced = _trace(model, example, dict(apply_kwargs or {}))
-    return _plan_from_trace(traced, _is_nnx(model), rates, exclude, targets, unfused)
+    return DCFF(
+        model,
+        example,
+        rates,
+        exclude=exclude,
+        unfused=unfused,
+        target_macs_reduction=target_macs_reduction,
+        target_params_reduction=target_params_reduction,
+        apply_kwargs=apply_kwargs,
+    ).plan
 
 
 def _check_rates_given(rates, targets) -> None:

@@ -12,7 +12,7 @@ from flax import nnx
 
 import dcff_jax
 from dcff_jax import auto, models
-from dcff_jax.errors import ConfigError
+from dcff_jax.errors import ConfigError, DataError, MissingFileError
 
 IMAGES = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
 LABELS = jnp.arange(8) % 10
@@ -337,6 +337,13 @@ def test_linen_save_load_and_export_carry_the_plan(tmp_path):
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), variables, restored))
     with pytest.raises(ConfigError, match="no longer matches its plan"):
         auto.DCFF.load(str(tmp_path / "ckpt"), user.ResNet(num_filters=4), IMAGES[:1], **kwargs)
+    with pytest.raises(MissingFileError, match="not a dcff-jax save"):
+        auto.DCFF.load(str(tmp_path / "nothing"), model, IMAGES[:1], **kwargs)
+    for path in (tmp_path / "ckpt/state").rglob("*"):  # every array file of the checkpoint
+        if path.is_file() and path.stat().st_size > 64 and "manifest" not in path.name:
+            path.write_bytes(b"\0" * 16)
+    with pytest.raises(DataError, match="corrupt or unreadable"):
+        auto.DCFF.load(str(tmp_path / "ckpt"), model, IMAGES[:1], **kwargs)
 
     compact, compact_vars = dcff.export(str(tmp_path / "export"), variables, IMAGES[:1])
     exported = jax.export.deserialize(bytearray((tmp_path / "export/model.stablehlo").read_bytes()))
