@@ -423,20 +423,13 @@ class _Walker:
     def op_reshape(self, eqn, ins):
         x = ins[0]
         old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
-        if x.tag is None:
+        if x.tag is None:  # a parameter: its axes follow if only size-1 axes come and go
             old_axes = [a for a, n in enumerate(old) if n != 1]
             new_axes = [a for a, n in enumerate(new) if n != 1]
             if [old[a] for a in old_axes] == [new[a] for a in new_axes]:
                 mapping = dict(zip(old_axes, new_axes, strict=True))
                 return [_Info(param=self.remap_param(x.param, mapping.get, pure=False))]
-            return [
-                _Info(
-                    param=_Param(
-                        x.param.entries and tuple((leaf, ()) for leaf, _ in x.param.entries),
-                        pure=False,
-                    )
-                )
-            ]
+            return [_Info(param=self.remap_param(x.param, lambda _: None, pure=False))]
         a = x.tag.axis
         inner = math.prod(old[a + 1 :])
         for b in range(len(new)):

@@ -110,3 +110,17 @@ class SepNet(nnx.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(x.mean(axis=(1, 2)))
+
+
+class NormsAndGates(nn.Module):
+    """LayerNorm over channels (fusable), GroupNorm (its groups fix the channel blocks), and a
+    squeeze-and-excitation gate made by dense layers (fixed width, multiplied into the conv)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.LayerNorm()(nn.Conv(16, (3, 3), name="layer_norm")(x)))
+        x = nn.relu(nn.GroupNorm(num_groups=4)(nn.Conv(16, (3, 3), name="group_norm")(x)))
+        y = nn.Conv(16, (3, 3), name="gated")(x)
+        gate = nn.sigmoid(nn.Dense(16)(nn.relu(nn.Dense(4)(y.mean(axis=(1, 2))))))
+        y = y * gate[:, None, None, :]
+        return nn.Dense(10)(nn.relu(nn.Conv(8, (1, 1), name="last")(y)).mean(axis=(1, 2)))

@@ -482,3 +482,19 @@ def test_readme_three_lines_run_as_written():
     exec(code, namespace)  # noqa: S102 (our own README)
     assert isinstance(namespace["fused"], auto.FusedLinen)
     assert all(c.fused for c in namespace["dcff"].plan.convs)
+
+
+def test_norms_and_gates():
+    plan = auto.make_plan(user.NormsAndGates(), IMAGES[:1], 0.5)
+    convs = {c.path: c for c in plan.convs}
+    assert convs["layer_norm"].fused and convs["last"].fused
+    assert "reshape splits the channel axis" in convs["group_norm"].reason
+    assert "dense layer" in convs["gated"].reason
+    dcff = auto.DCFF(user.NormsAndGates(), IMAGES[:1], 0.5)
+    variables = dcff.fused().init(jax.random.key(0), IMAGES[:1])
+    fusion, _ = dcff_jax.update_fusion(variables["params"], variables["fusion"], 0, 10)
+    variables = {**variables, "fusion": fusion}
+    assert variables["params"]["LayerNorm_0"]["scale"].shape == (8,)  # follows its conv
+    compact, compact_vars = dcff.compact(variables)
+    expected = dcff.fused().apply(variables, IMAGES)
+    assert relative(expected, compact.apply(compact_vars, IMAGES)) <= TOLERANCE
