@@ -36,6 +36,11 @@ def default_config() -> ml_collections.ConfigDict:
     # ImageNet: > 0 decodes and crops in that many grain worker processes (one core each, whole
     # batches); 0 in this process, a thread per core.
     config.data_workers = 0
+    # ImageNet: decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) wherever the scaled image
+    # still holds every pixel the crop is resized to (images >= 2x the needed size; never for
+    # 500x375 at 224 px). Off: decode and transforms are torchvision's, pixel for pixel. On:
+    # within the tolerance stated in dcff_jax.input_pipeline.DRAFT_TOLERANCE, where it applies.
+    config.jpeg_draft = False
     config.image_size = 32
     config.num_classes = 10
     # Optimisation: SGD, momentum, coupled (PyTorch-style) weight decay.

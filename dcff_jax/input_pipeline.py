@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import pickle
 import queue
@@ -89,14 +90,18 @@ def load_data(config) -> Data:
     if config.dataset == "cifar10":
         train, test = (_array_split(*arrays) for arrays in read_cifar10(config))
         return Data(train, test, *normalization(config.dataset), device_augment=True)
+    encoded = bool(config.jpeg_draft)  # the transform decodes, knowing the size it needs
     if config.dataset == "imagenet_folder":
-        train_files, test_files = image_folder_splits(config.data_dir, config.val_labels)
+        train_files, test_files = (
+            dataclasses.replace(files, encoded=encoded)
+            for files in image_folder_splits(config.data_dir, config.val_labels)
+        )
         train = _imagenet_split(train_files, len(train_files.classes), config, train=True)
         test = _imagenet_split(test_files, len(train_files.classes), config, train=False)
     else:
-        source = _tfds_source("imagenet2012", "train", config.data_dir)
+        source = _tfds_source("imagenet2012", "train", config.data_dir, encoded)
         train = _imagenet_split(source, _num_classes(source), config, train=True)
-        source = _tfds_source("imagenet2012", "validation", config.data_dir)
+        source = _tfds_source("imagenet2012", "validation", config.data_dir, encoded)
         test = _imagenet_split(source, _num_classes(source), config, train=False)
     return Data(train, test, *normalization(config.dataset), device_augment=False)
 
@@ -221,15 +226,19 @@ def read_tfds_arrays(name: str, split: str, data_dir: str) -> tuple[np.ndarray, 
     return images, labels
 
 
-def _tfds_source(name: str, split: str, data_dir: str):
+def _tfds_source(name: str, split: str, data_dir: str, encoded: bool = False):
     """A random-access source of a prepared tfds dataset: tfds' own for array_record, ours
-    (dcff_jax.tfrecord) for tfrecord, which tfds serves only through TensorFlow."""
+    (dcff_jax.tfrecord) for tfrecord, which tfds serves only through TensorFlow. encoded: its
+    "image" is the file's bytes, not decoded."""
     import tensorflow_datasets as tfds
 
     from dcff_jax import tfrecord
 
+    decoders = {"image": tfds.decode.SkipDecoding()} if encoded else None
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+        return tfds.data_source(
+            name, split=split, data_dir=data_dir or None, download=False, decoders=decoders
+        )
     except Exception as e:  # tfds raises several types for a missing or unprepared dataset
         error = e
     # Prepared in tfrecord, or in another version than this tfds release's default.
@@ -242,8 +251,8 @@ def _tfds_source(name: str, split: str, data_dir: str):
                 f"(it has {sorted(builder.info.splits)})"
             )
         if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-            return builder.as_data_source(split=split)
-        return tfrecord.data_source(builder.info, split)
+            return builder.as_data_source(split=split, decoders=decoders)
+        return tfrecord.data_source(builder.info, split, decoders)
     where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
     raise MissingFileError(
         f"tfds dataset {name!r} split {split!r} is not prepared in {where} "
@@ -274,7 +283,7 @@ def _imagenet_split(source, num_classes: int, config, train: bool) -> Split:
     """A random-access source of {"image": uint8 (H, W, 3), "label": int} examples (tfds, or
     ImageFiles) as a Split of (size, size) crops: RandomResizedCrop + flip keyed by (seed, epoch,
     index) for training, Resize(size * 256 / 224) + CenterCrop(size) for evaluation."""
-    example = ImageExample(source, config.image_size, config.seed, train)
+    example = ImageExample(source, config.image_size, config.seed, train, config.jpeg_draft)
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2) if not config.data_workers else None
 
     def load(indices, epoch):
@@ -296,18 +305,33 @@ class ImageExample:
     size: int
     seed: int
     train: bool
+    draft: bool = False  # the source gives encoded images: decode_transformed decodes them
 
     def __call__(self, index: int, epoch: int) -> tuple[np.ndarray, int]:
+        if self.draft:
+            return read_or_skip(
+                self.source,
+                int(index),
+                lambda record: (
+                    decode_transformed(
+                        record["image"], self.size, self.train, self._rng(index, epoch)
+                    ),
+                    int(record["label"]),
+                ),
+            )
         record = read_or_skip(self.source, int(index))
         image = np.asarray(record["image"], np.uint8)
         if self.train:
-            rng = np.random.default_rng([self.seed, epoch, int(index)])
+            rng = self._rng(index, epoch)
             image = random_resized_crop(image, self.size, rng)
             if rng.random() < 0.5:
                 image = image[:, ::-1]
         else:
             image = resize_center_crop(image, int(self.size * 256 / 224), self.size)
         return image, int(record["label"])
+
+    def _rng(self, index: int, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, int(index)])
 
 
 _skipped = [0]  # unreadable records met by this process
@@ -319,17 +343,18 @@ def skipped_count() -> int:
     return _skipped[0]
 
 
-def read_or_skip(source, index: int) -> dict:
-    """source[index], or when that record cannot be read or decoded (a corrupt, truncated or
-    non-image file or record) the next readable one (index + 1, ... modulo the length), so a
-    batch keeps its shape. Each skip is counted and logged: every one of the first 10, then one
-    in _WARN_EVERY. Never a crash hours into an epoch; 100 unreadable in a row is a DataError."""
+def read_or_skip(source, index: int, then: Callable[[dict], Any] | None = None):
+    """source[index] (then(source[index]) when given: a decode that may fail too), or when that
+    record cannot be read or decoded (a corrupt, truncated or non-image file or record) the next
+    readable one (index + 1, ... modulo the length), so a batch keeps its shape. Each skip is
+    counted and logged: every one of the first 10, then one in _WARN_EVERY. Never a crash hours
+    into an epoch; 100 unreadable in a row is a DataError."""
     from google.protobuf.message import DecodeError
 
     for offset in range(min(len(source), 100)):
         i = (index + offset) % len(source)
         try:
-            return source[i]
+            return source[i] if then is None else then(source[i])
         except (OSError, ValueError, SyntaxError, DecodeError) as e:  # PIL's and protobuf's
             _skipped[0] += 1  # a race between threads only miscounts a warning
             if _skipped[0] <= 10 or _skipped[0] % _WARN_EVERY == 0:
@@ -365,12 +390,15 @@ class ImageFiles:
     paths: list[str]
     labels: np.ndarray  # int32 (n,)
     classes: list[str]  # label -> class folder name (the train split's, sorted)
+    encoded: bool = False  # "image" is the file's bytes (decode_transformed decodes them)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        return {"image": decode_image(self.paths[index]), "label": int(self.labels[index])}
+        path = self.paths[index]
+        image = epath.Path(path).read_bytes() if self.encoded else decode_image(path)
+        return {"image": image, "label": int(self.labels[index])}
 
     def describe(self, index: int) -> str:
         return self.paths[index]
@@ -535,6 +563,54 @@ def resize_center_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray:
     image = _resize(image, nh, nw)
     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     return image[top : top + size, left : left + size]
+
+
+# What draft decoding may change, measured against full decode + the exact transforms on
+# photo-like JPEGs where it applies (tests/test_image_folder.py states and checks it): the mean
+# absolute difference per image, and the share of pixels off by more than 16 levels.
+# Measured worst cases (experiments/RESULTS.md): 3.13 and 0.0018, at 800x600 (scale 1/2).
+DRAFT_TOLERANCE = {"mean_abs": 4.0, "share_over_16": 0.01}
+
+
+def decode_transformed(data: bytes, size: int, train: bool, rng: np.random.Generator) -> np.ndarray:
+    """Encoded image -> the train (RandomResizedCrop + flip, drawn from rng) or eval (Resize +
+    CenterCrop) crop, uint8 (size, size, 3), decoding a JPEG at a reduced DCT scale where the
+    scaled image still has at least the pixels the crop is resized to. Where no reduction
+    applies (and for other formats) the result is exactly ImageExample's without draft."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        w, h = image.size
+        if train:
+            top, left, ch, cw = resized_crop_box(h, w, rng)
+            needed = (math.ceil(w * size / cw), math.ceil(h * size / ch))
+        else:
+            resize = int(size * 256 / 224)
+            short = min(w, h)
+            needed = (math.ceil(w * resize / short), math.ceil(h * resize / short))
+        image.draft(None, needed)  # a no-op unless a JPEG decodes >= needed at 1/2, 1/4, 1/8
+        scaled = image.size != (w, h)
+        rgb = image.convert("RGB")
+    if not scaled:  # torchvision's semantics, pixel for pixel
+        array = np.asarray(rgb)
+        if not train:
+            return resize_center_crop(array, resize, size)
+        out = _resize(array[top : top + ch, left : left + cw], size, size)
+    elif train:
+        sx, sy = rgb.size[0] / w, rgb.size[1] / h
+        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+        out = np.asarray(rgb.resize((size, size), Image.BILINEAR, box=box))
+    else:
+        if w <= h:
+            nw, nh = resize, int(resize * h / w)
+        else:
+            nh, nw = resize, int(resize * w / h)
+        out = np.asarray(rgb.resize((nw, nh), Image.BILINEAR))
+        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+        return out[top : top + size, left : left + size]
+    return out[:, ::-1] if rng.random() < 0.5 else out
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -114,8 +114,8 @@ class TFRecordDataSource(base.BaseDataSource):
         self.data_source = Records(base.file_instructions(self.dataset_info, self.split))
 
 
-def data_source(dataset_info, split: str) -> TFRecordDataSource:
-    return TFRecordDataSource(dataset_info=dataset_info, split=split)
+def data_source(dataset_info, split: str, decoders=None) -> TFRecordDataSource:
+    return TFRecordDataSource(dataset_info=dataset_info, split=split, decoders=decoders)
 
 
 def prepared_builder(name: str, data_dir: str):

@@ -33,25 +33,7 @@ from dcff_jax.config import default_config
 sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 )
-from helpers import imagenet_to_tfrecord, write_tfds_imagenet  # noqa: E402
-
-
-def photo_like(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """uint8 (height, width, 3): a few smooth colour fields at several scales, a hard-edged
-    shape, and pixel noise; JPEG sizes at quality 90 land near real photographs'."""
-    image = np.zeros((height, width, 3), np.float32)
-    # Weights and noise chosen so that quality-90 files average ~110 KB at 500x375 (ImageNet's).
-    for cells, weight in ((3, 90.0), (12, 40.0), (48, 18.0), (160, 60.0)):
-        coarse = rng.uniform(-1, 1, (cells, int(cells * width / height) + 1, 3))
-        field = Image.fromarray(((coarse + 1) * 127.5).astype(np.uint8)).resize(
-            (width, height), Image.BICUBIC
-        )
-        image += (np.asarray(field, np.float32) / 127.5 - 1) * weight
-    ys, xs = np.mgrid[:height, :width]
-    cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(40, 160)
-    image[(ys - cy) ** 2 + (xs - cx) ** 2 < r**2] += rng.uniform(-60, 60, 3)
-    image += rng.normal(0, 10, image.shape)
-    return np.clip(image + 128, 0, 255).astype(np.uint8)
+from helpers import imagenet_to_tfrecord, photo_like, write_tfds_imagenet  # noqa: E402
 
 
 def write_images(root: str, count: int, seed: int = 0) -> list[int]:

@@ -138,3 +138,18 @@ def _instruction(filename, count):
     return shard_utils.FileInstruction(
         filename=filename, skip=0, take=count, examples_in_shard=count
     )
+
+
+def test_jpeg_draft_reads_encoded_images_from_both_formats(datasets):
+    """With jpeg_draft the sources hand over JPEG bytes and the transform decodes them; at
+    these sizes no DCT scale applies, so the batches are exactly those without it."""
+    for data_dir in datasets.values():
+        exact = ip.load_data(config_for(data_dir))
+        config = config_for(data_dir)
+        config.jpeg_draft = True
+        draft = ip.load_data(config)
+        for split in ("train", "test"):
+            a, b = getattr(exact, split), getattr(draft, split)
+            order = np.arange(a.num_examples)
+            for x, y in zip(a.load(order, 2), b.load(order, 2), strict=True):
+                np.testing.assert_array_equal(x, y)
