@@ -483,10 +483,10 @@ def _conv_with(module: nn.Conv, x, features: int, groups: int, matrix_width: int
 class FusedLinen(nn.Module):
     """A linen model with its planned convs rewritten (same variable paths as the model).
 
-    layers: ((path, output width, stored filters or 0, groups or 0), ...): a conv at `path`
+    layers: ((path, output width, stored filters or 0, follower 1 or 0), ...): a conv at `path`
     gets that output width; with stored filters c it keeps c filters and fuses them (the fused
-    variant), with 0 it is a plain conv at that width (the compact variant). groups > 0 marks a
-    depthwise follower, whose groups become its input width.
+    variant), with 0 it is a plain conv at that width (the compact variant). A follower is a
+    depthwise conv: its groups and outputs become its input width.
     """
 
     model: nn.Module
