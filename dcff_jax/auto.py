@@ -245,41 +245,9 @@ def _check_rate(rate: float, where: str) -> float:
     return rate
 
 
-def make_plan(
-    model,
-    example,
-    rates: float | Mapping[str, float] | None = None,
-    *,
-    exclude: Sequence[str] = (),
-    unfused: Sequence[str] = (),
-    target_macs_reduction: float | None = None,
-    target_params_reduction: float | None = None,
-    apply_kwargs: Mapping[str, Any] | None = None,
-) -> Plan:
-    """Trace `model` on `example` (NHWC, any batch) and plan which convs fuse at which rates.
-
-    Args:
-      model: an unmodified flax.linen Module or nnx.Module (traced in eval mode: pass the
-        linen call's eval arguments in apply_kwargs, e.g. {"train": False}).
-      rates: one rate for every fusable conv, or {glob over module paths: rate} (first match
-        wins; unmatched convs are not fused; rate 0 fuses c filters into c).
-      exclude: glob patterns of convs never fused (their group is not fused either).
-      unfused: glob patterns of convs in a fused group that are not fused but trained directly
-        at the group's kept width (the published ResNet-50's downsample convs).
-      target_macs_reduction / target_params_reduction: instead of rates, search one rate per
-        group for these fractions of conv + dense MACs and of trainable parameters removed
-        (dcff_jax.search_rates; either or both).
-    """
-    return DCFF(
-        model,
-        example,
-        rates,
-        exclude=exclude,
-        unfused=unfused,
-        target_macs_reduction=target_macs_reduction,
-        target_params_reduction=target_params_reduction,
-        apply_kwargs=apply_kwargs,
-    ).plan
+def make_plan(model, example, rates=None, **options) -> Plan:
+    """The plan alone: DCFF(model, example, rates, **options).plan (see DCFF for the options)."""
+    return DCFF(model, example, rates, **options).plan
 
 
 def _check_rates_given(rates, targets) -> None:
@@ -717,10 +685,16 @@ class DCFF:
     """DCFF for an unmodified Flax model: its plan, fused training model and compact export.
 
     Args:
-      model: a flax.linen Module or an nnx.Module, unchanged.
+      model: a flax.linen Module or an nnx.Module, unchanged (traced in eval mode).
       example: an input batch (NHWC; only its shape and dtype are used).
-      rates / exclude / unfused / target_macs_reduction / target_params_reduction: see
-        make_plan.
+      rates: one rate for every fusable conv, or {glob over module paths: rate} (first match
+        wins; unmatched convs are not fused; rate 0 fuses c filters into c).
+      exclude: glob patterns of convs never fused (their group is not fused either).
+      unfused: glob patterns of convs in a fused group that are not fused but trained directly
+        at the group's kept width (the published ResNet-50's downsample convs).
+      target_macs_reduction / target_params_reduction: instead of rates, search one rate per
+        group for these fractions of conv + dense MACs and of trainable parameters removed
+        (dcff_jax.search_rates; either or both).
       plan: a saved Plan (Plan.from_json) instead of rates; the model is checked against it.
       apply_kwargs: the linen call's eval-mode arguments, e.g. {"train": False}.
     """

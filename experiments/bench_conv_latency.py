@@ -17,23 +17,19 @@ import collections
 import json
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from dcff_jax import compiler_options, models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import paper_config  # noqa: E402
 
-CONFIGS = {
-    "vgg16": "vgg16_cifar",
-    "resnet56": "resnet56_cifar",
-    "resnet110": "resnet110_cifar",
-    "googlenet": "googlenet_cifar",
-    "resnet50": "resnet50_imagenet",
-    "mobilenetv2": "mobilenetv2_imagenet",
-}
+from dcff_jax import compiler_options, models  # noqa: E402
 
 
 def median_ms(fn, args, steps: int) -> float:
@@ -88,9 +84,7 @@ def time_conv(key, batch: int, steps: int, options: dict, chain: int = 20) -> tu
 
 
 def measure(arch: str, batch: int, steps: int, options: dict) -> dict:
-    import importlib
-
-    cprate = importlib.import_module(f"configs.{CONFIGS[arch]}").get_config().cprate
+    cprate = paper_config(arch).cprate
     shape = models.input_shape(arch, batch)
     result = {"arch": arch, "batch": batch}
     for variant in ("original", "compact"):

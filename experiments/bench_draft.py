@@ -25,11 +25,9 @@ SIZES = ((500, 375), (800, 600), (1024, 768), (1600, 1200))
 
 
 def exact(data: bytes, size: int, train: bool, rng: np.random.Generator) -> np.ndarray:
+    """The path without draft: full decode, then the transforms on arrays."""
     full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    if not train:
-        return ip.resize_center_crop(full, int(size * 256 / 224), size)
-    out = ip.random_resized_crop(full, size, rng)
-    return out[:, ::-1] if rng.random() < 0.5 else out
+    return ip.transform_array(full, size, train, rng)
 
 
 def images_per_second(fn, files: list[bytes], train: bool, repeats: int) -> float:

@@ -281,3 +281,53 @@ def photo_like(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     image[(ys - cy) ** 2 + (xs - cx) ** 2 < r**2] += rng.uniform(-60, 60, 3)
     image += rng.normal(0, 10, image.shape)
     return np.clip(image + 128, 0, 255).astype(np.uint8)
+
+
+# The config of each architecture's paper run (configs/<name>.py, its cprate the published plan).
+PAPER_CONFIGS = {
+    "vgg16": "vgg16_cifar",
+    "resnet56": "resnet56_cifar",
+    "resnet110": "resnet110_cifar",
+    "googlenet": "googlenet_cifar",
+    "resnet50": "resnet50_imagenet",
+    "mobilenetv2": "mobilenetv2_imagenet",
+}
+
+
+def paper_config(arch: str):
+    from dcff_jax.config import load_config
+
+    return load_config(os.path.join(ROOT, "configs", f"{PAPER_CONFIGS[arch]}.py"))
+
+
+def paper_path_rates(arch: str) -> dict[str, float]:
+    """Per-conv-path rates that truncate to the published plan's widths (for dcff_jax.auto on
+    the unpruned definition); ResNet-50's downsample takes its stage's conv3 rate."""
+    from dcff_jax import models
+
+    layers = models.fused_layers(arch, paper_config(arch).cprate)
+    rates = {x.path: max(0.0, 1 - (x.kept + 0.5) / x.filters) for x in layers}
+    downsample = {
+        p.replace("conv3", "downsample_conv"): r for p, r in rates.items() if "block0/conv3" in p
+    }
+    return rates | downsample
+
+
+def pure_macs(model, shape) -> int:
+    """Conv and dense multiply-accumulates of a linen model's own layer calls (no bias adds),
+    counted independently of dcff_jax.trace."""
+    import math
+
+    from flax import linen as nn
+
+    from dcff_jax import models
+
+    calls, _ = models.trace_calls(model, shape)
+    total = 0
+    for c in calls:
+        if isinstance(c.module, nn.Conv):
+            per_output = c.input_shape[-1] // c.module.feature_group_count
+            total += math.prod(c.output_shape) * per_output * math.prod(c.module.kernel_size)
+        elif isinstance(c.module, nn.Dense):
+            total += math.prod(c.output_shape) * c.input_shape[-1]
+    return total

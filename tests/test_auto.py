@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import linen as nn
 from flax import nnx
+from helpers import PAPER_CONFIGS, paper_config, paper_path_rates, pure_macs
 
 import dcff_jax
 from dcff_jax import auto, models
@@ -216,27 +217,12 @@ def test_nnx_depthwise_separable():
 
 
 def test_our_architectures_traced_match_their_published_plans():
-    """The six architectures' original variants, traced: the plan finds every conv the
-    published plans fuse, at their widths, and the compact MACs exactly."""
-    import importlib
-
-    config_of = {
-        "vgg16": "vgg16_cifar",
-        "googlenet": "googlenet_cifar",
-        "resnet50": "resnet50_imagenet",
-        "mobilenetv2": "mobilenetv2_imagenet",
-    }
-    for arch, config in config_of.items():
-        cprate = importlib.import_module(f"configs.{config}").get_config().cprate
+    """The six architectures' unpruned definitions, traced: the plan fuses every conv the
+    published plans fuse, at their widths, with exactly the compact MACs and params."""
+    for arch in PAPER_CONFIGS:
+        cprate = paper_config(arch).cprate
         layers = models.fused_layers(arch, cprate)
-        # Rates that truncate to the published widths; the published ResNet-50 downsample
-        # takes its stage's conv3 width (there trained unfused, here fused into the same slots).
-        rates = {x.path: max(0.0, 1 - (x.kept + 0.5) / x.filters) for x in layers}
-        rates |= {
-            p.replace("conv3", "downsample_conv"): r
-            for p, r in rates.items()
-            if p.endswith("block0/conv3")
-        }
+        rates = paper_path_rates(arch)
         plan = auto.make_plan(
             models.create_model(arch, None, "original"),
             jnp.zeros(models.input_shape(arch)),
@@ -247,19 +233,7 @@ def test_our_architectures_traced_match_their_published_plans():
             if layer.kept != layer.filters:
                 assert plan.fused[layer.path].kept == layer.kept, (arch, layer)
         compact = models.create_model(arch, cprate, "compact")
-        calls, _ = models.trace_calls(compact, models.input_shape(arch))
-        expected = 0
-        for call in calls:
-            if isinstance(call.module, nn.Conv):
-                expected += (
-                    math.prod(call.output_shape)
-                    * call.input_shape[-1]
-                    // call.module.feature_group_count
-                    * math.prod(call.module.kernel_size)
-                )
-            elif isinstance(call.module, nn.Dense):
-                expected += math.prod(call.output_shape) * call.input_shape[-1]
-        assert plan.compact_macs == expected, arch
+        assert plan.compact_macs == pure_macs(compact, models.input_shape(arch)), arch
         assert plan.compact_params == dcff_jax.count_flops(compact, models.input_shape(arch)).params
 
 
@@ -412,13 +386,7 @@ def test_nnx_unfused_conv_is_resized_not_wrapped():
     assert relative(fused(IMAGES), auto.compact_nnx(fused)(IMAGES)) <= TOLERANCE
 
 
-IDENTICAL = {
-    "vgg16": ("vgg16_cifar", 32),
-    "resnet56": ("resnet56_cifar", 32),
-    "googlenet": ("googlenet_cifar", 32),
-    "mobilenetv2": ("mobilenetv2_imagenet", 32),
-    "resnet50": ("resnet50_imagenet", 224),
-}
+IDENTICAL = {"vgg16": 32, "resnet56": 32, "googlenet": 32, "mobilenetv2": 32, "resnet50": 224}
 
 
 @pytest.mark.parametrize(
@@ -432,16 +400,7 @@ def test_our_architectures_through_the_tracer_are_our_fused_models(arch):
     """Our unpruned definitions, traced and fused with the published widths, ARE the
     hand-written fused variants: the same variables at init, bit for bit, and the same
     logits (ResNet-50's downsample convs `unfused`, as published)."""
-    import importlib
-
-    config, size = IDENTICAL[arch]
-    cprate = importlib.import_module(f"configs.{config}").get_config().cprate
-    rates = {
-        x.path: max(0.0, 1 - (x.kept + 0.5) / x.filters) for x in models.fused_layers(arch, cprate)
-    }
-    rates |= {
-        p.replace("conv3", "downsample_conv"): r for p, r in rates.items() if "block0/conv3" in p
-    }
+    size, cprate, rates = IDENTICAL[arch], paper_config(arch).cprate, paper_path_rates(arch)
     images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
     original = models.create_model(arch, None, "original", num_classes=10)
     dcff = auto.DCFF(

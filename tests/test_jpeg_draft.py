@@ -21,12 +21,9 @@ def jpeg(width: int, height: int, seed: int) -> bytes:
 
 
 def exact(data: bytes, size: int, train: bool, rng: np.random.Generator) -> np.ndarray:
-    """ImageExample's path without draft: full decode, then torchvision's transforms."""
+    """The path without draft: full decode, then the transforms on arrays."""
     full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    if not train:
-        return ip.resize_center_crop(full, int(size * 256 / 224), size)
-    out = ip.random_resized_crop(full, size, rng)
-    return out[:, ::-1] if rng.random() < 0.5 else out
+    return ip.transform_array(full, size, train, rng)
 
 
 def both(data: bytes, train: bool, epoch: int, draft=True) -> tuple[np.ndarray, np.ndarray]:

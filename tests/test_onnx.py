@@ -3,7 +3,6 @@ model's logits for all six architectures at any batch size; accepted by `evaluat
 the converter's set are refused by name."""
 
 import collections
-import importlib
 import os
 
 import jax
@@ -11,20 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from helpers import evaluate_result, main_command, run_module, write_cifar_folder
+from helpers import (
+    PAPER_CONFIGS,
+    evaluate_result,
+    main_command,
+    paper_config,
+    run_module,
+    write_cifar_folder,
+)
 
 from dcff_jax import input_pipeline, models, onnx_export
 
 onnxruntime = pytest.importorskip("onnxruntime")
-
-CONFIGS = {
-    "vgg16": "vgg16_cifar",
-    "resnet56": "resnet56_cifar",
-    "resnet110": "resnet110_cifar",
-    "googlenet": "googlenet_cifar",
-    "resnet50": "resnet50_imagenet",
-    "mobilenetv2": "mobilenetv2_imagenet",
-}
 
 
 def trained_looking(model, variables: dict, images: jax.Array, seed: int = 1) -> dict:
@@ -49,9 +46,9 @@ def trained_looking(model, variables: dict, images: jax.Array, seed: int = 1) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("arch", list(PAPER_CONFIGS))
 def test_onnxruntime_gives_the_compact_models_logits_at_any_batch(arch):
-    config = importlib.import_module(f"configs.{CONFIGS[arch]}").get_config()
+    config = paper_config(arch)
     model = models.create_model(arch, config.cprate, "compact")  # the paper's plan
     size = config.image_size
     variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
