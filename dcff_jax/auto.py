@@ -590,7 +590,7 @@ def _fuse_nnx(model, plan: Plan, traced: _Traced):
         for i, path in enumerate(traced.leaf_paths)
         if path[-1] in ("kernel", "bias") and _module_path(path, True) in fused_paths
     }
-    resized: dict[tuple[int, int], np.ndarray] = {}
+    resized: dict[tuple[int, int], tuple[np.ndarray, str]] = {}  # (leaf, axis) -> (index, kind)
     for tie in a.ties:
         if own.get(tie.leaf) == "bias" or (tie.leaf in own and tie.kind == "produced"):
             continue  # a fused conv's own filters and bias: kept whole, fused
