@@ -5,6 +5,7 @@ import math
 import flax_user_models as user
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import linen as nn
@@ -457,3 +458,28 @@ def test_norms_and_gates():
     compact, compact_vars = dcff.compact(variables)
     expected = dcff.fused().apply(variables, IMAGES)
     assert relative(expected, compact.apply(compact_vars, IMAGES)) <= TOLERANCE
+
+
+def test_our_data_parallel_steps_train_a_users_fused_model():
+    """The fused linen model plugs into dcff_jax.steps (the mesh, the sharded step), as our
+    architectures do: a model that takes train= and has batch norm needs nothing else."""
+    from dcff_jax import steps
+
+    dcff = auto.DCFF(user.ResNet(), IMAGES[:1], 0.5, apply_kwargs={"train": False})
+    model, mesh, tx = dcff.fused(), steps.make_mesh(), optax.sgd(0.01, momentum=0.9)
+    state = steps.create_train_state(model, tx, 32, 0, mesh)
+    fusion, _ = dcff_jax.update_fusion(state.params, state.fusion, 0, 10)
+    state = state.replace(fusion=fusion)
+    spec = steps.InputSpec(mean=(0.5,) * 3, std=(0.25,) * 3, augment=True)
+    train_step = steps.make_train_step(model, tx, spec, mesh, 0)
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), np.uint8)
+    labels = (np.arange(16) % 10).astype(np.int32)
+    before = jax.tree.map(np.asarray, state.params)  # the step donates the state
+    for _ in range(2):
+        state, metrics = train_step(state, *steps.to_global(mesh, images, labels))
+        assert np.isfinite(float(metrics["loss"]))
+    assert set(state.fusion) == {"conv_init", "Bottleneck_0", "Bottleneck_1", "Bottleneck_2"}
+    # Through the fusion (dense at epoch 0) every one of the stem's 8 filters trains, not only
+    # the 4 it keeps.
+    change = np.abs(np.asarray(state.params["conv_init"]["kernel"]) - before["conv_init"]["kernel"])
+    assert change.shape[-1] == 8 and np.all(change.max(axis=(0, 1, 2)) > 0)
