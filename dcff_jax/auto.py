@@ -273,7 +273,7 @@ def _plan_from_trace(
     roots = sorted({a.find(s) for s in a.producers})
     group_id = {root: n for n, root in enumerate(roots)}
     members = {root: [a.producers[s] for s in groups[root] if s in a.producers] for root in roots}
-    reasons = {root: a.group_reasons(root) for root in roots}
+    reasons = {root: a.group_reasons(groups[root]) for root in roots}
     for root in roots:
         for i in members[root]:
             hit = _match(path_of[i], exclude)
@@ -299,28 +299,32 @@ def _plan_from_trace(
         root: keep_width(a.spaces[root], rate) for root, rate in chosen.items() if rate is not None
     }
 
-    convs = []
+    def width(root):
+        return kept.get(root, a.spaces[root])
+
+    convs, followers = [], []
     for i, record in enumerate(a.records):
         if i not in path_of:
             continue
         root = a.find(record.out_space) if record.out_space is not None else None
-        if record.groups > 1 and record.in_tag is not None:
-            width = a.width(record.in_tag, lambda r: kept.get(r, a.spaces[r]))
+        if record.groups > 1 and record.in_tag is not None:  # depthwise
             convs.append(
                 PlannedConv(
                     path_of[i],
                     record.kernel_shape,
                     -1,
                     0.0,
-                    width,
+                    a.width(record.in_tag, width),
                     False,
                     "depthwise: follows its input's width",
                 )
             )
+            segments = record.in_tag.segments
+            if any(s.space is not None and a.find(s.space) in kept for s in segments):
+                followers.append(path_of[i])
             continue
-        if root is None:
-            fused, reason, rate = False, "its kernel is not a plain parameter", 0.0
-        elif root in kept and _match(path_of[i], unfused):
+        unfused_by = _match(path_of[i], unfused) if root in kept else None
+        if unfused_by:
             convs.append(
                 PlannedConv(
                     path_of[i],
@@ -329,11 +333,13 @@ def _plan_from_trace(
                     chosen[root],
                     kept[root],
                     False,
-                    f"unfused: trained at its group's width ({_match(path_of[i], unfused)!r})",
+                    f"unfused: trained at its group's width ({unfused_by!r})",
                     resized=True,
                 )
             )
             continue
+        if root is None:
+            fused, reason, rate = False, "its kernel is not a plain parameter", 0.0
         elif root in kept:
             fused, reason, rate = True, "", chosen[root]
         elif reasons[root]:
@@ -351,21 +357,9 @@ def _plan_from_trace(
                 reason,
             )
         )
-    followers = tuple(
-        path_of[i]
-        for i, r in enumerate(a.records)
-        if r.groups > 1
-        and r.in_tag is not None
-        and i in path_of
-        and any(s.space is not None and a.find(s.space) in kept for s in r.in_tag.segments)
-    )
-
-    def width(root):
-        return kept.get(root, a.spaces[root])
-
     return Plan(
         tuple(convs),
-        followers,
+        tuple(followers),
         a.macs(),
         a.macs(width),
         traced.params(),
@@ -393,14 +387,10 @@ def _search(traced: _Traced, roots: list[int], targets) -> dict[int, float]:
     return dict(zip(roots, result.rates, strict=True))
 
 
-def check_plan(plan: Plan, model, example, apply_kwargs=None) -> None:
-    """Raise ConfigError unless re-tracing `model` finds the plan's convs (same paths, kernel
-    shapes and groups): a plan saved with a checkpoint must never be applied to a changed
-    model."""
-    _check_plan(plan, _trace(model, example, dict(apply_kwargs or {})), _is_nnx(model))
-
-
 def _check_plan(plan: Plan, traced: _Traced, nnx_model: bool) -> None:
+    """Raise ConfigError unless the re-traced model has the plan's convs (same paths, kernel
+    shapes and groups, none newly blocked): a plan saved with a checkpoint must never be
+    applied to a changed model."""
     now = {c.path: c for c in _plan_from_trace(traced, nnx_model, None, ()).convs}
     saved = {c.path: c for c in plan.convs}
     problems = set(now) ^ set(saved)
@@ -793,7 +783,7 @@ class DCFF:
         loadable with jax alone (jax.export.deserialize(...).call(images)). Returns the
         compact (model, variables) for linen, (model, None) for nnx."""
         from dcff_jax import storage
-        from dcff_jax.export import STABLEHLO, STABLEHLO_PLATFORMS
+        from dcff_jax.export import STABLEHLO, batch_polymorphic_stablehlo
 
         if self.is_nnx:
             from flax import nnx
@@ -816,10 +806,8 @@ class DCFF:
             _state_of(model if self.is_nnx else variables, self.is_nnx),
             self.plan,
         )
-        (batch,) = jax.export.symbolic_shape("b")
-        spec = jax.ShapeDtypeStruct((batch, *example.shape[1:]), example.dtype)
-        exported = jax.export.export(jax.jit(logits), platforms=STABLEHLO_PLATFORMS)(spec)
-        storage.write_text_atomic(storage.resolve(directory) / STABLEHLO, exported.serialize())
+        module = batch_polymorphic_stablehlo(logits, example.shape[1:], example.dtype)
+        storage.write_text_atomic(storage.resolve(directory) / STABLEHLO, module)
         return model, variables
 
 

@@ -210,7 +210,6 @@ def stablehlo_bytes(model, variables, image_size: int, mean, std) -> bytes:
         exported = jax.export.deserialize(open(path, "rb").read())
         logits = exported.call(images)
     """
-    import jax
     import jax.numpy as jnp
 
     from dcff_jax import input_pipeline
@@ -219,9 +218,17 @@ def stablehlo_bytes(model, variables, image_size: int, mean, std) -> bytes:
         x = input_pipeline.normalize(images, mean, std, jnp.float32)
         return model.apply(variables, x, train=False).astype(jnp.float32)
 
+    return batch_polymorphic_stablehlo(logits, (image_size, image_size, 3), jnp.uint8)
+
+
+def batch_polymorphic_stablehlo(fn, example_shape, dtype) -> bytes:
+    """fn (a batch of inputs of example_shape -> outputs) as serialized StableHLO for any batch
+    size, lowered for every STABLEHLO_PLATFORMS."""
+    import jax
+
     (batch,) = jax.export.symbolic_shape("b")
-    spec = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.uint8)
-    return jax.export.export(jax.jit(logits), platforms=STABLEHLO_PLATFORMS)(spec).serialize()
+    spec = jax.ShapeDtypeStruct((batch, *example_shape), dtype)
+    return jax.export.export(jax.jit(fn), platforms=STABLEHLO_PLATFORMS)(spec).serialize()
 
 
 def write_stablehlo(directory: str) -> str:

@@ -543,21 +543,32 @@ def resized_crop_box(
 
 
 def resize_center_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray:
-    """torchvision's Resize(resize) + CenterCrop(size) on a PIL image, pixel for pixel: the
-    shorter side becomes `resize`, the longer int(resize * long / short) (truncated), then the
-    crop starts at round((side - size) / 2) (Python's round, as torchvision's)."""
-    h, w = image.shape[:2]
+    """torchvision's Resize(resize) + CenterCrop(size) on a PIL image, pixel for pixel (see
+    center_crop_geometry)."""
+    nh, nw, top, left = center_crop_geometry(*image.shape[:2], resize, size)
+    image = _resize(image, nh, nw)
+    return image[top : top + size, left : left + size]
+
+
+def center_crop_geometry(h: int, w: int, resize: int, size: int) -> tuple[int, int, int, int]:
+    """(resized height, resized width, crop top, crop left) of torchvision's Resize(resize) +
+    CenterCrop(size) on an h x w image: the shorter side becomes `resize`, the longer
+    int(resize * long / short) (truncated), then the crop starts at round((side - size) / 2)
+    (Python's round, as torchvision's)."""
     if w <= h:
         nw, nh = resize, int(resize * h / w)
     else:
         nh, nw = resize, int(resize * w / h)
-    image = _resize(image, nh, nw)
-    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-    return image[top : top + size, left : left + size]
+    return nh, nw, int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+
+
+def _flip_half(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The horizontal flip of RandomHorizontalFlip(0.5), drawn after the crop."""
+    return image[:, ::-1] if rng.random() < 0.5 else image
 
 
 # What draft decoding may change, measured against full decode + the exact transforms on
-# photo-like JPEGs where it applies (tests/test_image_folder.py states and checks it): the mean
+# photo-like JPEGs where it applies (tests/test_jpeg_draft.py checks it): the mean
 # absolute difference per image, and the share of pixels off by more than 16 levels.
 # Measured worst cases (experiments/RESULTS.md): 3.13 and 0.0018, at 800x600 (scale 1/2).
 DRAFT_TOLERANCE = {"mean_abs": 4.0, "share_over_16": 0.01}
@@ -570,8 +581,7 @@ def transform_array(
     or eval crop (Resize(size * 256 / 224) + CenterCrop(size)), uint8 (size, size, 3)."""
     if not train:
         return resize_center_crop(image, int(size * 256 / 224), size)
-    image = random_resized_crop(image, size, rng)
-    return image[:, ::-1] if rng.random() < 0.5 else image
+    return _flip_half(random_resized_crop(image, size, rng), rng)
 
 
 def decode_transformed(
@@ -602,8 +612,7 @@ def decode_transformed(
         sx, sy = image.size[0] / w, image.size[1] / h  # 1 unless draft reduced it
         rgb = image.convert("RGB")
     if not train:
-        nw, nh = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
-        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+        nh, nw, top, left = center_crop_geometry(h, w, resize, size)
         resized = rgb.resize((nw, nh), Image.BILINEAR)
         return np.asarray(resized.crop((left, top, left + size, top + size)))
     if (sx, sy) == (1, 1):
@@ -611,8 +620,7 @@ def decode_transformed(
     else:  # the crop box in the reduced image's coordinates (PIL resamples sub-pixel boxes)
         box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
         crop = rgb.resize((size, size), Image.BILINEAR, box=box)
-    out = np.asarray(crop)
-    return out[:, ::-1] if rng.random() < 0.5 else out
+    return _flip_half(np.asarray(crop), rng)
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

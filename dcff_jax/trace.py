@@ -191,9 +191,10 @@ class Analysis:
             out.setdefault(self.find(s), []).append(s)
         return out
 
-    def group_reasons(self, root: int) -> list[str]:
+    def group_reasons(self, members: list[int]) -> list[str]:
+        """Why a group (its member spaces, as groups() lists them) cannot fuse, if it cannot."""
         reasons: list[str] = []
-        for s in self.groups()[root]:
+        for s in members:
             for r in self.blocked.get(s, []):
                 if r not in reasons:
                     reasons.append(r)
@@ -452,9 +453,6 @@ class _Walker:
             if ins[0].tag is None or ins[0].tag.axis not in dims
             else _Info()
         ]
-
-    def op_expand_dims(self, eqn, ins):
-        return self.op_reshape(eqn, ins)
 
     def op_transpose(self, eqn, ins):
         perm = tuple(eqn.params["permutation"])
