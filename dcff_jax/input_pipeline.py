@@ -23,6 +23,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import resource_tracker
 from typing import Any
 
 import jax
@@ -708,6 +709,10 @@ def _with_sigint_blocked(fn: Callable[[], Any]) -> Any:
     """fn() with SIGINT blocked in the calling thread (deferred, not lost), where POSIX allows."""
     if not hasattr(signal, "pthread_sigmask"):
         return fn()
+    # The thread that starts multiprocessing's resource tracker leaves with SIGINT unblocked
+    # (CPython's ensure_running unblocks it unconditionally); started first, outside the
+    # block, it is not started again by a thread inside it.
+    resource_tracker.ensure_running()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         return fn()
