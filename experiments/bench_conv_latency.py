@@ -1,8 +1,9 @@
 """Per-conv inference latency on XLA:CPU: where a compact model's time goes, original vs compact.
 
 For each model, every distinct conv shape of its original and compact variants is jitted alone
-(forward, NHWC, dcff_jax.compiler_options()) and timed: 20 sequential calls in one jitted loop
-(so that dispatch is not measured), the median of --steps such loops after a warm-up, / 20;
+(forward, NHWC, dcff_jax.compiler_options()) and timed: --chain (20) sequential calls in one
+jitted loop (so that dispatch is not measured), the median of --steps such loops after a warm-up,
+divided by --chain;
 a shape's time counts once per conv that has it. Beside the sum of the convs, the whole model
 (jitted apply, eval mode) in the same run, so what is outside the convs shows too. Each row: MACs,
 ms, and GMAC/s, the throughput the conv reached.
@@ -83,7 +84,7 @@ def time_conv(key, batch: int, steps: int, options: dict, chain: int = 20) -> tu
     return ms, macs
 
 
-def measure(arch: str, batch: int, steps: int, options: dict) -> dict:
+def measure(arch: str, batch: int, steps: int, options: dict, chain: int = 20) -> dict:
     cprate = paper_config(arch).cprate
     shape = models.input_shape(arch, batch)
     result = {"arch": arch, "batch": batch}
@@ -97,7 +98,7 @@ def measure(arch: str, batch: int, steps: int, options: dict) -> dict:
         whole = median_ms(apply, (variables, images), steps)
         rows = []
         for key, count in sorted(conv_shapes(model, shape).items()):
-            ms, macs = time_conv(key, batch, steps, options)
+            ms, macs = time_conv(key, batch, steps, options, chain)
             rows.append({"shape": key, "count": count, "ms": ms, "macs": macs})
         conv_ms = sum(r["ms"] * r["count"] for r in rows)
         conv_macs = sum(r["macs"] * r["count"] for r in rows)
@@ -132,13 +133,16 @@ def main():
     parser.add_argument("--archs", default="resnet56,resnet110")
     parser.add_argument("--batches", default="1,256")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--chain", type=int, default=20, help="calls per timed loop (fewer at large batches)"
+    )
     parser.add_argument("--out", default="", help="also write every figure as JSON here")
     args = parser.parse_args()
     options = compiler_options()
     results = []
     for arch in args.archs.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            results.append(measure(arch, batch, args.steps, options))
+            results.append(measure(arch, batch, args.steps, options, args.chain))
             print(report(results[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,14 +1,16 @@
 """Inference latency, original vs compact, for jitted JAX, the StableHLO export and the ONNX export
 (onnxruntime), side by side in one run.
 
-  python experiments/bench_latency.py [--archs vgg16,...] [--engines jax,stablehlo,onnxruntime]
-      [--steps 5] [--out FILE.json]
+  python experiments/bench_latency.py [--archs vgg16,...]
+      [--engines jax,jax-eigen,stablehlo,onnxruntime] [--pad_to 8] [--steps 5] [--out FILE.json]
 
 For each architecture (its config's paper plan) and each batch (1, and the existing table's: 256
 CIFAR, 16 ImageNet): the median wall time of `--steps` calls after a warm-up call, uint8 images
-in, logits out, normalisation included, in this order: JAX (jax.jit of model.apply), StableHLO
-(export.stablehlo_bytes, deserialized and called under jit), onnxruntime (onnx_export.onnx_bytes,
-CPU provider, default threads). The speed-up is original / compact time, and its share of the
+in, logits out, normalisation included, in this order: JAX (jax.jit of model.apply, XLA's
+defaults), JAX-Eigen (the same with dcff_jax.compiler_options(), as `evaluate` compiles it: XLA's
+own convs instead of YNNPACK's), StableHLO (export.stablehlo_bytes, deserialized and called under
+jit), onnxruntime (onnx_export.onnx_bytes, widths padded to --pad_to, CPU provider, default
+threads). The speed-up is original / compact time, and its share of the
 FLOPs ratio is speed-up / (original FLOPs / compact FLOPs) (flops.model_counts). Random weights
 with batch statistics moved off (0, 1); latency does not depend on their values.
 """
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcff_jax import export, flops, input_pipeline, models, onnx_export
+from dcff_jax import compiler_options, export, flops, input_pipeline, models, onnx_export
 from dcff_jax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,21 +52,24 @@ def median_ms(call, steps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-ENGINES = ("jax", "stablehlo", "onnxruntime")
+ENGINES = ("jax", "jax-eigen", "stablehlo", "onnxruntime")
 
 
-def engines(model, variables, size: int, mean, std, wanted: Sequence[str] = ENGINES) -> dict:
+def engines(
+    model, variables, size: int, mean, std, wanted: Sequence[str] = ENGINES, pad_to: int = 8
+) -> dict:
     """{engine: images -> logits (blocking)} for one model, for the wanted engines only (each
     export is lowered or converted when it is wanted)."""
     calls = {}
-    if "jax" in wanted:
 
-        @jax.jit
-        def jitted(images):
-            x = input_pipeline.normalize(images, mean, std, jnp.float32)
-            return model.apply(variables, x, train=False)
+    def logits(images):
+        x = input_pipeline.normalize(images, mean, std, jnp.float32)
+        return model.apply(variables, x, train=False)
 
-        calls["jax"] = lambda images: jax.block_until_ready(jitted(images))
+    for engine, options in (("jax", {}), ("jax-eigen", compiler_options())):
+        if engine in wanted:
+            jitted = jax.jit(logits, compiler_options=options)
+            calls[engine] = lambda images, f=jitted: jax.block_until_ready(f(images))
     if "stablehlo" in wanted:
         exported = jax.export.deserialize(
             bytearray(export.stablehlo_bytes(model, variables, size, mean, std))
@@ -75,14 +80,14 @@ def engines(model, variables, size: int, mean, std, wanted: Sequence[str] = ENGI
         import onnxruntime
 
         session = onnxruntime.InferenceSession(
-            onnx_export.onnx_bytes(model, variables, size, mean, std),
+            onnx_export.onnx_bytes(model, variables, size, mean, std, pad_to),
             providers=["CPUExecutionProvider"],
         )
         calls["onnxruntime"] = lambda images: onnx_export.run_session(session, images)
     return calls
 
 
-def measure(arch: str, steps: int, wanted: Sequence[str]) -> list[dict]:
+def measure(arch: str, steps: int, wanted: Sequence[str], pad_to: int = 8) -> list[dict]:
     config_name, batches = CONFIGS[arch]
     config = load_config(os.path.join(ROOT, "configs", f"{config_name}.py"))
     counts = flops.model_counts(config.model, config.cprate)
@@ -97,7 +102,7 @@ def measure(arch: str, steps: int, wanted: Sequence[str]) -> list[dict]:
             **variables,
             "batch_stats": jax.tree.map(lambda a: a + 0.1, variables["batch_stats"]),
         }
-        calls = engines(model, variables, size, mean, std, wanted)
+        calls = engines(model, variables, size, mean, std, wanted, pad_to)
         for batch in batches:
             images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8)
             for engine in wanted:
@@ -132,17 +137,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default=",".join(CONFIGS))
     parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--pad_to", type=int, default=8, help="ONNX export's width multiple")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    print(f"{os.cpu_count()} cores, jax {jax.__version__}")
+    print(f"{os.cpu_count()} cores, jax {jax.__version__}, ONNX widths padded to x{args.pad_to}")
     print(
         "| model | batch | engine | original ms | compact ms | speed-up | FLOPs ratio "
         "| speed-up / FLOPs ratio |"
     )
     print("|---|---|---|---|---|---|---|---|")
     wanted = args.engines.split(",")
-    rows = [row for arch in args.archs.split(",") for row in measure(arch, args.steps, wanted)]
+    rows = [
+        row
+        for arch in args.archs.split(",")
+        for row in measure(arch, args.steps, wanted, args.pad_to)
+    ]
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
