@@ -11,7 +11,9 @@ Plans:
   parse_rates, layer_rates, keep_width, search_plan / search_rates (rates for a target FLOPs
   and/or params reduction), rate_string
 FLOPs, params and export:
-  count_flops, model_counts, compact_variables, load_compact (an exported compact model)
+  count_flops, model_counts, compact_variables, load_compact (an exported compact model),
+  pad_channels (any function with its conv widths rounded up by zero filters: same values,
+  faster CPU convs; the StableHLO export does it)
 Any Flax model (linen or nnx), unmodified (dcff_jax.auto):
   DCFF (trace a plan; fused training model; save/load with the plan; compact export),
   Plan, make_plan, update_fusion_nnx, compact_nnx
@@ -20,6 +22,7 @@ Compiling:
 """
 
 from dcff_jax.auto import DCFF, Plan, compact_nnx, make_plan, update_fusion_nnx
+from dcff_jax.channel_padding import pad_channels
 from dcff_jax.export import compact_variables, load_compact
 from dcff_jax.flops import count as count_flops
 from dcff_jax.flops import model_counts
@@ -67,6 +70,7 @@ __all__ = [
     "keep_width",
     "layer_rates",
     "model_counts",
+    "pad_channels",
     "pairwise_distances",
     "parse_rates",
     "rate_string",

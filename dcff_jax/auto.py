@@ -780,8 +780,9 @@ class DCFF:
         """Write the compact model of `fused` (linen variables or the nnx fused model) to
         `directory`: its variables (orbax, "variables"), the plan, and `model.stablehlo`, the
         eval-mode function images -> logits with the variables inside and any batch size,
-        loadable with jax alone (jax.export.deserialize(...).call(images)). Returns the
-        compact (model, variables) for linen, (model, None) for nnx."""
+        loadable with jax alone (jax.export.deserialize(...).call(images)), its conv widths
+        padded to multiples of 8 (export.STABLEHLO_PAD_TO; the same logits, faster on a CPU).
+        Returns the compact (model, variables) for linen, (model, None) for nnx."""
         from dcff_jax import storage
         from dcff_jax.export import STABLEHLO, batch_polymorphic_stablehlo
 

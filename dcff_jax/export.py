@@ -106,6 +106,7 @@ def write_export(directory: str, variables, metadata: dict, model=None) -> None:
             mean, std = input_pipeline.normalization(metadata["dataset"])
             module = stablehlo_bytes(model, variables, metadata["image_size"], mean, std)
             (root / version / STABLEHLO).write_bytes(module)
+            metadata = {**metadata, "stablehlo_channels_padded_to": STABLEHLO_PAD_TO}
         (root / version / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
         storage.write_text_atomic(root / POINTER, version + "\n")
         _remove_old_versions(root, keep=version)
@@ -201,10 +202,19 @@ STABLEHLO = "model.stablehlo"
 STABLEHLO_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
-def stablehlo_bytes(model, variables, image_size: int, mean, std) -> bytes:
+# Conv widths of the StableHLO export are rounded up to a multiple of this by zero filters
+# (channel_padding): the same logits, and XLA:CPU's conv kernels run the plan's odd widths far
+# slower (experiments/RESULTS.md: ResNet-110's compact model at batch 1, 3.5 -> 2.1 ms).
+STABLEHLO_PAD_TO = 8
+
+
+def stablehlo_bytes(
+    model, variables, image_size: int, mean, std, pad_to: int = STABLEHLO_PAD_TO
+) -> bytes:
     """The compact model as serialized StableHLO (`jax.export`): images uint8 (b, image_size,
     image_size, 3) NHWC, any batch b -> logits float32 (b, classes), eval mode, with the
-    variables and the normalisation ((x / 255 - mean) / std) inside.
+    variables and the normalisation ((x / 255 - mean) / std) inside, conv widths padded to a
+    multiple of `pad_to` (1: the plan's widths).
 
     Load it with jax alone (no dcff_jax, no flax):
         exported = jax.export.deserialize(open(path, "rb").read())
@@ -218,32 +228,44 @@ def stablehlo_bytes(model, variables, image_size: int, mean, std) -> bytes:
         x = input_pipeline.normalize(images, mean, std, jnp.float32)
         return model.apply(variables, x, train=False).astype(jnp.float32)
 
-    return batch_polymorphic_stablehlo(logits, (image_size, image_size, 3), jnp.uint8)
+    return batch_polymorphic_stablehlo(logits, (image_size, image_size, 3), jnp.uint8, pad_to)
 
 
-def batch_polymorphic_stablehlo(fn, example_shape, dtype) -> bytes:
+def batch_polymorphic_stablehlo(fn, example_shape, dtype, pad_to: int = STABLEHLO_PAD_TO) -> bytes:
     """fn (a batch of inputs of example_shape -> outputs) as serialized StableHLO for any batch
-    size, lowered for every STABLEHLO_PLATFORMS."""
+    size, lowered for every STABLEHLO_PLATFORMS, its conv widths padded to a multiple of
+    `pad_to` (channel_padding.pad_channels; 1: as they are)."""
     import jax
 
+    from dcff_jax.channel_padding import pad_channels
+
+    if pad_to > 1:
+        fn = pad_channels(fn, pad_to)
     (batch,) = jax.export.symbolic_shape("b")
     spec = jax.ShapeDtypeStruct((batch, *example_shape), dtype)
     return jax.export.export(jax.jit(fn), platforms=STABLEHLO_PLATFORMS)(spec).serialize()
 
 
-def write_stablehlo(directory: str) -> str:
+def write_stablehlo(directory: str, pad_to: int = STABLEHLO_PAD_TO) -> str:
     """Write `model.stablehlo` (see stablehlo_bytes) into the current export version under
-    `directory` (WORKDIR/compact); returns its path, written atomically. Exports
-    have it from the start; this is for older ones, or to re-lower for a newer jax. One
-    process only (it reads the export with orbax)."""
+    `directory` (WORKDIR/compact), and its padding into metadata.json; returns its path,
+    written atomically. Exports have it from the start; this is for older ones, to re-lower
+    for a newer jax, or to choose the padding. One process only (it reads the export with
+    orbax)."""
+    import json
+
     from dcff_jax import input_pipeline, storage
 
     model, variables, metadata = load_compact(directory)
     mean, std = input_pipeline.normalization(metadata["dataset"])
-    data = stablehlo_bytes(model, variables, metadata["image_size"], mean, std)
-    path = current_version_dir(directory) / STABLEHLO
-    storage.write_text_atomic(path, data)
-    return str(path)
+    data = stablehlo_bytes(model, variables, metadata["image_size"], mean, std, pad_to)
+    version = current_version_dir(directory)
+    storage.write_text_atomic(version / STABLEHLO, data)
+    metadata = {**metadata, "stablehlo_channels_padded_to": pad_to}
+    storage.write_text_atomic(
+        version / "metadata.json", json.dumps(metadata, indent=2, default=str)
+    )
+    return str(version / STABLEHLO)
 
 
 def load_stablehlo(path: str):

@@ -1,18 +1,22 @@
 """Inference latency, original vs compact, for jitted JAX, the StableHLO export and the ONNX export
 (onnxruntime), side by side in one run.
 
-  python experiments/bench_latency.py [--archs vgg16,...]
-      [--engines jax,jax-eigen,stablehlo,onnxruntime] [--pad_to 8] [--steps 5] [--out FILE.json]
+  python experiments/bench_latency.py [--archs vgg16,...] [--engines jax,jax-eigen,...]
+      [--pad_to 8] [--steps 5] [--out FILE.json]
 
 For each architecture (its config's paper plan) and each batch (1, and the existing table's: 256
 CIFAR, 16 ImageNet): the median wall time of `--steps` calls after a warm-up call, uint8 images
-in, logits out, normalisation included, in this order: JAX (jax.jit of model.apply, XLA's
-defaults), JAX-Eigen (the same with dcff_jax.compiler_options(), as `evaluate` compiles it: XLA's
-own convs instead of YNNPACK's), StableHLO (export.stablehlo_bytes, deserialized and called under
-jit), onnxruntime (onnx_export.onnx_bytes, widths padded to --pad_to, CPU provider, default
-threads). The speed-up is original / compact time, and its share of the
-FLOPs ratio is speed-up / (original FLOPs / compact FLOPs) (flops.model_counts). Random weights
-with batch statistics moved off (0, 1); latency does not depend on their values.
+in, logits out, normalisation included, in this order:
+- jax: jax.jit of model.apply, XLA's defaults;
+- jax-eigen: the same with dcff_jax.compiler_options(), as `evaluate` compiles it (XLA's own
+  convs instead of YNNPACK's);
+- jax-padded, jax-eigen-padded: the same two with conv widths rounded up to --pad_to
+  (channel_padding.pad_channels);
+- stablehlo: export.stablehlo_bytes, deserialized and called under jit;
+- onnxruntime: onnx_export.onnx_bytes (widths padded to --pad_to), CPU provider, default threads.
+The speed-up is original / compact time, and its share of the FLOPs ratio is speed-up /
+(original FLOPs / compact FLOPs) (flops.model_counts). Random weights with batch statistics
+moved off (0, 1); latency does not depend on their values.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcff_jax import compiler_options, export, flops, input_pipeline, models, onnx_export
+from dcff_jax.channel_padding import pad_channels
 from dcff_jax.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +57,7 @@ def median_ms(call, steps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-ENGINES = ("jax", "jax-eigen", "stablehlo", "onnxruntime")
+ENGINES = ("jax", "jax-eigen", "jax-padded", "jax-eigen-padded", "stablehlo", "onnxruntime")
 
 
 def engines(
@@ -66,9 +71,15 @@ def engines(
         x = input_pipeline.normalize(images, mean, std, jnp.float32)
         return model.apply(variables, x, train=False)
 
-    for engine, options in (("jax", {}), ("jax-eigen", compiler_options())):
+    padded = pad_channels(logits, pad_to)
+    for engine, fn, options in (
+        ("jax", logits, {}),
+        ("jax-eigen", logits, compiler_options()),
+        ("jax-padded", padded, {}),
+        ("jax-eigen-padded", padded, compiler_options()),
+    ):
         if engine in wanted:
-            jitted = jax.jit(logits, compiler_options=options)
+            jitted = jax.jit(fn, compiler_options=options)
             calls[engine] = lambda images, f=jitted: jax.block_until_ready(f(images))
     if "stablehlo" in wanted:
         exported = jax.export.deserialize(
@@ -87,8 +98,11 @@ def engines(
     return calls
 
 
-def measure(arch: str, steps: int, wanted: Sequence[str], pad_to: int = 8) -> list[dict]:
-    config_name, batches = CONFIGS[arch]
+def measure(
+    arch: str, steps: int, wanted: Sequence[str], pad_to: int = 8, batches: Sequence[int] = ()
+) -> list[dict]:
+    config_name, default_batches = CONFIGS[arch]
+    batches = batches or default_batches
     config = load_config(os.path.join(ROOT, "configs", f"{config_name}.py"))
     counts = flops.model_counts(config.model, config.cprate)
     flops_ratio = counts["base_flops"] / counts["flops"]
@@ -137,8 +151,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default=",".join(CONFIGS))
     parser.add_argument("--engines", default=",".join(ENGINES))
-    parser.add_argument("--pad_to", type=int, default=8, help="ONNX export's width multiple")
+    parser.add_argument(
+        "--pad_to", type=int, default=8, help="conv width multiple of the padded engines"
+    )
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batches", default="", help="e.g. 1 (default: 1 and the table's)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     print(f"{os.cpu_count()} cores, jax {jax.__version__}, ONNX widths padded to x{args.pad_to}")
@@ -151,7 +168,9 @@ def main() -> None:
     rows = [
         row
         for arch in args.archs.split(",")
-        for row in measure(arch, args.steps, wanted, args.pad_to)
+        for row in measure(
+            arch, args.steps, wanted, args.pad_to, [int(b) for b in args.batches.split(",") if b]
+        )
     ]
     if args.out:
         with open(args.out, "w") as f:

@@ -2,7 +2,9 @@
 any batch size, with the logits of the Flax compact model; written with every export and
 accepted by `evaluate`."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -84,7 +86,7 @@ def test_training_writes_it_and_evaluate_gives_the_compact_models_result(tmp_pat
         f"--config.data_dir={data}",
         "--config.batch_size=8",
         "--config.num_epochs=1",
-        "--config.cprate=[0.75]*13",
+        "--config.cprate=[0.7]*13",  # widths 19, 38, 76, 153: not multiples of 8
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     version = open(os.path.join(workdir, "compact", "LATEST")).read().strip()
@@ -95,8 +97,49 @@ def test_training_writes_it_and_evaluate_gives_the_compact_models_result(tmp_pat
     assert stablehlo_result["examples"] == variables_result["examples"] == 20
     assert stablehlo_result["top1"] == variables_result["top1"]
     assert stablehlo_result["loss"] == pytest.approx(variables_result["loss"], rel=1e-5)
-    # The CLI re-writes it from the export (for exports made before they had it).
+    metadata_path = os.path.join(workdir, "compact", version, "metadata.json")
+    assert json.load(open(metadata_path))["stablehlo_channels_padded_to"] == 8
+    assert all(w % 8 == 0 for w in conv_widths_of(stablehlo))
+    # The CLI re-writes it from the export (for exports made before they had it), with the
+    # padding asked for, and says so in the metadata.
     os.remove(stablehlo)
-    out = run_module("dcff_jax.export_stablehlo", f"--checkpoint={workdir}/compact")
+    out = run_module(
+        "dcff_jax.export_stablehlo", f"--checkpoint={workdir}/compact", "--pad_channels_to=1"
+    )
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == stablehlo
-    assert os.path.isfile(stablehlo)
+    assert any(w % 8 for w in conv_widths_of(stablehlo))  # the plan's widths
+    assert json.load(open(metadata_path))["stablehlo_channels_padded_to"] == 1
+    assert evaluate_result(stablehlo)["top1"] == variables_result["top1"]
+    bad = run_module(
+        "dcff_jax.export_stablehlo", f"--checkpoint={workdir}/compact", "--pad_channels_to=0"
+    )
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "--pad_channels_to must be >= 1" in bad.stderr
+
+
+def conv_widths_of(path) -> list[int]:
+    """The output channels of each convolution in a serialized StableHLO file."""
+    exported = jax.export.deserialize(bytearray(open(path, "rb").read()))
+    text = exported.mlir_module()
+    widths = [
+        int(m.group(1))
+        for m in re.finditer(r"stablehlo\.convolution.*->\s*tensor<[^>]*x(\d+)xf32>", text)
+    ]
+    assert widths, "no convolution found"
+    return widths
+
+
+def test_its_conv_widths_are_padded_to_8_by_default_and_kept_with_1(tmp_path):
+    model = models.create_model("resnet56", "[0.5]*27+[0.3]*3", "compact")
+    variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+    mean, std = input_pipeline.normalization("cifar10")
+    for pad_to, name in ((8, "padded"), (1, "plain")):
+        (tmp_path / name).write_bytes(
+            export.stablehlo_bytes(model, variables, 32, mean, std, pad_to=pad_to)
+        )
+    assert all(w % 8 == 0 for w in conv_widths_of(tmp_path / "padded"))
+    plain = conv_widths_of(tmp_path / "plain")
+    assert any(w % 8 for w in plain)
+    # 55 convs, lowered once per platform
+    assert len(plain) == len(conv_widths_of(tmp_path / "padded"))
+    assert len(plain) == 55 * len(export.STABLEHLO_PLATFORMS)

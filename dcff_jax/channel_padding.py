@@ -1,0 +1,430 @@
+"""Compact models with conv widths rounded up: the same function, faster kernels.
+
+DCFF's compact widths are whatever the rates leave (3, 7, 19, ... channels). XLA:CPU's and
+onnxruntime's conv kernels vectorise over channels and run narrow, odd widths far below their
+usual throughput (experiments/RESULTS.md: ResNet-110's compact convs under 8 channels wide run at
+19-29 GMAC/s where 32-64-wide ones run at 150-190). `pad_channels(fn, 8)` returns `fn` with every
+conv's output channels rounded up to a multiple of 8 by zero filters; the logits are the same
+(up to float32 rounding), the MACs higher, the time lower where the kernels need it.
+
+How: `fn` is traced to a jaxpr at its input's shape and re-run equation by equation. Each value
+computed from the input may carry a channel map (its channel axis is `width` wide, real channel k
+at position index[k]; other positions hold finite values nobody reads). A conv or matmul reads
+the real channels through zero weights at the padded positions; channel-wise ops (per-channel
+constants, ReLU, pools, spatial pads and slices, reductions over other axes, transposes, a
+flatten) carry the map; a channel pad (the option-A shortcut) is re-offset; a concat's map is its
+inputs' maps, concatenated. Any other op gets the real channels back first, so an op this module
+does not know is still computed right, only without padding after it. Equations of weights alone
+are evaluated once, at trace time. The ONNX export does the same on its graph
+(onnx_export.pad_channels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelMap:
+    """Axis `axis` is `width` wide; real channel k sits at position index[k]."""
+
+    axis: int
+    width: int
+    index: np.ndarray
+
+    def is_prefix(self) -> bool:
+        return bool(np.array_equal(self.index, np.arange(len(self.index))))
+
+    def same_as(self, other: ChannelMap | None) -> bool:
+        return (
+            other is not None
+            and (self.axis, self.width) == (other.axis, other.width)
+            and np.array_equal(self.index, other.index)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Traced:
+    """A value computed from the function's input, channels padded as `map` says (None: not)."""
+
+    value: jax.Array
+    map: ChannelMap | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lazy:
+    """Weights broadcast to a batch-sized shape: kept with size 1 on the broadcast axes."""
+
+    array: np.ndarray
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pad_channels(fn: Callable[[jax.Array], jax.Array], multiple: int = 8) -> Callable:
+    """fn (one array -> one array or a tuple of them) with conv widths rounded up to `multiple`;
+    see the module docstring. The result traces fn at each call's input shape (symbolic batch
+    sizes included, so it lowers with jax.export) and is meant to be jitted."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+
+    def padded(x):
+        closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
+        outs = _Walk(multiple).run(closed.jaxpr, closed.consts, [_Traced(x)])
+        results = [_plain(v, var.aval) for v, var in zip(outs, closed.jaxpr.outvars, strict=True)]
+        return results[0] if len(results) == 1 else tuple(results)
+
+    return padded
+
+
+def _plain(value, aval) -> jax.Array:
+    """The value as fn computed it: real channels only, full shape."""
+    if isinstance(value, _Traced):
+        m = value.map
+        if m is None:
+            return value.value
+        if m.is_prefix():
+            return lax.slice_in_dim(value.value, 0, len(m.index), axis=m.axis)
+        return jnp.take(value.value, jnp.asarray(m.index), axis=m.axis)
+    if isinstance(value, _Lazy):
+        return jnp.broadcast_to(value.array, aval.shape)
+    return jnp.asarray(value)
+
+
+def _is_static_shape(aval) -> bool:
+    return all(isinstance(d, (int, np.integer)) for d in aval.shape)
+
+
+class _Walk:
+    INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr"}
+    INLINE_CUSTOM = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr"}
+    BINARY = {"add", "sub", "mul", "max", "min", "div"}
+    # Unary ops that keep finite values finite at the padded positions (not log, rsqrt, ...).
+    SAFE_UNARY = {
+        "convert_element_type", "neg", "abs", "exp", "tanh", "logistic", "integer_pow", "sqrt",
+        "erf", "copy", "copy_p", "reduce_precision", "sign", "square",
+    }  # fmt: skip
+
+    def __init__(self, multiple: int):
+        self.multiple = multiple
+
+    def run(self, jaxpr, consts, args) -> list:
+        from jax.extend.core import Literal
+
+        env: dict = {}
+
+        def read(var):
+            return np.asarray(var.val) if isinstance(var, Literal) else env[var]
+
+        for var, value in zip(jaxpr.constvars, consts, strict=True):
+            env[var] = np.asarray(value)
+        for var, value in zip(jaxpr.invars, args, strict=True):
+            env[var] = value
+        for eqn in jaxpr.eqns:
+            outs = self.equation(eqn, [read(v) for v in eqn.invars])
+            for var, value in zip(eqn.outvars, outs, strict=True):
+                env[var] = value
+        return [read(v) for v in jaxpr.outvars]
+
+    def equation(self, eqn, inputs: list) -> list:
+        name = eqn.primitive.name
+        if name in self.INLINE or name in self.INLINE_CUSTOM:
+            closed = eqn.params[self.INLINE.get(name) or self.INLINE_CUSTOM[name]]
+            inputs = inputs[len(inputs) - len(closed.jaxpr.invars) :]  # custom rules' extras
+            return self.run(closed.jaxpr, closed.consts, inputs)
+        if not any(isinstance(x, _Traced) for x in inputs):
+            folded = self.fold(eqn, inputs)
+            if folded is not None:
+                return folded
+        handler = getattr(self, f"op_{name}", None)
+        out = None
+        if name in self.BINARY:
+            out = self.binary(eqn, inputs)
+        elif (
+            name in self.SAFE_UNARY
+            and len(inputs) == 1
+            and isinstance(inputs[0], _Traced)
+            and eqn.params.get("y", 0) >= 0  # integer_pow: x ** -1 of a padded 0 is inf
+        ):
+            (x,) = inputs
+            out = _Traced(eqn.primitive.bind(x.value, **eqn.params), x.map)
+        elif handler is not None:
+            out = handler(eqn, *inputs)
+        if out is None:
+            return self.unpadded(eqn, inputs)
+        return out if eqn.primitive.multiple_results else [out]
+
+    def fold(self, eqn, inputs: list) -> list | None:
+        """Evaluate an equation of weights alone, now; None when its result is batch-sized."""
+        if not all(_is_static_shape(v.aval) for v in eqn.outvars):
+            if eqn.primitive.name != "broadcast_in_dim" or isinstance(inputs[0], _Lazy):
+                return None
+            (x,) = inputs
+            shape = [1] * len(eqn.params["shape"])
+            for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+                shape[d] = np.shape(x)[i]
+            return [_Lazy(np.reshape(x, shape))]
+        if any(isinstance(x, _Lazy) for x in inputs):
+            return None
+        with jax.ensure_compile_time_eval():
+            outs = eqn.primitive.bind(*[jnp.asarray(x) for x in inputs], **eqn.params)
+        outs = outs if eqn.primitive.multiple_results else [outs]
+        return [np.asarray(o) for o in outs]
+
+    def unpadded(self, eqn, inputs: list) -> list:
+        """The equation as it was, on the real channels: nothing padded after it."""
+        values = [_plain(x, v.aval) for x, v in zip(inputs, eqn.invars, strict=True)]
+        outs = eqn.primitive.bind(*values, **eqn.params)
+        outs = outs if eqn.primitive.multiple_results else [outs]
+        return [_Traced(o) for o in outs]
+
+    # --- ops that carry or make channel maps ----------------------------------------------
+    def aligned(self, eqn, inputs: list) -> tuple[list, ChannelMap] | None:
+        """The operands of an elementwise op (or a stack) at the padded shape: all traced ones
+        padded alike, per-channel weights spread to the same positions. None if they differ."""
+        traced = [x for x in inputs if isinstance(x, _Traced)]
+        m = traced[0].map
+        if m is None or not all(m.same_as(t.map) for t in traced):
+            return None
+        shape = traced[0].value.shape
+        operands = []
+        for k, x in enumerate(inputs):
+            if isinstance(x, _Traced):
+                operands.append(x.value)
+                continue
+            array = _static(x)
+            if array.ndim == len(shape) and array.shape[m.axis] > 1:
+                if array.shape[m.axis] != len(m.index):
+                    return None
+                wide_shape = list(array.shape)
+                wide_shape[m.axis] = m.width
+                fill = 1 if eqn.primitive.name == "div" and k == 1 else 0
+                wide = np.full(wide_shape, fill, array.dtype)
+                np.moveaxis(wide, m.axis, 0)[m.index] = np.moveaxis(array, m.axis, 0)
+                array = wide
+            dtype = eqn.invars[k].aval.dtype
+            operands.append(jnp.broadcast_to(jnp.asarray(array, dtype), shape))
+        return operands, m
+
+    def binary(self, eqn, inputs: list) -> _Traced | None:
+        if eqn.primitive.name == "div" and isinstance(inputs[1], _Traced):
+            return None  # padded positions of a divisor may be 0
+        aligned = self.aligned(eqn, inputs)
+        if aligned is None:
+            return None
+        operands, m = aligned
+        return _Traced(eqn.primitive.bind(*operands, **eqn.params), m)
+
+    def op_stack(self, eqn, *inputs) -> _Traced | None:
+        aligned = self.aligned(eqn, list(inputs))
+        if aligned is None:
+            return None
+        operands, m = aligned
+        axis = m.axis + (eqn.params["axis"] <= m.axis)
+        return _Traced(
+            eqn.primitive.bind(*operands, **eqn.params), dataclasses.replace(m, axis=axis)
+        )
+
+    def op_conv_general_dilated(self, eqn, x, kernel) -> _Traced | None:
+        if not isinstance(x, _Traced) or isinstance(kernel, (_Traced, _Lazy)):
+            return None
+        params = dict(eqn.params)
+        dn = params["dimension_numbers"]
+        in_axis, k_out, k_in, out_axis = (
+            dn.lhs_spec[1],
+            dn.rhs_spec[0],
+            dn.rhs_spec[1],
+            dn.out_spec[1],
+        )
+        if params["batch_group_count"] != 1 or (x.map is not None and x.map.axis != in_axis):
+            return None
+        kernel = np.asarray(kernel)
+        filters, per_group = kernel.shape[k_out], kernel.shape[k_in]
+        groups = params["feature_group_count"]
+        m = x.map
+        if groups == 1:
+            width = round_up(filters, self.multiple)
+            if m is None and width == filters:
+                return None
+            wide_shape = list(kernel.shape)
+            wide_shape[k_out], wide_shape[k_in] = width, (m.width if m else per_group)
+            wide = np.zeros(wide_shape, kernel.dtype)
+            index = m.index if m else np.arange(per_group)
+            view = np.moveaxis(wide, (k_out, k_in), (0, 1))
+            view[:filters, index] = np.moveaxis(kernel, (k_out, k_in), (0, 1))
+            out = lax.conv_general_dilated_p.bind(x.value, jnp.asarray(wide), **params)
+            return _Traced(out, _prefix_map(out_axis, width, filters))
+        if m is not None and groups == filters == len(m.index) and per_group == 1:  # depthwise
+            wide_shape = list(kernel.shape)
+            wide_shape[k_out] = m.width
+            wide = np.zeros(wide_shape, kernel.dtype)
+            np.moveaxis(wide, k_out, 0)[m.index] = np.moveaxis(kernel, k_out, 0)
+            params["feature_group_count"] = m.width
+            out = lax.conv_general_dilated_p.bind(x.value, jnp.asarray(wide), **params)
+            return _Traced(out, dataclasses.replace(m, axis=out_axis))
+        return None
+
+    def op_dot_general(self, eqn, x, weight) -> _Traced | None:
+        if not isinstance(x, _Traced) or x.map is None or isinstance(weight, (_Traced, _Lazy)):
+            return None
+        (x_contract, w_contract), (x_batch, _) = eqn.params["dimension_numbers"]
+        if x_batch or tuple(x_contract) != (x.map.axis,):
+            return None
+        weight = np.asarray(weight)
+        (axis,) = w_contract
+        wide_shape = list(weight.shape)
+        wide_shape[axis] = x.map.width
+        wide = np.zeros(wide_shape, weight.dtype)
+        np.moveaxis(wide, axis, 0)[x.map.index] = np.moveaxis(weight, axis, 0)
+        return _Traced(eqn.primitive.bind(x.value, jnp.asarray(wide), **eqn.params))
+
+    def _window_keeps_channels(self, x, params) -> bool:
+        a = x.map.axis
+        return (
+            params["window_dimensions"][a] == 1
+            and params["window_strides"][a] == 1
+            and tuple(params["padding"][a]) == (0, 0)
+        )
+
+    def _reduce_window(self, eqn, x, *rest) -> _Traced | None:
+        if not isinstance(x, _Traced) or x.map is None or rest:
+            return None
+        if not self._window_keeps_channels(x, eqn.params):
+            return None
+        return _Traced(eqn.primitive.bind(x.value, **eqn.params), x.map)
+
+    op_reduce_window_sum = op_reduce_window_max = op_reduce_window_min = _reduce_window
+
+    def _reduce(self, eqn, x) -> _Traced | None:
+        if not isinstance(x, _Traced) or x.map is None or x.map.axis in eqn.params["axes"]:
+            return None
+        axis = x.map.axis - sum(a < x.map.axis for a in eqn.params["axes"])
+        return _Traced(
+            eqn.primitive.bind(x.value, **eqn.params), dataclasses.replace(x.map, axis=axis)
+        )
+
+    op_reduce_sum = op_reduce_max = op_reduce_min = _reduce
+
+    def op_pad(self, eqn, x, padding_value) -> _Traced | None:
+        if not isinstance(x, _Traced) or x.map is None or isinstance(padding_value, _Traced):
+            return None
+        config = list(eqn.params["padding_config"])
+        m = x.map
+        low, high, interior = config[m.axis]
+        if (low, high, interior) == (0, 0, 0):
+            out = eqn.primitive.bind(x.value, jnp.asarray(padding_value), **eqn.params)
+            return _Traced(out, m)
+        real = len(m.index)
+        wanted = real + low + high
+        if interior or low < 0 or wanted <= 0 or not m.is_prefix():
+            return None
+        # Real channel k lands at low + k, as in fn; the padded positions after the real ones
+        # are cut or extended so that the width is a multiple (only padded positions are cut).
+        width = round_up(wanted, self.multiple)
+        config[m.axis] = (low, width - low - m.width, 0)
+        out = eqn.primitive.bind(x.value, jnp.asarray(padding_value), padding_config=tuple(config))
+        return _Traced(out, _prefix_map(m.axis, width, wanted))
+
+    def op_slice(self, eqn, x) -> _Traced | None:
+        if not isinstance(x, _Traced) or x.map is None:
+            return None
+        a = x.map.axis
+        starts, limits = list(eqn.params["start_indices"]), list(eqn.params["limit_indices"])
+        strides = eqn.params["strides"]
+        if starts[a] != 0 or limits[a] != len(x.map.index) or (strides and strides[a] != 1):
+            return None
+        limits[a] = x.map.width
+        out = lax.slice(x.value, starts, limits, strides)
+        return _Traced(out, x.map)
+
+    def op_concatenate(self, eqn, *parts) -> _Traced | None:
+        if not all(isinstance(p, _Traced) for p in parts):
+            return None
+        axis = eqn.params["dimension"]
+        maps = [p.map for p in parts]
+        if any(m is not None and m.axis != axis for m in maps):
+            return None
+        index, offset = [], 0
+        for p, m in zip(parts, maps, strict=True):
+            size = m.width if m else p.value.shape[axis]
+            index.append((m.index if m else np.arange(size)) + offset)
+            offset += size
+        out = eqn.primitive.bind(*[p.value for p in parts], **eqn.params)
+        return _Traced(out, ChannelMap(axis, offset, np.concatenate(index)))
+
+    def op_transpose(self, eqn, x) -> _Traced | None:
+        if not isinstance(x, _Traced) or x.map is None:
+            return None
+        perm = list(eqn.params["permutation"])
+        out = eqn.primitive.bind(x.value, **eqn.params)
+        return _Traced(out, dataclasses.replace(x.map, axis=perm.index(x.map.axis)))
+
+    def op_squeeze(self, eqn, x) -> _Traced | None:
+        if not isinstance(x, _Traced) or x.map is None or x.map.axis in eqn.params["dimensions"]:
+            return None
+        axis = x.map.axis - sum(d < x.map.axis for d in eqn.params["dimensions"])
+        out = eqn.primitive.bind(x.value, **eqn.params)
+        return _Traced(out, dataclasses.replace(x.map, axis=axis))
+
+    def op_reshape(self, eqn, x, *dynamic_shape) -> _Traced | None:
+        """A flatten (batch, ..., channels) -> (batch, features) of a channels-last value:
+        feature (s, k) of spatial position s and real channel k sits at s * width + index[k]."""
+        if not isinstance(x, _Traced) or x.map is None or dynamic_shape:
+            return None
+        in_shape, m = eqn.invars[0].aval.shape, x.map
+        new_sizes = tuple(eqn.params["new_sizes"])
+        if m.axis != len(in_shape) - 1 or len(new_sizes) != 2 or len(in_shape) < 2:
+            return None
+        spatial = in_shape[1:-1]
+        if not all(isinstance(d, (int, np.integer)) for d in spatial):
+            return None
+        positions = int(np.prod(spatial, dtype=np.int64))
+        if new_sizes[0] != in_shape[0] or new_sizes[1] != positions * len(m.index):
+            return None
+        index = (np.arange(positions)[:, None] * m.width + m.index[None, :]).ravel()
+        out = jnp.reshape(x.value, (x.value.shape[0], positions * m.width))
+        return _Traced(out, ChannelMap(1, positions * m.width, index))
+
+    def op_clamp(self, eqn, low, x, high) -> _Traced | None:
+        if not isinstance(x, _Traced) or isinstance(low, _Traced) or isinstance(high, _Traced):
+            return None
+        if np.ndim(_static(low)) or np.ndim(_static(high)):
+            return None
+        out = eqn.primitive.bind(jnp.asarray(_static(low)), x.value, jnp.asarray(_static(high)))
+        return _Traced(out, x.map)
+
+
+def _prefix_map(axis: int, width: int, real: int) -> ChannelMap | None:
+    """Real channels first; None when nothing is padded (so that maps compare alike)."""
+    return None if width == real else ChannelMap(axis, int(width), np.arange(real))
+
+
+def _static(value: Any) -> np.ndarray:
+    return value.array if isinstance(value, _Lazy) else np.asarray(value)
+
+
+def conv_widths(fn: Callable, example: jax.ShapeDtypeStruct) -> list[int]:
+    """The output widths of fn's convs, in order (to check what pad_channels produced)."""
+    closed = jax.make_jaxpr(fn)(example)
+    widths: list[int] = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", None)
+                if inner is not None:
+                    walk(inner)
+            if eqn.primitive.name == "conv_general_dilated":
+                out_axis = eqn.params["dimension_numbers"].out_spec[1]
+                widths.append(int(eqn.outvars[0].aval.shape[out_axis]))
+
+    walk(closed.jaxpr)
+    return widths
