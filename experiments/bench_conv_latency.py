@@ -128,6 +128,47 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
+BUCKETS = ("< 8", "8-15", "16-31", ">= 32", "depthwise")
+
+
+def bucket(shape) -> str:
+    """A conv's class: depthwise, or the narrower of its input and output widths."""
+    (_, _, channels), filters, *_, groups = shape
+    if groups > 1:
+        return "depthwise"
+    n = min(channels, filters)
+    return BUCKETS[0] if n < 8 else BUCKETS[1] if n < 16 else BUCKETS[2] if n < 32 else BUCKETS[3]
+
+
+def summary(results: list) -> str:
+    """One markdown row per model, batch and variant: whole model, convs, the rest, and the
+    convs' GMAC/s (ms) per class."""
+    lines = [
+        "| model | batch | variant | whole ms | convs ms | outside convs ms | conv GMAC/s | "
+        + " | ".join(BUCKETS)
+        + " |",
+        "|---" * (7 + len(BUCKETS)) + "|",
+    ]
+    for r in results:
+        for variant in ("original", "compact"):
+            v = r[variant]
+            sums = collections.defaultdict(lambda: [0.0, 0])
+            for row in v["rows"]:
+                cell = sums[bucket(row["shape"])]
+                cell[0] += row["ms"] * row["count"]
+                cell[1] += row["macs"] * row["count"]
+            cells = [
+                f"{sums[b][1] / sums[b][0] / 1e6:.1f} ({sums[b][0]:.1f} ms)" if b in sums else "-"
+                for b in BUCKETS
+            ]
+            lines.append(
+                f"| {r['arch']} | {r['batch']} | {variant} | {v['whole_ms']:.2f} | "
+                f"{v['conv_ms']:.2f} | {v['whole_ms'] - v['conv_ms']:.2f} | "
+                f"{v['macs'] / v['conv_ms'] / 1e6:.1f} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="resnet56,resnet110")
@@ -137,13 +178,18 @@ def main():
         "--chain", type=int, default=20, help="calls per timed loop (fewer at large batches)"
     )
     parser.add_argument("--out", default="", help="also write every figure as JSON here")
+    parser.add_argument("--summarize", nargs="*", help="only print the summary of these JSONs")
     args = parser.parse_args()
+    if args.summarize:
+        print(summary([r for path in args.summarize for r in json.load(open(path))]))
+        return
     options = compiler_options()
     results = []
     for arch in args.archs.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             results.append(measure(arch, batch, args.steps, options, args.chain))
             print(report(results[-1]), flush=True)
+    print(summary(results))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f)
