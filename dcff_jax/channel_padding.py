@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dcff_jax import jaxprs
+
 
 @dataclasses.dataclass(frozen=True)
 class ChannelMap:
@@ -104,8 +106,6 @@ def _is_static_shape(aval) -> bool:
 
 
 class _Walk:
-    INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr"}
-    INLINE_CUSTOM = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr"}
     BINARY = {"add", "sub", "mul", "max", "min", "div"}
     # Unary ops that keep finite values finite at the padded positions (not log, rsqrt, ...).
     SAFE_UNARY = {
@@ -117,29 +117,14 @@ class _Walk:
         self.multiple = multiple
 
     def run(self, jaxpr, consts, args) -> list:
-        from jax.extend.core import Literal
-
-        env: dict = {}
-
-        def read(var):
-            return np.asarray(var.val) if isinstance(var, Literal) else env[var]
-
-        for var, value in zip(jaxpr.constvars, consts, strict=True):
-            env[var] = np.asarray(value)
-        for var, value in zip(jaxpr.invars, args, strict=True):
-            env[var] = value
-        for eqn in jaxpr.eqns:
-            outs = self.equation(eqn, [read(v) for v in eqn.invars])
-            for var, value in zip(eqn.outvars, outs, strict=True):
-                env[var] = value
-        return [read(v) for v in jaxpr.outvars]
+        consts = [np.asarray(c) for c in consts]
+        return jaxprs.interpret(jaxpr, consts, args, self.equation, lambda var: np.asarray(var.val))
 
     def equation(self, eqn, inputs: list) -> list:
         name = eqn.primitive.name
-        if name in self.INLINE or name in self.INLINE_CUSTOM:
-            closed = eqn.params[self.INLINE.get(name) or self.INLINE_CUSTOM[name]]
-            inputs = inputs[len(inputs) - len(closed.jaxpr.invars) :]  # custom rules' extras
-            return self.run(closed.jaxpr, closed.consts, inputs)
+        call = jaxprs.inlined(eqn, inputs)
+        if call is not None:
+            return self.run(*call)
         if not any(isinstance(x, _Traced) for x in inputs):
             folded = self.fold(eqn, inputs)
             if folded is not None:

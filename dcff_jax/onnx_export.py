@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from dcff_jax import jaxprs
 from dcff_jax.errors import DataError, MissingFileError
 
 OPSET = 17
@@ -75,13 +76,6 @@ class _Converter:
         "logistic": "Sigmoid",
         "abs": "Abs",
     }
-    INLINE = {
-        "jit": "jaxpr",
-        "pjit": "jaxpr",
-        "closed_call": "call_jaxpr",
-        "core_call": "call_jaxpr",
-    }
-    INLINE_CUSTOM = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr"}
 
     def __init__(self):
         from onnx import helper
@@ -181,11 +175,9 @@ class _Converter:
 
     def equation(self, eqn, inputs: list) -> list:
         name = eqn.primitive.name
-        if name in self.INLINE or name in self.INLINE_CUSTOM:
-            key = self.INLINE.get(name) or self.INLINE_CUSTOM[name]
-            closed = eqn.params[key]
-            inputs = inputs[len(inputs) - len(closed.jaxpr.invars) :]  # custom rules' extras
-            return self.run(closed.jaxpr, closed.consts, inputs)
+        call = jaxprs.inlined(eqn, inputs)
+        if call is not None:
+            return self.run(*call)
         if not any(isinstance(x, _Tensor) for x in inputs):
             return self.fold(eqn, inputs)
         handler = getattr(self, f"op_{name}", None)

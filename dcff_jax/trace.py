@@ -28,6 +28,8 @@ from typing import Any
 
 import jax
 
+from dcff_jax import jaxprs
+
 _PASS_THROUGH = {
     "convert_element_type",
     "copy",
@@ -99,16 +101,6 @@ _REDUCE = {
     "argmin",
 }
 _REDUCE_WINDOW = {"reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"}
-_INLINE = {
-    "pjit": "jaxpr",
-    "jit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "checkpoint": "jaxpr",
-    "remat": "jaxpr",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,26 +277,13 @@ class _Walker:
 
     # --- walking ------------------------------------------------------------------------------
     def run(self, jaxpr, infos: Sequence[_Info], top: bool) -> list[_Info]:
-        from jax.extend.core import Literal
+        def literal(v) -> _Info:
+            shape = getattr(v.aval, "shape", ())
+            scalar = float(v.val) if shape == () else None
+            return _Info(const_axes=frozenset(range(len(shape))), scalar=scalar)
 
-        env: dict[Any, _Info] = {}
-
-        def read(v) -> _Info:
-            if isinstance(v, Literal):
-                shape = getattr(v.aval, "shape", ())
-                scalar = float(v.val) if shape == () else None
-                return _Info(const_axes=frozenset(range(len(shape))), scalar=scalar)
-            return env.get(v, _Info())
-
-        for v in jaxpr.constvars:
-            env[v] = _Info()
-        for v, info in zip(jaxpr.invars, infos, strict=True):
-            env[v] = info
-        for eqn in jaxpr.eqns:
-            outs = self.equation(eqn, [read(v) for v in eqn.invars])
-            for v, info in zip(eqn.outvars, outs, strict=True):
-                env[v] = info
-        results = [read(v) for v in jaxpr.outvars]
+        consts = [_Info()] * len(jaxpr.constvars)
+        results = jaxprs.interpret(jaxpr, consts, infos, self.equation, literal)
         if top:
             for info in results:
                 self.block(info.tag, "reaches the model's output")
@@ -313,10 +292,9 @@ class _Walker:
     def equation(self, eqn, ins: list[_Info]) -> list[_Info]:
         name = eqn.primitive.name
         n_out = len(eqn.outvars)
-        if name in _INLINE and _INLINE[name] in eqn.params:
-            sub = eqn.params[_INLINE[name]]
-            jaxpr = getattr(sub, "jaxpr", sub)
-            ins = ins[len(ins) - len(jaxpr.invars) :]
+        call = jaxprs.inlined(eqn, ins)
+        if call is not None:
+            jaxpr, _, ins = call
             return self.run(jaxpr, ins, top=False)
         if not any(i.tag or i.param for i in ins):
             return [self.constness(eqn, ins)] * n_out
