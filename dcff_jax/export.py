@@ -215,7 +215,8 @@ def stablehlo_bytes(
     """The compact model as serialized StableHLO (`jax.export`): images uint8 (b, image_size,
     image_size, 3) NHWC, any batch b -> logits float32 (b, classes), eval mode, with the
     variables and the normalisation ((x / 255 - mean) / std) inside, conv widths padded to a
-    multiple of `pad_to` (1: the plan's widths).
+    multiple of `pad_to` and depthwise convs as shifted multiply-adds on CPU (1: the plain
+    model; see channel_padding).
 
     Load it with jax alone (no dcff_jax, no flax):
         exported = jax.export.deserialize(open(path, "rb").read())
@@ -234,8 +235,8 @@ def stablehlo_bytes(
 
 def batch_polymorphic_stablehlo(fn, example_shape, dtype, pad_to: int = STABLEHLO_PAD_TO) -> bytes:
     """fn (a batch of inputs of example_shape -> outputs) as serialized StableHLO for any batch
-    size, lowered for every STABLEHLO_PLATFORMS, its conv widths padded to a multiple of
-    `pad_to` (channel_padding.pad_channels; 1: as they are)."""
+    size, lowered for every STABLEHLO_PLATFORMS, rewritten by channel_padding.pad_channels
+    with `pad_to` (1: as it is)."""
     import jax
 
     from dcff_jax.channel_padding import pad_channels
