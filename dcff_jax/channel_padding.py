@@ -189,12 +189,8 @@ class _Walk:
             if array.ndim == len(shape) and array.shape[m.axis] > 1:
                 if array.shape[m.axis] != len(m.index):
                     return None
-                wide_shape = list(array.shape)
-                wide_shape[m.axis] = m.width
                 fill = 1 if eqn.primitive.name == "div" and k == 1 else 0
-                wide = np.full(wide_shape, fill, array.dtype)
-                np.moveaxis(wide, m.axis, 0)[m.index] = np.moveaxis(array, m.axis, 0)
-                array = wide
+                array = _spread(array, m.axis, m.width, m.index, fill)
             dtype = eqn.invars[k].aval.dtype
             operands.append(jnp.broadcast_to(jnp.asarray(array, dtype), shape))
         return operands, m
@@ -239,21 +235,14 @@ class _Walk:
             width = round_up(filters, self.multiple)
             if m is None and width == filters:
                 return None
-            wide_shape = list(kernel.shape)
-            wide_shape[k_out], wide_shape[k_in] = width, (m.width if m else per_group)
-            wide = np.zeros(wide_shape, kernel.dtype)
-            index = m.index if m else np.arange(per_group)
-            view = np.moveaxis(wide, (k_out, k_in), (0, 1))
-            view[:filters, index] = np.moveaxis(kernel, (k_out, k_in), (0, 1))
+            wide = _spread(kernel, k_out, width, np.arange(filters))
+            if m is not None:
+                wide = _spread(wide, k_in, m.width, m.index)
             out = lax.conv_general_dilated_p.bind(x.value, jnp.asarray(wide), **params)
             return _Traced(out, _prefix_map(out_axis, width, filters))
         if groups == filters == (len(m.index) if m else filters) and per_group == 1:  # depthwise
             if m is not None:
-                wide_shape = list(kernel.shape)
-                wide_shape[k_out] = m.width
-                wide = np.zeros(wide_shape, kernel.dtype)
-                np.moveaxis(wide, k_out, 0)[m.index] = np.moveaxis(kernel, k_out, 0)
-                kernel = wide
+                kernel = _spread(kernel, k_out, m.width, m.index)
                 params["feature_group_count"] = m.width
             out = _depthwise(x.value, jnp.asarray(kernel), params)
             return _Traced(out, None if m is None else dataclasses.replace(m, axis=out_axis))
@@ -267,10 +256,7 @@ class _Walk:
             return None
         weight = np.asarray(weight)
         (axis,) = w_contract
-        wide_shape = list(weight.shape)
-        wide_shape[axis] = x.map.width
-        wide = np.zeros(wide_shape, weight.dtype)
-        np.moveaxis(wide, axis, 0)[x.map.index] = np.moveaxis(weight, axis, 0)
+        wide = _spread(weight, axis, x.map.width, x.map.index)
         return _Traced(eqn.primitive.bind(x.value, jnp.asarray(wide), **eqn.params))
 
     def _window_keeps_channels(self, x, params) -> bool:
@@ -433,6 +419,16 @@ def _depthwise(x: jax.Array, kernel: jax.Array, params: dict) -> jax.Array:
 def _prefix_map(axis: int, width: int, real: int) -> ChannelMap | None:
     """Real channels first; None when nothing is padded (so that maps compare alike)."""
     return None if width == real else ChannelMap(axis, int(width), np.arange(real))
+
+
+def _spread(array: np.ndarray, axis: int, width: int, index: np.ndarray, fill=0) -> np.ndarray:
+    """`array` widened to `width` along `axis`: its entry k at position index[k], `fill` at the
+    other positions."""
+    shape = list(array.shape)
+    shape[axis] = width
+    wide = np.full(shape, fill, array.dtype)
+    np.moveaxis(wide, axis, 0)[index] = np.moveaxis(array, axis, 0)
+    return wide
 
 
 def _static(value: Any) -> np.ndarray:
