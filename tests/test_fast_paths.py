@@ -200,3 +200,25 @@ def test_backward_does_not_recompute_the_residual_chain():
     them flat."""
     shallow, deep = _max_fusion_operands(1), _max_fusion_operands(4)
     assert deep <= shallow + 3, (shallow, deep)
+
+
+def test_forward_alone_runs_a_plain_relu_and_the_gradient_the_materialised_one():
+    """Inference (evaluation, exports) has no backward to protect: its residual ReLU is a plain
+    max that XLA fuses with the BN and the add. The stacked max-reduction, a 2x-sized buffer and
+    a reduction per block, halved a ResNet-56's inference speed (experiments/RESULTS.md); the
+    gradient must keep it (test above)."""
+    model = resnet_cifar.CifarResNet((0.0,) * 7, 1, "compact")
+    x = jnp.ones((4, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    forward = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))
+    assert "reduce_max" not in forward and "stack" not in forward
+    assert forward.count(" max ") >= 3  # one residual ReLU per block, plus the stem's and bn1's
+
+    def loss(params):
+        out, _ = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(out**2)
+
+    gradient = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+    assert gradient.count("reduce_max") == 3  # the three blocks' outputs stay buffers

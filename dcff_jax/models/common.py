@@ -103,17 +103,24 @@ def residual_relu(y: jax.Array, shortcut: jax.Array) -> jax.Array:
     Why not nn.relu: in the backward pass XLA:CPU re-derives each block's output, which a
     weight-gradient conv needs transposed, by fusing the whole chain of elementwise
     BN-add-ReLU producers back to the stage's first block: O(depth^2) work, 43% of a ResNet-56
-    step's op time (experiments/RESULTS.md). XLA never duplicates a reduction into a consumer,
-    so the ReLU is written as a max over a stacked zero, which keeps every block's output a
-    buffer that later ops read.
+    step's op time (experiments/RESULTS.md). So when differentiated (the JVP rule below) the
+    output is computed by `_materialised_relu`. A forward pass alone (inference, evaluation,
+    exports) has no backward to protect and runs this plain ReLU, which XLA fuses with the BN
+    and the add into one pass; the stacked form costs a 2x-sized buffer and a reduction per
+    block (half of a ResNet-56's inference time on XLA:CPU, experiments/RESULTS.md).
     """
-    summed = y + shortcut
+    return jnp.maximum(y + shortcut, 0)
+
+
+def _materialised_relu(summed: jax.Array) -> jax.Array:
+    """relu(summed) as a max over a stacked zero: XLA never duplicates a reduction into a
+    consumer, so the result stays a buffer that later ops (the backward pass) read."""
     return jnp.max(jnp.stack([summed, jnp.zeros_like(summed)]), axis=0)
 
 
 @residual_relu.defjvp
 def _residual_relu_jvp(primals, tangents):
-    out = residual_relu(*primals)
+    out = _materialised_relu(primals[0] + primals[1])
     # relu's derivative (0 at 0, where a max-reduction's would split the tie), masked by the
     # output so the backward pass reads the materialised buffer too.
     return out, jnp.where(out > 0, tangents[0] + tangents[1], 0).astype(out.dtype)
