@@ -101,10 +101,6 @@ def _plain(value, aval) -> jax.Array:
     return jnp.asarray(value)
 
 
-def _is_static_shape(aval) -> bool:
-    return all(isinstance(d, (int, np.integer)) for d in aval.shape)
-
-
 class _Walk:
     BINARY = {"add", "sub", "mul", "max", "min", "div"}
     # Unary ops that keep finite values finite at the padded positions (not log, rsqrt, ...).
@@ -149,14 +145,10 @@ class _Walk:
 
     def fold(self, eqn, inputs: list) -> list | None:
         """Evaluate an equation of weights alone, now; None when its result is batch-sized."""
-        if not all(_is_static_shape(v.aval) for v in eqn.outvars):
+        if not all(jaxprs.has_static_shape(v.aval) for v in eqn.outvars):
             if eqn.primitive.name != "broadcast_in_dim" or isinstance(inputs[0], _Lazy):
                 return None
-            (x,) = inputs
-            shape = [1] * len(eqn.params["shape"])
-            for i, d in enumerate(eqn.params["broadcast_dimensions"]):
-                shape[d] = np.shape(x)[i]
-            return [_Lazy(np.reshape(x, shape))]
+            return [_Lazy(jaxprs.broadcast_with_ones(inputs[0], eqn.params))]
         if any(isinstance(x, _Lazy) for x in inputs):
             return None
         with jax.ensure_compile_time_eval():
@@ -190,7 +182,7 @@ class _Walk:
                 if array.shape[m.axis] != len(m.index):
                     return None
                 fill = 1 if eqn.primitive.name == "div" and k == 1 else 0
-                array = _spread(array, m.axis, m.width, m.index, fill)
+                array = spread(array, m.axis, m.width, m.index, fill)
             dtype = eqn.invars[k].aval.dtype
             operands.append(jnp.broadcast_to(jnp.asarray(array, dtype), shape))
         return operands, m
@@ -235,14 +227,14 @@ class _Walk:
             width = round_up(filters, self.multiple)
             if m is None and width == filters:
                 return None
-            wide = _spread(kernel, k_out, width, np.arange(filters))
+            wide = spread(kernel, k_out, width, np.arange(filters))
             if m is not None:
-                wide = _spread(wide, k_in, m.width, m.index)
+                wide = spread(wide, k_in, m.width, m.index)
             out = lax.conv_general_dilated_p.bind(x.value, jnp.asarray(wide), **params)
             return _Traced(out, _prefix_map(out_axis, width, filters))
         if groups == filters == (len(m.index) if m else filters) and per_group == 1:  # depthwise
             if m is not None:
-                kernel = _spread(kernel, k_out, m.width, m.index)
+                kernel = spread(kernel, k_out, m.width, m.index)
                 params["feature_group_count"] = m.width
             out = _depthwise(x.value, jnp.asarray(kernel), params)
             return _Traced(out, None if m is None else dataclasses.replace(m, axis=out_axis))
@@ -256,7 +248,7 @@ class _Walk:
             return None
         weight = np.asarray(weight)
         (axis,) = w_contract
-        wide = _spread(weight, axis, x.map.width, x.map.index)
+        wide = spread(weight, axis, x.map.width, x.map.index)
         return _Traced(eqn.primitive.bind(x.value, jnp.asarray(wide), **eqn.params))
 
     def _window_keeps_channels(self, x, params) -> bool:
@@ -421,7 +413,7 @@ def _prefix_map(axis: int, width: int, real: int) -> ChannelMap | None:
     return None if width == real else ChannelMap(axis, int(width), np.arange(real))
 
 
-def _spread(array: np.ndarray, axis: int, width: int, index: np.ndarray, fill=0) -> np.ndarray:
+def spread(array: np.ndarray, axis: int, width: int, index: np.ndarray, fill=0) -> np.ndarray:
     """`array` widened to `width` along `axis`: its entry k at position index[k], `fill` at the
     other positions."""
     shape = list(array.shape)

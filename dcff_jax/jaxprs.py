@@ -1,10 +1,13 @@
 """What our jaxpr walkers share (trace: channel analysis; onnx_export: ONNX graphs;
-channel_padding: padded re-runs): inlining calls and the walk over equations."""
+channel_padding: padded re-runs): inlining calls, the walk over equations, and folding
+weights that are broadcast to a batch-sized shape."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 # Primitives that only call a sub-jaxpr (jit, custom derivative rules, remat), and the parameter
 # holding it: every walker steps into them.
@@ -52,3 +55,18 @@ def interpret(
     for eqn in jaxpr.eqns:
         env.update(zip(eqn.outvars, equation(eqn, [read(v) for v in eqn.invars]), strict=True))
     return [read(v) for v in jaxpr.outvars]
+
+
+def has_static_shape(aval) -> bool:
+    """No symbolic (batch) dimension in the value's shape."""
+    return all(isinstance(d, (int, np.integer)) for d in aval.shape)
+
+
+def broadcast_with_ones(x, params: dict) -> np.ndarray:
+    """A broadcast_in_dim of weights to a batch-sized shape (zeros_like(activations), a bias
+    broadcast to the output), kept with size 1 on every broadcast axis: the walkers fold weights
+    at trace time, where the batch size may be symbolic, and the consumer broadcasts."""
+    shape = [1] * len(params["shape"])
+    for i, d in enumerate(params["broadcast_dimensions"]):
+        shape[d] = np.shape(x)[i]
+    return np.reshape(x, shape)

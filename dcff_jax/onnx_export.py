@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from dcff_jax import jaxprs
+from dcff_jax.channel_padding import ChannelMap, round_up, spread
 from dcff_jax.errors import DataError, MissingFileError
 
 OPSET = 17
@@ -196,15 +197,10 @@ class _Converter:
         """Evaluate an equation whose inputs are all known (weights, literals) with jax."""
         import jax.numpy as jnp
 
-        if not all(_is_static(d) for v in eqn.outvars for d in v.aval.shape):
+        if not all(jaxprs.has_static_shape(v.aval) for v in eqn.outvars):
             if eqn.primitive.name != "broadcast_in_dim":
                 raise UnsupportedOp(f"{eqn.primitive.name} of constants to a batch-sized shape")
-            # e.g. zeros_like(activations): kept with size 1 on every broadcast axis.
-            (x,) = inputs
-            shape = [1] * len(eqn.params["shape"])
-            for i, d in enumerate(eqn.params["broadcast_dimensions"]):
-                shape[d] = np.shape(x)[i]
-            return [np.reshape(x, shape)]
+            return [jaxprs.broadcast_with_ones(inputs[0], eqn.params)]
         outs = eqn.primitive.bind(*[jnp.asarray(x) for x in inputs], **eqn.params)
         outs = outs if eqn.primitive.multiple_results else [outs]
         return [np.asarray(o) for o in outs]
@@ -622,16 +618,6 @@ def run_session(session, images: np.ndarray) -> np.ndarray:
 # --- Channel padding ------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _ChannelMap:
-    """A tensor whose channel `axis` is `width` wide, real channel k at position index[k]; the
-    other positions hold zeros (or values no consumer reads)."""
-
-    axis: int
-    width: int
-    index: np.ndarray
-
-
 _CHANNELWISE = {"Relu", "Clip", "MaxPool", "AveragePool", "Identity", "Cast"}
 _BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min"}
 
@@ -652,7 +638,7 @@ def pad_channels(model, multiple: int = 8):
 
     shapes = _inferred_shapes(model)
     arrays = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
-    maps: dict[str, _ChannelMap] = {}
+    maps: dict[str, ChannelMap] = {}
     nodes = []
     names = (f"pad{i}" for i in itertools.count())
 
@@ -688,24 +674,18 @@ def pad_channels(model, multiple: int = 8):
             filters, per_group = weight.shape[:2]
             group = attrs.get("group", 1)
             if group == 1:
-                width = _round_up(filters, multiple)
+                width = round_up(filters, multiple)
                 if m is not None or width != filters:
-                    index = m.index if m is not None else np.arange(per_group)
-                    padded = np.zeros((width, m.width if m else per_group, *weight.shape[2:]))
-                    padded[:filters, index] = weight
-                    arrays[ins[1]] = padded.astype(weight.dtype)
+                    weight = spread(weight, 0, width, np.arange(filters))
+                    arrays[ins[1]] = weight if m is None else spread(weight, 1, m.width, m.index)
                     if len(ins) > 2:
-                        arrays[ins[2]] = np.pad(arrays[ins[2]], (0, width - filters))
+                        arrays[ins[2]] = spread(arrays[ins[2]], 0, width, np.arange(filters))
                     if width != filters:
-                        maps[out] = _ChannelMap(1, width, np.arange(filters))
+                        maps[out] = ChannelMap(1, width, np.arange(filters))
             elif m is not None and group == filters and per_group == 1:  # depthwise
-                padded = np.zeros((m.width, *weight.shape[1:]), weight.dtype)
-                padded[m.index] = weight
-                arrays[ins[1]] = padded
+                arrays[ins[1]] = spread(weight, 0, m.width, m.index)
                 if len(ins) > 2:
-                    bias = np.zeros(m.width, weight.dtype)
-                    bias[m.index] = arrays[ins[2]]
-                    arrays[ins[2]] = bias
+                    arrays[ins[2]] = spread(arrays[ins[2]], 0, m.width, m.index)
                 for a in node.attribute:
                     if a.name == "group":
                         a.i = m.width
@@ -718,22 +698,14 @@ def pad_channels(model, multiple: int = 8):
             data = [i for i in ins if i not in arrays]
             padded = [maps.get(i) for i in data]
             first = next((p for p in padded if p is not None), None)
-            same = all(
-                p is not None and p.width == first.width and np.array_equal(p.index, first.index)
-                for p in padded
-            )
+            same = all(first is not None and first.same_as(p) for p in padded)
             if first is not None and same:
                 for k, name in enumerate(ins):
                     if name in arrays and arrays[name].ndim > first.axis:
                         c = arrays[name]
                         if c.shape[first.axis] > 1:
-                            shape = list(c.shape)
-                            shape[first.axis] = first.width
                             fill = 1 if op == "Div" and k == 1 else 0
-                            wide = np.full(shape, fill, c.dtype)
-                            np.moveaxis(wide, first.axis, 0)[first.index] = np.moveaxis(
-                                c, first.axis, 0
-                            )
+                            wide = spread(c, first.axis, first.width, first.index, fill)
                             node.input[k] = new_constant(wide)
                 maps[out] = first
             else:
@@ -745,11 +717,11 @@ def pad_channels(model, multiple: int = 8):
             before, after = int(pads[1]), int(pads[1 + rank])
             real = len(m.index)
             wanted = real + before + after
-            width = _round_up(wanted, multiple)
+            width = round_up(wanted, multiple)
             if np.array_equal(m.index, np.arange(real)) and width - before - m.width >= 0:
                 pads[1 + rank] = width - before - m.width
                 node.input[1] = new_constant(pads)
-                maps[out] = _ChannelMap(1, width, np.arange(wanted))
+                maps[out] = ChannelMap(1, width, np.arange(wanted))
             else:
                 node.input[0] = unpad(ins[0])
         elif op == "Concat" and attrs["axis"] == 1 and any(i in maps for i in ins):
@@ -758,7 +730,7 @@ def pad_channels(model, multiple: int = 8):
                 part = maps[name].index if name in maps else np.arange(channels(name))
                 index.append(part + offset)
                 offset += channels(name)
-            maps[out] = _ChannelMap(1, offset, np.concatenate(index))
+            maps[out] = ChannelMap(1, offset, np.concatenate(index))
         elif op == "Transpose" and m is not None:
             maps[out] = dataclasses.replace(m, axis=list(attrs["perm"]).index(m.axis))
         elif op in ("ReduceSum", "ReduceMax") and m is not None and not attrs.get("keepdims", 1):
@@ -778,10 +750,7 @@ def pad_channels(model, multiple: int = 8):
             and ins[1] in arrays
             and m.axis == len(shapes[ins[0]]) - 1
         ):
-            weight = arrays[ins[1]]
-            wide = np.zeros((m.width, weight.shape[1]), weight.dtype)
-            wide[m.index] = weight
-            node.input[1] = new_constant(wide)
+            node.input[1] = new_constant(spread(arrays[ins[1]], 0, m.width, m.index))
         else:
             for k, name in enumerate(ins):
                 node.input[k] = unpad(name)
@@ -806,10 +775,6 @@ def _read_names(nodes) -> set[str]:
     return {name for node in nodes for name in node.input}
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _inferred_shapes(model) -> dict[str, list]:
     """{value name: dims (ints, or a name for the symbolic batch)} by ONNX shape inference."""
     import onnx
@@ -822,7 +787,7 @@ def _inferred_shapes(model) -> dict[str, list]:
     return shapes
 
 
-def _is_flatten_of_channels(shapes: dict, source: str, out: str, m: _ChannelMap) -> bool:
+def _is_flatten_of_channels(shapes: dict, source: str, out: str, m: ChannelMap) -> bool:
     """A reshape to (batch, channels) of a tensor whose other axes are all 1."""
     before, after = shapes.get(source), shapes.get(out)
     if before is None or after is None or len(after) != 2:

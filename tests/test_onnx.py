@@ -197,3 +197,34 @@ def test_padded_widths_are_multiples_of_8_with_the_same_logits():
             onnxruntime.InferenceSession(graph.SerializeToString()), images
         )
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_padding_places_divisors_depthwise_kernels_and_matmul_rows_by_the_channel_map():
+    """A hand-made graph that reaches the padding rules the six models do not all reach: a
+    per-channel divisor (padded with 1, or 0/0 would put NaN in the padded channels and, through
+    the zero weights after them, in the logits), a depthwise conv that follows its producer's
+    padded width, and a matmul whose rows follow the map."""
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(3, 3, 2, 5)).astype(np.float32)
+    divisor = rng.uniform(0.5, 2.0, 5).astype(np.float32)
+    depthwise = rng.normal(size=(3, 3, 1, 5)).astype(np.float32)
+    dense = rng.normal(size=(5, 3)).astype(np.float32)
+    nhwc = ("NHWC", "HWIO", "NHWC")
+
+    def fn(x):
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=nhwc)
+        y = jax.nn.relu(y / divisor + y)  # read twice, so the divisor stays a Div
+        y = jax.lax.conv_general_dilated(
+            y, depthwise, (1, 1), "SAME", dimension_numbers=nhwc, feature_group_count=5
+        )
+        return jnp.mean(y, axis=(1, 2)) @ dense
+
+    proto = onnx_export.jaxpr_to_onnx(fn, (None, 6, 6, 2), np.float32)
+    padded = onnx_export.pad_channels(proto, 8)
+    assert "Div" in [node.op_type for node in padded.graph.node]
+    arrays = {t.name: t.dims for t in padded.graph.initializer}
+    assert [arrays[n.input[1]][0] for n in padded.graph.node if n.op_type == "Conv"] == [8, 8]
+    x = rng.normal(size=(2, 6, 6, 2)).astype(np.float32)
+    want = np.asarray(fn(x))
+    got = onnxruntime.InferenceSession(padded.SerializeToString()).run(None, {"images": x})[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
