@@ -80,16 +80,21 @@ def engines(
         x = input_pipeline.normalize(images, mean, std, jnp.float32)
         return model.apply(variables, x, train=False)
 
-    def logits(images):
-        if not microbatch or images.shape[0] <= microbatch:
-            return whole(images)
-        if images.shape[0] % microbatch:
-            raise SystemExit(f"--microbatch {microbatch} does not divide batch {images.shape[0]}")
-        # Micro-batches one after another inside the jitted call: activations that fit in cache.
-        chunks = images.reshape(-1, microbatch, *images.shape[1:])
-        return jax.lax.map(whole, chunks).reshape(images.shape[0], -1)
+    def in_microbatches(fn):
+        """fn over micro-batches, one after another inside the jitted call (activations that
+        fit in cache); fn itself at or below the micro-batch size."""
 
-    padded = pad_channels(logits, pad_to)
+        def call(images):
+            if not microbatch or images.shape[0] <= microbatch:
+                return fn(images)
+            if images.shape[0] % microbatch:
+                raise SystemExit(f"--microbatch {microbatch} does not divide {images.shape[0]}")
+            chunks = images.reshape(-1, microbatch, *images.shape[1:])
+            return jax.lax.map(fn, chunks).reshape(images.shape[0], -1)
+
+        return call
+
+    logits, padded = in_microbatches(whole), in_microbatches(pad_channels(whole, pad_to))
     for engine, fn, options in (
         ("jax", logits, {}),
         ("jax-eigen", logits, compiler_options()),
