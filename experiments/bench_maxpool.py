@@ -15,12 +15,11 @@ Median ms of --steps calls after a warm-up, dcff_jax.compiler_options().
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_conv_latency import median_ms  # the same timing as the per-conv benchmark
 from jax import lax
 
 from dcff_jax import compiler_options
@@ -91,16 +90,6 @@ FORMS = {
     "separable_concat": separable(_concat_border),
     "reduce_window/16": in_microbatches(reduce_window, 16),
 }
-
-
-def median_ms(fn, args, steps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def main() -> None:
