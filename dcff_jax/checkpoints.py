@@ -38,16 +38,26 @@ def latest_step(directory: str) -> int | None:
         return mngr.latest_step()
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, progress: dict) -> None:
-    """Save synchronously (the next step may donate the state's buffers)."""
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
-        ),
-        force=True,
-    )
-    mngr.wait_until_finished()
+def save(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    progress: dict,
+    best: Any = None,
+    wait: bool = True,
+) -> None:
+    """Save `state`, `progress` and optionally `best` (the best epoch's model variables).
+
+    wait=False returns once the arrays are copied to the host and writes them in the background
+    (orbax's async save); the caller may then donate the state's buffers, and must call
+    mngr.wait_until_finished() before it relies on the checkpoint or exits.
+    """
+    items = {"state": ocp.args.StandardSave(state), "progress": ocp.args.JsonSave(progress)}
+    if best is not None:
+        items["best"] = ocp.args.StandardSave(best)
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    if wait:
+        mngr.wait_until_finished()
 
 
 def quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
@@ -74,19 +84,18 @@ def quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
 class Timer:
     """Time-based checkpoints: due once `minutes` have passed since the last checkpoint.
 
-    Asked only every `check_every` steps, and with several processes process 0's clock decides
-    (a broadcast), so every process saves at the same step; 0 minutes turns it off."""
+    Asked at every call boundary of the train loop; with several processes process 0's clock
+    decides (a broadcast), so every process saves at the same step; 0 minutes turns it off."""
 
-    def __init__(self, minutes: float, check_every: int):
+    def __init__(self, minutes: float):
         self.seconds = 60.0 * minutes
-        self.check_every = check_every
         self.reset()
 
     def reset(self) -> None:
         self.last = time.monotonic()
 
-    def due(self, step: int) -> bool:
-        if self.seconds <= 0 or step % self.check_every:
+    def due(self) -> bool:
+        if self.seconds <= 0:
             return False
         import jax
 
@@ -139,8 +148,13 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     }
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict] | None:
-    """(state, progress) of the newest readable checkpoint, or None when there is none.
+def restore_latest(
+    mngr: ocp.CheckpointManager, abstract_state: Any, abstract_best: Any = None
+) -> tuple[Any, dict, Any] | None:
+    """(state, progress, best) of the newest readable checkpoint, or None when there is none.
+
+    best: the checkpoint's "best" item restored into `abstract_best`, or None when either is
+    absent (checkpoints written before the best epoch's variables were saved have none).
 
     An unreadable checkpoint is skipped in favour of the one before it, and once an older one has
     restored it is moved aside (quarantine) and logged with its path. When none is readable,
@@ -158,13 +172,15 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[An
                 f"{f' (and {len(mismatch) - 5} more)' if len(mismatch) > 5 else ''}; "
                 "resume with that run's config (WORKDIR/config.json) or use a new --workdir"
             )
+        items = {
+            "state": ocp.args.StandardRestore(abstract_state),
+            "progress": ocp.args.JsonRestore(),
+        }
+        has_best = (epath.Path(mngr.directory) / str(step) / "best").exists()
+        if abstract_best is not None and has_best:
+            items["best"] = ocp.args.StandardRestore(abstract_best)
         try:
-            restored = mngr.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()
-                ),
-            )
+            restored = mngr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
             unreadable.append((step, e))
             continue
@@ -180,7 +196,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[An
                 moved,
                 step,
             )
-        return restored["state"], dict(restored["progress"])
+        best = restored["best"] if "best" in items else None
+        return restored["state"], dict(restored["progress"]), best
     if unreadable:
         first = unreadable[0][1]
         raise CheckpointError(

@@ -55,8 +55,9 @@ POINTER = "LATEST"
 KEEP_VERSIONS = 2  # the current one and the one before (a reader may be loading it)
 
 
-def save_compact(directory: str, state, config, record: dict) -> None:
-    """Write the compact model of a fused train state as a new version under `directory`.
+def save_compact(directory: str, variables: Mapping[str, Any], config, record: dict) -> None:
+    """Write the compact model of a fused model's variables ({"params", "batch_stats",
+    "fusion"}, e.g. steps.model_variables(state)) as a new version under `directory`.
 
     The version is complete (orbax variables + metadata.json) before the pointer names it, so
     an interruption at any point leaves the previous export loadable. With several processes
@@ -65,11 +66,7 @@ def save_compact(directory: str, state, config, record: dict) -> None:
     """
     import jax
 
-    variables = jax.device_get(
-        compact_variables(
-            {"params": state.params, "batch_stats": state.batch_stats, "fusion": state.fusion}
-        )
-    )
+    variables = jax.device_get(compact_variables(variables))
     from dcff_jax import models
 
     model = models.create_model(

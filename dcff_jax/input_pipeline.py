@@ -1,12 +1,15 @@
 """Input pipelines: CIFAR-10 (tfds or a cifar-10-batches-py folder) and ImageNet (tfds), TF-free.
 
 Design:
-  - The host produces uint8 batches (N, H, W, 3) and int32 labels; every host reads only its own
-    slice of each global batch (multi-host) from a per-epoch permutation seeded by (seed, epoch),
-    so the batches depend only on (seed, epoch, step) and a resumed run sees the same ones.
-  - CIFAR-10 lives in memory (150 MB) and is augmented on the device inside the jitted train step
-    (`augment_cifar`: pad-4 random crop + flip, keyed by seed, epoch and step), so the input is
-    never the bottleneck. ImageNet is decoded by tfds' random-access data source and cropped on
+  - Batches are uint8 (N, H, W, 3) with int32 labels, taken from a per-epoch permutation seeded
+    by (seed, epoch), so they depend only on (seed, epoch, step) and a resumed run sees the same
+    ones.
+  - CIFAR-10 lives in memory (150 MB). By default every host holds the whole split on each of
+    its devices and the train loop gathers its batches there (dcff_jax.feeds); it is augmented
+    on the device inside the jitted train step (`augment_cifar`: pad-4 random crop + flip, keyed
+    by seed and step), so the input is never the bottleneck.
+  - On the host path (ImageNet, or data_placement="host") every host reads only its own slice of
+    each global batch. ImageNet is decoded by tfds' random-access data source and cropped on
     the host (random-resized-crop 224 + flip; eval resize 256 + centre crop 224) by a thread pool.
   - Normalisation happens on the device (`normalize`).
 """
@@ -56,6 +59,9 @@ class Split:
     label_range: tuple[int, int]  # smallest and largest label the split can hold
     example: Callable[[int, int], tuple[np.ndarray, int]] | None = None
     workers: int = 0
+    # A split held in memory: (images uint8 (n, H, W, 3), labels (n,)); it can live on the
+    # devices (dcff_jax.feeds).
+    arrays: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclasses.dataclass
@@ -276,7 +282,7 @@ def _array_split(images: np.ndarray, labels: np.ndarray) -> Split:
         return images[indices], labels[indices]
 
     label_range = (int(labels.min()), int(labels.max())) if len(labels) else (0, 0)
-    return Split(len(labels), load, images.shape[1], label_range)
+    return Split(len(labels), load, images.shape[1], label_range, arrays=(images, labels))
 
 
 # --- ImageNet -------------------------------------------------------------------------------

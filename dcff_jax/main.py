@@ -17,6 +17,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the compact model go.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    "auto",
+    "Where compiled steps are kept for the next start (a resume loads them instead of compiling "
+    "again): a directory, 'auto' ($XDG_CACHE_HOME/dcff_jax/xla or ~/.cache/dcff_jax/xla) or '' "
+    "(off). JAX_COMPILATION_CACHE_DIR, when set, wins.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -65,7 +72,9 @@ def main(argv):
                 process_id=config.process_id,
             )
         jax.distributed.initialize(**kwargs)
-    from dcff_jax import preemption, train
+    from dcff_jax import preemption, train, xla_options
+
+    xla_options.enable_compilation_cache(_CACHE.value)
 
     logging.info(
         "JAX process %d/%d, %d local / %d global devices: %s",

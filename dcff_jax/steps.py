@@ -65,6 +65,11 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
+def model_variables(state: TrainState) -> dict[str, Any]:
+    """The model's variables in a train state: {"params", "batch_stats", "fusion"}."""
+    return {"params": state.params, "batch_stats": state.batch_stats, "fusion": state.fusion}
+
+
 def create_train_state(model, tx, image_size: int, seed: int, mesh: Mesh) -> TrainState:
     """Initialised state, replicated over the mesh."""
 
@@ -92,10 +97,9 @@ def model_input(images: jax.Array, spec: InputSpec, key: jax.Array | None = None
     return input_pipeline.normalize(images, spec.mean, spec.std, spec.dtype)
 
 
-def make_train_step(model, tx, spec: InputSpec, mesh: Mesh, seed: int = 0, options=None):
-    """The jitted (state, images uint8, labels) -> (state, metrics) step; the state is donated.
+def train_step_fn(model, tx, spec: InputSpec, seed: int = 0) -> Callable:
+    """The pure (state, images uint8 (n, H, W, 3), labels (n,)) -> (state, metrics) step.
 
-    options: XLA compile options; None means dcff_jax.compiler_options(), {} XLA's defaults.
     metrics: "loss", "accuracy" (batch means) and "nonfinite_params" (count after the update).
     """
 
@@ -138,9 +142,98 @@ def make_train_step(model, tx, spec: InputSpec, mesh: Mesh, seed: int = 0, optio
         }
         return new_state, metrics
 
+    return train_step
+
+
+def make_train_step(model, tx, spec: InputSpec, mesh: Mesh, seed: int = 0, options=None):
+    """The jitted (state, images uint8, labels) -> (state, metrics) step; the state is donated.
+
+    options: XLA compile options; None means dcff_jax.compiler_options(), {} XLA's defaults.
+    metrics: as train_step_fn's.
+    """
     return jax.jit(
-        train_step,
+        train_step_fn(model, tx, spec, seed),
         in_shardings=(replicated(mesh), batch_sharded(mesh), batch_sharded(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=0,
+        compiler_options=compiler_options() if options is None else options,
+    )
+
+
+def gather_batch(split, order: jax.Array, start: jax.Array, batch: int, mesh: Mesh):
+    """A global batch gathered on the device: (images, labels) at split rows
+    order[start : start + batch], sharded over the mesh's 'data' axis.
+
+    split: a DeviceSplit; order: int32 (n,) the epoch's permutation; batch: static."""
+    rows = jax.lax.dynamic_slice(order, (start,), (batch,))
+    # Sharded before the gather: each device gathers only its slice of the batch.
+    rows = jax.lax.with_sharding_constraint(rows, batch_sharded(mesh))
+    return split.images[rows], split.labels[rows]
+
+
+@flax.struct.dataclass
+class DeviceSplit:
+    """A whole split held on every device (CIFAR-10's training set is 150 MB as uint8)."""
+
+    images: jax.Array  # uint8 (n, H, W, 3), replicated
+    labels: jax.Array  # int32 (n,), replicated
+
+
+def place_split(mesh: Mesh, images: np.ndarray, labels: np.ndarray) -> DeviceSplit:
+    """Host arrays (every process holds the whole split) -> a DeviceSplit replicated on `mesh`."""
+    return DeviceSplit(place_replicated(mesh, images), place_replicated(mesh, labels, np.int32))
+
+
+def place_replicated(mesh: Mesh, array: np.ndarray, dtype=None) -> jax.Array:
+    """A host array, the same on every process, as one array replicated over `mesh`."""
+    array = np.asarray(array, dtype)
+    return jax.make_array_from_callback(array.shape, replicated(mesh), lambda index: array[index])
+
+
+def make_train_loop(
+    model,
+    tx,
+    spec: InputSpec,
+    mesh: Mesh,
+    batch: int,
+    seed: int = 0,
+    options=None,
+    stride: int | None = None,
+) -> Callable:
+    """The jitted (state, split, order, first, count) -> (state, sums): `count` train steps in one
+    call, on batches gathered on the device; the state is donated.
+
+    Step i of the call trains on split rows order[(first + i) * stride : ... + batch] (in that
+    order), the same global batch the host path builds for step first + i of the epoch. Both
+    `first` and `count` are traced int32 scalars, so one executable serves every call.
+
+    Args:
+      split: a DeviceSplit; order: int32 (n,) the epoch's permutation, replicated.
+      batch: the global batch size (static: one executable per batch size).
+      stride: where step s's rows start, s * stride; default `batch`. An epoch's partial last
+        batch has the full global batch size as its stride.
+
+    Returns:
+      The new state and the metrics summed over the call's steps (see train_step_fn), plus
+      "steps" (the count, float32).
+    """
+    step_fn = train_step_fn(model, tx, spec, seed)
+    stride = batch if stride is None else stride
+
+    def train_loop(state: TrainState, split: DeviceSplit, order, first, count):
+        def body(i, carry):
+            state, sums = carry
+            images, labels = gather_batch(split, order, (first + i) * stride, batch, mesh)
+            state, metrics = step_fn(state, images, labels)
+            return state, jax.tree.map(jnp.add, sums, metrics)
+
+        zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "accuracy", "nonfinite_params")}
+        state, sums = jax.lax.fori_loop(0, count, body, (state, zeros))
+        return state, {**sums, "steps": jnp.asarray(count, jnp.float32)}
+
+    return jax.jit(
+        train_loop,
+        in_shardings=(replicated(mesh),) * 5,
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=0,
         compiler_options=compiler_options() if options is None else options,
@@ -154,18 +247,43 @@ def make_eval_step(model, spec: InputSpec, mesh: Mesh, options=None):
     """
 
     def eval_step(state: TrainState, images, labels, mask):
-        variables = {
-            "params": state.params,
-            "batch_stats": state.batch_stats,
-            "fusion": state.fusion,
-        }
-        logits = model.apply(variables, model_input(images, spec), train=False)
+        logits = model.apply(model_variables(state), model_input(images, spec), train=False)
         return eval_sums(logits, labels, mask)
 
     batch = batch_sharded(mesh)
     return jax.jit(
         eval_step,
         in_shardings=(replicated(mesh), batch, batch, batch),
+        out_shardings=replicated(mesh),
+        compiler_options=compiler_options() if options is None else options,
+    )
+
+
+def make_eval_loop(model, spec: InputSpec, mesh: Mesh, batch: int, options=None) -> Callable:
+    """The jitted (state, split) -> sums (see eval_sums) over a whole DeviceSplit in one call, in
+    batches of `batch` (global; the last one masked).
+
+    options: as for make_train_step.
+    """
+
+    def eval_loop(state: TrainState, split: DeviceSplit):
+        num_examples = split.labels.shape[0]
+        variables = model_variables(state)
+
+        def body(i, totals):
+            rows = i * batch + jnp.arange(batch)
+            valid = rows < num_examples
+            rows = jax.lax.with_sharding_constraint(jnp.where(valid, rows, 0), batch_sharded(mesh))
+            x = model_input(split.images[rows], spec)
+            sums = eval_sums(model.apply(variables, x, train=False), split.labels[rows], valid)
+            return jax.tree.map(jnp.add, totals, sums)
+
+        zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "top1", "top5", "count")}
+        return jax.lax.fori_loop(0, -(-num_examples // batch), body, zeros)
+
+    return jax.jit(
+        eval_loop,
+        in_shardings=(replicated(mesh), replicated(mesh)),
         out_shardings=replicated(mesh),
         compiler_options=compiler_options() if options is None else options,
     )
@@ -204,6 +322,11 @@ def evaluate(
         for images, labels, valid in placed:
             sums = eval_step(state, images, labels, valid)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    return eval_result(totals)
+
+
+def eval_result(totals: dict) -> dict[str, float]:
+    """Summed eval_sums -> top-1 / top-5 (%), mean loss and the example count."""
     totals = jax.device_get(totals)
     count = float(totals["count"])
     return {

@@ -7,11 +7,11 @@ dcff_jax.checkpoints (orbax) and dcff_jax.export (the compact model). This modul
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -21,6 +21,7 @@ import ml_collections
 from dcff_jax import (
     checkpoints,
     export,
+    feeds,
     fusion,
     input_pipeline,
     logs,
@@ -28,6 +29,7 @@ from dcff_jax import (
     optim,
     steps,
     storage,
+    xla_options,
 )
 from dcff_jax.config import validate_config
 from dcff_jax.errors import ConfigError, DataError
@@ -64,11 +66,15 @@ class Run:
     mesh: Any
     model: Any
     tx: Any
-    train_step: Any
-    eval_step: Any
+    spec: steps.InputSpec
+    on_device: bool  # the splits live on the devices (feeds.on_device)
     checkpoints: Any  # orbax CheckpointManager
     writer: logs.Writer
     timer: checkpoints.Timer  # time-based checkpoints (config.checkpoint_every_minutes)
+    feed: Any = None  # feeds.DeviceFeed or feeds.HostFeed, made by prepare()
+    evaluate: Any = None  # state -> steps.eval_result, made by prepare()
+    compile_seconds: float = 0.0  # prepare()'s up-front compilation
+    calls: int = 0  # train calls made since this start: the multi-process preemption sync point
     config_saved: bool = False  # config.json is written with this start's first checkpoint
 
     @property
@@ -76,6 +82,7 @@ class Run:
         return checkpoint_dir(self.workdir)
 
     def describe_last_checkpoint(self) -> str:
+        self.checkpoints.wait_until_finished()  # a save in flight counts once it has committed
         return last_checkpoint(self.workdir)
 
 
@@ -94,23 +101,71 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     model = models.create_model(
         config.model, config.cprate or None, "fused", num_classes=config.num_classes, dtype=dtype
     )
-    mesh = steps.make_mesh()
-    tx = optim.make_optimizer(config, spe)
-    spec = steps.InputSpec(data.mean, data.std, data.device_augment, dtype)
     return Run(
         config=config,
         workdir=workdir,
         data=data,
         steps_per_epoch=spe,
         last_batch=last,
-        mesh=mesh,
+        mesh=steps.make_mesh(),
         model=model,
-        tx=tx,
-        train_step=steps.make_train_step(model, tx, spec, mesh, config.seed),
-        eval_step=steps.make_eval_step(model, spec, mesh),
+        tx=optim.make_optimizer(config, spe),
+        spec=steps.InputSpec(data.mean, data.std, data.device_augment, dtype),
+        on_device=feeds.on_device(config, data),
         checkpoints=checkpoints.manager(checkpoint_dir(workdir)),
         writer=logs.Writer(workdir),
-        timer=checkpoints.Timer(config.checkpoint_every_minutes, config.log_every_steps),
+        timer=checkpoints.Timer(config.checkpoint_every_minutes),
+    )
+
+
+def prepare(run: Run, state) -> None:
+    """Make the run's feed and evaluation; on the device path, compile every step function now
+    (one train loop per batch size and the eval loop), so no compile stalls an epoch."""
+    config, mesh = run.config, run.mesh
+    if not run.on_device:
+        train_step = steps.make_train_step(run.model, run.tx, run.spec, mesh, config.seed)
+        run.feed = feeds.HostFeed(
+            train=run.data.train,
+            batch=config.batch_size,
+            seed=config.seed,
+            steps_per_epoch=run.steps_per_epoch,
+            last_batch=run.last_batch,
+            mesh=mesh,
+            train_step=train_step,
+            full_steps=run.steps_per_epoch - (1 if run.last_batch else 0),
+        )
+        eval_step = steps.make_eval_step(run.model, run.spec, mesh)
+
+        def evaluate(state):
+            batches = input_pipeline.eval_batches(run.data.test, config.batch_size)
+            return steps.evaluate(eval_step, state, batches, mesh)
+
+        run.evaluate = evaluate
+        return
+    start = time.perf_counter()
+    with xla_options.CompileCounter() as compiles:
+        run.feed, run.evaluate = feeds.device_path(
+            run.model,
+            run.tx,
+            run.spec,
+            mesh,
+            config,
+            state,
+            run.data,
+            run.last_batch,
+            run.steps_per_epoch,
+        )
+    run.compile_seconds = time.perf_counter() - start
+    cached = (
+        f"{compiles.hits} of {compiles.requests} executables from the compilation cache"
+        if compiles.requests
+        else "no compilation cache"
+    )
+    logging.info(
+        "training and test data on the devices; %d train steps per call; compiled in %.1f s (%s)",
+        run.feed.per_call,
+        run.compile_seconds,
+        cached,
     )
 
 
@@ -142,42 +197,66 @@ class Stopped(Exception):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop=None) -> dict:
     """Train (or resume) the run in `workdir`; returns the final progress record.
 
-    stop: an optional preemption.StopRequest; when it fires, the current step is finished and
-    checkpointed, and Stopped is raised.
+    stop: an optional preemption.StopRequest; when it fires, the current call's steps are
+    finished and checkpointed, and Stopped is raised. The compact model of the best epoch is
+    exported to WORKDIR/compact when the last epoch ends.
     """
     validate_config(config)
     _check_config(config, workdir)
     run = setup(config, workdir)
-    state, progress = initial_or_restored_state(run)
+    state, progress, best = initial_or_restored_state(run)
+    prepare(run, state)
     last_saved = int(state.step)
-    for epoch in range(int(state.step) // run.steps_per_epoch, config.num_epochs):
-        if int(state.step) == epoch * run.steps_per_epoch:
-            state, progress.fusion_info = update_fusion(run, state, epoch)
-        state, window, last_saved, stopping = train_epoch(
-            run, state, epoch, progress, last_saved, stop
-        )
-        record = end_of_epoch(run, state, epoch, progress, window)
-        save_checkpoint(run, int(state.step), state, progress)
-        last_saved = int(state.step)
-        if record["new_best"]:  # every process: the export's orbax save is collective
-            export.save_compact(os.path.join(workdir, "compact"), state, config, record)
-        if stopping and epoch + 1 < config.num_epochs:
-            raise Stopped(stop.signal_name, last_saved, run.checkpoint_dir)
-    run.writer.close()
+    clock = logs.EpochClock()
+    try:
+        for epoch in range(int(state.step) // run.steps_per_epoch, config.num_epochs):
+            if int(state.step) == epoch * run.steps_per_epoch:
+                state, progress.fusion_info = update_fusion(run, state, epoch)
+            state, window, last_saved, stopping = train_epoch(
+                run, state, epoch, progress, last_saved, best, clock, stop
+            )
+            record = end_of_epoch(run, state, epoch, progress, window, clock)
+            if record["new_best"]:  # a copy: the next call donates the state's buffers
+                best = jax.tree.map(jnp.copy, steps.model_variables(state))
+            save_checkpoint(run, int(state.step), state, progress, best)
+            last_saved = int(state.step)
+            if stopping and epoch + 1 < config.num_epochs:
+                run.checkpoints.wait_until_finished()
+                raise Stopped(stop.signal_name, last_saved, run.checkpoint_dir)
+    finally:
+        run.writer.close()
+    run.checkpoints.wait_until_finished()
+    export_best(run, progress, best)
     if jax.process_index() == 0:
         _final_report(config, workdir, progress)
     return progress.to_json()
 
 
-def initial_or_restored_state(run: Run) -> tuple[steps.TrainState, Progress]:
-    """A fresh state, or the newest readable checkpoint's state and progress."""
+def export_best(run: Run, progress: Progress, best) -> None:
+    """Write the best epoch's compact model to WORKDIR/compact (every process: collective).
+    Without `best` (a run resumed from a checkpoint that predates it, with no better epoch
+    since) the export that run wrote at its best epoch stands."""
+    if best is None:
+        logging.info("the best epoch's compact model was exported before this run resumed")
+        return
+    record = next(r for r in reversed(progress.history) if r["new_best"])
+    export.save_compact(os.path.join(run.workdir, "compact"), best, run.config, record)
+
+
+def initial_or_restored_state(run: Run):
+    """A fresh state, or the newest readable checkpoint's: (state, progress, best variables or
+    None)."""
     image_size = run.data.train.image_size
     state = steps.create_train_state(run.model, run.tx, image_size, run.config.seed, run.mesh)
-    restored = checkpoints.restore_latest(run.checkpoints, jax.tree.map(_abstract, state))
+    abstract = jax.tree.map(_abstract, state)
+    restored = checkpoints.restore_latest(
+        run.checkpoints, abstract, steps.model_variables(abstract)
+    )
     if restored is None:
-        return state, Progress()
+        return state, Progress(), None
     state = jax.device_put(restored[0], steps.replicated(run.mesh))
     progress = Progress.from_json(restored[1])
+    best = None if restored[2] is None else jax.device_put(restored[2], steps.replicated(run.mesh))
     logging.info(
         "resumed from step %d in %s (this epoch's fusion update: %d filters changed, "
         "%d layers frozen)",
@@ -186,12 +265,13 @@ def initial_or_restored_state(run: Run) -> tuple[steps.TrainState, Progress]:
         sum(progress.fusion_info["changed"].values()),
         progress.fusion_info["frozen"],
     )
-    return state, progress
+    return state, progress, best
 
 
-def save_checkpoint(run: Run, step: int, state, progress: Progress) -> None:
-    """Checkpoint `step` (every process: the save is collective); config.json with the first."""
-    checkpoints.save(run.checkpoints, step, state, progress.to_json())
+def save_checkpoint(run: Run, step: int, state, progress: Progress, best) -> None:
+    """Checkpoint `step` in the background (every process: the save is collective); config.json
+    with the first."""
+    checkpoints.save(run.checkpoints, step, state, progress.to_json(), best, wait=False)
     run.timer.reset()
     if not run.config_saved:
         _save_config(run.config, run.workdir)
@@ -219,54 +299,56 @@ def update_fusion(run: Run, state: steps.TrainState, epoch: int):
     return state.replace(fusion=new_fusion), summary
 
 
-def train_epoch(run: Run, state, epoch: int, progress: Progress, last_saved: int, stop=None):
-    """The rest of an epoch from state.step: (state, its metrics window, last saved step,
-    whether to stop after the epoch's evaluation and checkpoint).
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of `every` (> 0) lies in (before, after]."""
+    return every > 0 and after // every > before // every
 
-    When `stop` asks for it mid-epoch: checkpoints the step just finished and raises Stopped."""
-    config, spe = run.config, run.steps_per_epoch
-    first_step = int(state.step) - epoch * spe
-    step = epoch * spe + first_step  # counted on the host: no device sync per step
+
+def train_epoch(run: Run, state, epoch, progress, last_saved, best, clock, stop=None):
+    """The rest of an epoch from state.step, call by call: (state, its metrics window, last
+    saved step, whether to stop after the epoch's evaluation and checkpoint).
+
+    Logging, checkpoints and stop requests are handled at call boundaries, at the first one at
+    or after the step they are due. When `stop` asks for it mid-epoch: checkpoints the step
+    reached and raises Stopped."""
+    config, spe, feed = run.config, run.steps_per_epoch, run.feed
+    epoch_start, epoch_end = epoch * spe, (epoch + 1) * spe
+    step = int(state.step)  # counted on the host from here: no device read per call
     window = logs.TrainWindow(step)
-    batches = input_pipeline.train_batches(
-        run.data.train, config.batch_size, config.seed, epoch, first_step, spe, run.last_batch
-    )
-
-    def place(batch):
-        return steps.to_global(run.mesh, *batch)
-
-    with contextlib.closing(input_pipeline.prefetch(batches, place)) as placed:
-        for images, labels in placed:
-            state, metrics = run.train_step(state, images, labels)
-            window.add(metrics)
-            step += 1
-            at_epoch_end = step % spe == 0
-            if step % config.log_every_steps == 0 or at_epoch_end:
-                window.check_finite(step, epoch, run.describe_last_checkpoint)
+    with feed.epoch(epoch, step - epoch_start) as calls:
+        while step < epoch_end:
+            count = feeds.call_length(step - epoch_start, feed.full_steps, feed.per_call)
+            with clock.phase("train"):
+                state, sums = calls.call(state, step - epoch_start, count)
+                window.add(sums)  # the call's one host read
+            before, step = step, step + count
+            run.calls += 1
+            window.check_finite(step, epoch, run.describe_last_checkpoint)
+            at_epoch_end = step == epoch_end
+            if crossed(before, step, config.log_every_steps) or at_epoch_end:
                 total = config.num_epochs * spe
                 run.writer.scalars(step, window.flush(step, epoch, spe, total, config.batch_size))
-            every = config.checkpoint_every_steps
-            due = (every > 0 and step % every == 0) or run.timer.due(step)
+            due = crossed(before, step, config.checkpoint_every_steps) or run.timer.due()
             if due and not at_epoch_end:
-                window.check_finite(step, epoch, run.describe_last_checkpoint)
-                save_checkpoint(run, step, state, progress)
+                save_checkpoint(run, step, state, progress, best)
                 last_saved = step
-            # Asked every step: with several processes it is the preemption sync point.
-            if stop is not None and stop.stop_at(step):
+            # Asked at every call boundary: with several processes it is the preemption sync
+            # point, keyed by the call count (JAX's sync point needs ids that rise by one).
+            if stop is not None and stop.stop_at(run.calls):
                 if at_epoch_end:  # evaluate and checkpoint the epoch first
                     return state, window, last_saved, True
-                window.check_finite(step, epoch, run.describe_last_checkpoint)
                 if last_saved != step:
-                    save_checkpoint(run, step, state, progress)
+                    save_checkpoint(run, step, state, progress, best)
+                run.checkpoints.wait_until_finished()
                 raise Stopped(stop.signal_name, step, run.checkpoint_dir)
     return state, window, last_saved, False
 
 
-def end_of_epoch(run: Run, state, epoch: int, progress: Progress, window) -> dict:
+def end_of_epoch(run: Run, state, epoch: int, progress: Progress, window, clock) -> dict:
     """Evaluate, record the epoch in `progress`, log it; the epoch's record."""
     config = run.config
-    batches = input_pipeline.eval_batches(run.data.test, config.batch_size)
-    result = steps.evaluate(run.eval_step, state, batches, run.mesh)
+    with clock.phase("eval"):
+        result = run.evaluate(state)
     new_best = result["top1"] > progress.best_top1
     progress.best_top1 = max(progress.best_top1, result["top1"])
     temperature = fusion.temperature(
@@ -285,6 +367,8 @@ def end_of_epoch(run: Run, state, epoch: int, progress: Progress, window) -> dic
         "new_best": new_best,
         "filters_changed": dict(progress.fusion_info["changed"]),
         "frozen_layers": progress.fusion_info["frozen"],
+        # Since the previous epoch's record: wall time, time in train and eval calls, the rest.
+        "seconds": clock.lap(),
     }
     progress.history.append(record)
     logs.log_epoch(record, config.num_epochs, show_top5=config.num_classes > 10)
@@ -307,6 +391,8 @@ RESUMABLE_CHANGES = frozenset(
         "cifar10_md5",
         "val_labels",
         "data_workers",
+        "data_placement",
+        "steps_per_call",
         "log_every_steps",
         "checkpoint_every_steps",
         "checkpoint_every_minutes",

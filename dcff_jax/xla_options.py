@@ -48,3 +48,49 @@ def _cpu_accepts_options() -> bool:
         logging.warning("XLA:CPU rejected %s (%s); compiling with defaults.", CPU_OPTIONS, error)
         return False
     return True
+
+
+def default_cache_dir() -> str:
+    """$XDG_CACHE_HOME/dcff_jax/xla, else ~/.cache/dcff_jax/xla."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "dcff_jax", "xla")
+
+
+def enable_compilation_cache(directory: str = "auto") -> str | None:
+    """Keep compiled executables in `directory` ("auto": default_cache_dir(); "": off), so that a
+    resumed run loads its train and eval steps instead of compiling them again (compiles of a
+    second or more are kept, JAX's default). A cache the user set up (JAX_COMPILATION_CACHE_DIR
+    or jax.config) wins. Returns the directory in use, or None."""
+    current = jax.config.jax_compilation_cache_dir
+    if current or not directory:
+        return current or None
+    directory = default_cache_dir() if directory == "auto" else directory
+    jax.config.update("jax_compilation_cache_dir", directory)
+    return directory
+
+
+class CompileCounter:
+    """Counts, from JAX's monitoring events, the compiles that asked the persistent cache and
+    those it answered (hits), while open:
+
+        with CompileCounter() as counter:
+            ...
+        counter.hits, counter.requests
+    """
+
+    def __init__(self):
+        self.requests = self.hits = 0
+
+    def __enter__(self) -> CompileCounter:
+        jax.monitoring.register_event_listener(self._event)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_listener(self._event)
+
+    def _event(self, event: str, **kwargs) -> None:
+        del kwargs
+        if event == "/jax/compilation_cache/compile_requests_use_cache":
+            self.requests += 1
+        elif event == "/jax/compilation_cache/cache_hits":
+            self.hits += 1

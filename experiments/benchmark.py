@@ -3,6 +3,9 @@
   python experiments/benchmark.py --config=configs/vgg16_cifar.py --variant=fused|compact|original \
       --mode=train|infer --batch_size=64 --steps=10
       the jitted train step (or eval forward) on synthetic input
+  python experiments/benchmark.py --mode=loop --config=configs/resnet56_cifar.py \
+      --batch_size=256 --per_call=1,65 --steps=10 [--config.half_precision=True]
+      the device path's ceiling: K train steps per call on device-resident synthetic data
 
   python experiments/benchmark.py --mode=fusion --config=configs/resnet50_imagenet.py
       the fusion update of every fused layer of a model (one jitted call), after compilation
@@ -40,7 +43,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/resnet50_imagenet.p
 _MODE = flags.DEFINE_enum(
     "mode",
     "fusion",
-    ["train", "infer", "fusion", "fusion_scaling", "input", "conv_layers"],
+    ["train", "infer", "loop", "fusion", "fusion_scaling", "input", "conv_layers"],
     "What to measure.",
 )
 _VARIANT = flags.DEFINE_enum(
@@ -48,6 +51,8 @@ _VARIANT = flags.DEFINE_enum(
 )
 _BATCH = flags.DEFINE_integer("batch_size", 64, "train/infer/input: global batch size.")
 _STEPS = flags.DEFINE_integer("steps", 10, "train/infer/input: steps (batches) timed.")
+_PER_CALL = flags.DEFINE_list("per_call", ["1", "65"], "loop: steps per call, compared.")
+_PROFILE = flags.DEFINE_string("profile_dir", "", "loop: a jax.profiler trace of one call.")
 _SHAPES_OUT = flags.DEFINE_string("shapes_out", "", "conv_layers: also write the shapes as JSON.")
 _TFDS_MOCK = flags.DEFINE_integer(
     "tfds_mock_examples", 0, "input: > 0 serves tfds datasets from tfds' mock data of this size."
@@ -61,6 +66,62 @@ _XLA_DEFAULTS = flags.DEFINE_bool(
     False,
     "train/infer/conv_layers: compile with XLA's defaults, not dcff_jax.compiler_options().",
 )
+
+
+def bench_loop(
+    config, batch_size: int, per_call: list[int], calls: int, options: dict, profile_dir: str = ""
+) -> dict:
+    """The ceiling of the device path: steps.make_train_loop on a device-resident synthetic
+    split (CIFAR-10's 50,000 images), K steps per call for each K in `per_call`, side by side.
+
+    Per K: median seconds per call over `calls` calls after one warm-up call, each call blocking
+    on its metrics (as the train loop reads them), and the train images/s that gives.
+    """
+    from dcff_jax import input_pipeline, optim, steps
+
+    dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+    model = models.create_model(config.model, config.cprate or None, "fused", dtype=dtype)
+    size = models.input_shape(config.model)[1]
+    mesh = steps.make_mesh()
+    rng = np.random.default_rng(0)
+    num_examples = 50_000
+    images = rng.integers(0, 256, (num_examples, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, config.num_classes, (num_examples,)).astype(np.int32)
+    split = steps.place_split(mesh, images, labels)
+    order = steps.place_replicated(mesh, rng.permutation(num_examples), np.int32)
+    spec = steps.InputSpec(
+        input_pipeline.CIFAR_MEAN, input_pipeline.CIFAR_STD, augment=size == 32, dtype=dtype
+    )
+    tx = optim.make_optimizer(config, num_examples // batch_size)
+    state = steps.create_train_state(model, tx, size, 0, mesh)
+    loop = steps.make_train_loop(model, tx, spec, mesh, batch_size, 0, options)
+    start = time.perf_counter()
+    compiled = loop.lower(state, split, order, jnp.int32(0), jnp.int32(1)).compile()
+    rows = {"compile_s": time.perf_counter() - start}
+    for k in per_call:
+        times = []
+        for call in range(calls + 1):
+            first = (call * k) % max(num_examples // batch_size - k, 1)
+            start = time.perf_counter()
+            state, sums = compiled(state, split, order, jnp.int32(first), jnp.int32(k))
+            jax.device_get(sums)
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times[1:])
+        rows[f"k{k}_call_ms"] = 1e3 * median
+        rows[f"k{k}_images_per_sec"] = k * batch_size / median
+    if profile_dir:  # e.g. whether a GPU runs the loop body as one command buffer (CUDA graph)
+        with jax.profiler.trace(profile_dir):
+            state, sums = compiled(state, split, order, jnp.int32(0), jnp.int32(per_call[-1]))
+            jax.device_get(sums)
+    return {
+        "mode": "loop",
+        "model": config.model,
+        "dtype": jnp.dtype(dtype).name,
+        "batch_size": batch_size,
+        "devices": jax.device_count(),
+        "platform": jax.devices()[0].platform,
+        **rows,
+    }
 
 
 def peak_rss_mb() -> float:
@@ -167,10 +228,12 @@ def bench_scaling(widths: list[int], dim: int, repeats: int, eager_max_width: in
     return {"mode": "fusion_scaling", "dim": dim, "rows": rows, "device": device_name()}
 
 
-def bench_step(config, variant: str, mode: str, batch_size: int, steps: int, options: dict) -> dict:
+def bench_step(
+    config, variant: str, mode: str, batch_size: int, num_steps: int, options: dict
+) -> dict:
     """The jitted train step (SGD, batch stats, fusion applied) or eval forward on synthetic input.
 
-    Median over `steps` steps after compilation; every step blocks on its result.
+    Median over `num_steps` steps after compilation; every step blocks on its result.
     """
     from dcff_jax import input_pipeline, optim, steps
 
@@ -197,7 +260,7 @@ def bench_step(config, variant: str, mode: str, batch_size: int, steps: int, opt
     compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - start
     times = []
-    for _ in range(steps + 1):
+    for _ in range(num_steps + 1):
         start = time.perf_counter()
         out = compiled(*args)
         jax.block_until_ready(out)
@@ -318,7 +381,7 @@ def bench_input(config, batch_size: int, steps: int) -> dict:
 
 
 def print_table(result: dict) -> None:
-    if result["mode"] in ("fusion", "input", "train", "infer"):
+    if result["mode"] in ("fusion", "input", "train", "infer", "loop"):
         for key, value in result.items():
             print(f"{key:<40}{value:.4f}" if isinstance(value, float) else f"{key:<40}{value}")
         return
@@ -363,6 +426,11 @@ def main(argv) -> None:
     if _MODE.value in ("train", "infer"):
         result = bench_step(
             _CONFIG.value, _VARIANT.value, _MODE.value, _BATCH.value, _STEPS.value, options
+        )
+    elif _MODE.value == "loop":
+        per_call = [int(k) for k in _PER_CALL.value]
+        result = bench_loop(
+            _CONFIG.value, _BATCH.value, per_call, _STEPS.value, options, _PROFILE.value
         )
     elif _MODE.value == "fusion":
         result = bench_model_fusion(_CONFIG.value, _CRITERION.value, _REPEATS.value)

@@ -126,18 +126,11 @@ def test_an_interrupted_export_leaves_the_previous_one_loadable(tmp_path):
     returns v<N>, and the next export writes over the partial version."""
     import ml_collections
 
-    from dcff_jax import export, steps
+    from dcff_jax import export
 
     cprate = "[0.5]*30"
     model = create_model("resnet56", cprate, "fused")
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    state = steps.TrainState(
-        step=jnp.int32(0),
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        fusion=variables["fusion"],
-        opt_state=(),
-    )
     config = ml_collections.ConfigDict(
         {
             "model": "resnet56",
@@ -151,7 +144,7 @@ def test_an_interrupted_export_leaves_the_previous_one_loadable(tmp_path):
     directory = tmp_path / "compact"
     for epoch in range(3):
         record = {"epoch": epoch, "test_top1": 10.0 + epoch, "test_top5": 50.0}
-        export.save_compact(str(directory), state, config, record)
+        export.save_compact(str(directory), variables, config, record)
     # Three exports: the pointer names v3, and v2 is kept for a reader that is still loading it.
     assert (directory / "LATEST").read_text() == "v3\n"
     assert sorted(os.listdir(directory)) == ["LATEST", "v2", "v3"]
@@ -164,7 +157,7 @@ def test_an_interrupted_export_leaves_the_previous_one_loadable(tmp_path):
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(a, b)
     record = {"epoch": 3, "test_top1": 13.0, "test_top5": 50.0}
-    export.save_compact(str(directory), state, config, record)
+    export.save_compact(str(directory), variables, config, record)
     assert export.load_compact(str(directory))[2]["epoch"] == 3
     assert sorted(os.listdir(directory)) == ["LATEST", "v3", "v4"]
     assert not (directory / "v4" / "variables" / "partial").exists()
