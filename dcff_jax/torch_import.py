@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import collections
 import pickle
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -32,21 +34,62 @@ _DTYPES = {
 }
 
 
+# Refused before anything is allocated: a state dict's tensors are far smaller (ResNet-50's
+# largest has 2.4M elements), and a crafted file could otherwise ask for terabytes.
+MAX_ELEMENTS = 1 << 28
+MAX_MEMBER_BYTES = 1 << 31  # one storage file or the pickle, as the zip declares it
+
+
 class _StorageType:
     def __init__(self, name: str):
         self.dtype = np.dtype(_DTYPES[name])
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _rebuild_tensor(storage, offset, size, stride, *unused) -> np.ndarray:
-    """torch._utils._rebuild_tensor_v2: a strided view of a flat storage, copied out."""
+    """torch._utils._rebuild_tensor_v2: a strided view of a flat storage, copied out.
+
+    Every element the view would read is checked to lie inside the storage first (offset and
+    offset + sum((size - 1) * stride)), with strides >= 0 (0: an expanded tensor) and at most
+    MAX_ELEMENTS elements; anything else is refused (pickle.UnpicklingError)."""
     del unused  # requires_grad, backward hooks, metadata
-    itemsize = storage.dtype.itemsize
+    check_view(storage, offset, size, stride)
+    size, stride = tuple(size), tuple(stride)
     if not size:
-        return storage[offset].copy()
+        return np.array(storage[offset])  # 0-d
+    if 0 in size:
+        return np.zeros(size, storage.dtype)
+    itemsize = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
+        storage[offset:], shape=size, strides=tuple(s * itemsize for s in stride)
     )
     return np.ascontiguousarray(view)
+
+
+def check_view(storage, offset, size, stride) -> None:
+    """Raise pickle.UnpicklingError unless (offset, size, stride) views only `storage`'s
+    elements (see _rebuild_tensor)."""
+    if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+        raise pickle.UnpicklingError(f"a tensor's storage is a {type(storage).__name__}")
+    if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
+        raise pickle.UnpicklingError(f"a tensor's size {size!r} or stride {stride!r} is no tuple")
+    numbers = [offset, *size, *stride]
+    if len(size) != len(stride) or not all(_is_int(n) and n >= 0 for n in numbers):
+        raise pickle.UnpicklingError(
+            f"a tensor's offset {offset!r}, size {size!r} or stride {stride!r} is invalid"
+        )
+    elements = int(np.prod(size, dtype=object))
+    if elements > MAX_ELEMENTS:
+        raise pickle.UnpicklingError(f"a tensor of {elements} elements (size {tuple(size)})")
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    if elements and last >= len(storage):
+        raise pickle.UnpicklingError(
+            f"a tensor (offset {offset}, size {tuple(size)}, stride {tuple(stride)}) reads "
+            f"element {last} of a storage of {len(storage)}"
+        )
 
 
 def _rebuild_parameter(data, *unused) -> np.ndarray:
@@ -55,8 +98,12 @@ def _rebuild_parameter(data, *unused) -> np.ndarray:
     return data
 
 
-class _TensorOnlyUnpickler(pickle.Unpickler):
-    """Rebuilds tensors, parameters and (ordered) dicts; refuses every other global."""
+class _TensorOnlyUnpickler(pickle._Unpickler):  # noqa: SLF001
+    """Rebuilds tensors, parameters and (ordered) dicts; refuses every other global.
+
+    Python's own unpickler, not the C one: the C unpickler sizes its memo table by the largest
+    memo index in the file, so one flipped byte in a LONG_BINPUT asks for tens of gigabytes
+    (seen: the process killed for memory). Python's keeps the memo in a dict."""
 
     _GLOBALS = {
         ("collections", "OrderedDict"): collections.OrderedDict,
@@ -80,13 +127,29 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         # ("storage", storage type, key, location, number of elements)
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-        storage_type, key = pid[1], str(pid[2])
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unknown persistent id {str(pid)[:100]}")
+        storage_type, key, _, elements = pid[1:]
+        if not (isinstance(storage_type, _StorageType) and isinstance(key, str)):
+            raise pickle.UnpicklingError(f"a storage of type {storage_type!r} at key {key!r}")
+        if not _is_int(elements) or elements < 0:
+            raise pickle.UnpicklingError(f"storage {key} claims {elements!r} elements")
+        dtype = storage_type.dtype
         if key not in self._storages:
-            raw = self._archive.read(f"{self._prefix}data/{key}")
-            self._storages[key] = np.frombuffer(raw, storage_type.dtype)
-        return self._storages[key]
+            name = f"{self._prefix}data/{key}"
+            expected = elements * dtype.itemsize
+            # The zip's declared size first: no read (or decompression) past what the pickle
+            # says the storage holds; zipfile checks the size and CRC of what it reads.
+            if self._archive.getinfo(name).file_size != expected:
+                raise pickle.UnpicklingError(
+                    f"storage {key}: the archive holds {self._archive.getinfo(name).file_size} "
+                    f"bytes, the pickle says {elements} x {dtype.itemsize}"
+                )
+            self._storages[key] = np.frombuffer(self._archive.read(name), dtype)
+        storage = self._storages[key]
+        if storage.dtype != dtype or len(storage) != elements:
+            raise pickle.UnpicklingError(f"storage {key} is read as two different types")
+        return storage
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -109,16 +172,46 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         if len(pickles) != 1:
             raise DataError(f"{path}: expected one */data.pkl in the archive, found {pickles}")
         prefix = pickles[0][: -len("data.pkl")]
-        with archive.open(pickles[0]) as file:
-            try:
+        try:
+            if archive.getinfo(pickles[0]).file_size > MAX_MEMBER_BYTES:
+                raise pickle.UnpicklingError(f"{pickles[0]} claims over {MAX_MEMBER_BYTES} bytes")
+            with archive.open(pickles[0]) as file:
                 state = _TensorOnlyUnpickler(file, archive, prefix).load()
-            except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
-                raise DataError(f"{path}: {e}") from e
+        except _DAMAGED as e:
+            raise DataError(
+                f"{path} is damaged or not a torch state dict ({type(e).__name__}: {str(e)[:200]})"
+            ) from e
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise DataError(f"{path} holds a {type(state).__name__}, not a state dict")
+    wrong = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)]
+    if wrong:
+        raise DataError(f"{path}: entries {wrong[:3]!r} of its state dict are not named tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+# What unpickling damaged bytes raises (besides our UnpicklingError): a truncated or flipped
+# opcode stream (EOFError, ValueError, IndexError, KeyError from the memo, TypeError and
+# AttributeError from objects called with the wrong arguments, OverflowError, MemoryError,
+# RecursionError) and damaged zip members (BadZipFile: CRC or size mismatch; zlib.error).
+_DAMAGED = (
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    ValueError,
+    IndexError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    MemoryError,
+    RecursionError,
+    UnicodeDecodeError,
+    NotImplementedError,
+    struct.error,  # Python's unpickler on a truncated argument
+)
 
 
 def _torch_layers(state: dict[str, np.ndarray]) -> list[tuple[str, dict[str, np.ndarray]]]:
