@@ -2,10 +2,12 @@
 
 Layout under WORKDIR/checkpoints/<step>/: "state" (params, batch stats, optimizer state, fusion
 state, step) and "progress" (JSON: epoch, best accuracy, per-epoch history). Orbax commits a
-checkpoint atomically, so a process killed mid-write leaves no half-checkpoint behind; a
-checkpoint that is present but unreadable (corrupted on disk) is reported, moved aside to
-WORKDIR/checkpoints_quarantine/ (so that its step can be saved again) and the previous one used.
-Nothing here ever deletes a finished checkpoint except orbax's max_to_keep rotation.
+checkpoint atomically, so a process killed mid-write leaves no half-checkpoint behind. On
+resume (restore_latest), a checkpoint whose data no process can decode is reported, moved aside
+to WORKDIR/checkpoints_quarantine/ (so that its step can be saved again) and the previous one
+used; an I/O error (unreachable storage, a timeout) is retried and then stops the run with
+nothing moved; all processes restore the same step. Nothing here ever deletes a finished
+checkpoint except orbax's max_to_keep rotation.
 """
 
 from __future__ import annotations
@@ -151,27 +153,26 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def restore_latest(
     mngr: ocp.CheckpointManager, abstract_state: Any, abstract_best: Any = None
 ) -> tuple[Any, dict, Any] | None:
-    """(state, progress, best) of the newest readable checkpoint, or None when there is none.
+    """(state, progress, best) of the newest checkpoint every process can read, or None when
+    there is none.
 
     best: the checkpoint's "best" item restored into `abstract_best`, or None when either is
     absent (checkpoints written before the best epoch's variables were saved have none).
 
-    An unreadable checkpoint is skipped in favour of the one before it, and once an older one has
-    restored it is moved aside (quarantine) and logged with its path. When none is readable,
-    nothing is moved and CheckpointError says so.
+    Each step is tried newest first, on every process, and the processes agree on the outcome
+    (an all-gather), so they all resume from the same step:
+      - read by all: restored;
+      - damaged (its data read but failed to decode) on some process: skipped for an older
+        step; once one restores, the newer steps that no process could read are moved aside
+        (quarantine) and logged; a step another process read is never moved;
+      - an I/O error (storage unreachable, a timeout, a 503), retried with backoff on the
+        process that met it: the run stops with CheckpointError, naming the checkpoint; nothing
+        is moved.
+    When no step is readable, nothing is moved and CheckpointError says so.
     """
-    unreadable = []  # (step, error), newest first
+    damaged = []  # (step, error) that no process could read, newest first
     for step in sorted(mngr.all_steps(), reverse=True):
-        # Shapes first, from the metadata: a checkpoint of another config is the user's to fix,
-        # not a corrupt one (and a restore into the wrong shapes fails noisily in orbax's tasks).
-        mismatch = shape_mismatches(mngr, step, abstract_state)
-        if mismatch:
-            raise ConfigError(
-                f"checkpoint {os.path.join(str(mngr.directory), str(step))} was saved by a "
-                f"run with another config: {'; '.join(mismatch[:5])}"
-                f"{f' (and {len(mismatch) - 5} more)' if len(mismatch) > 5 else ''}; "
-                "resume with that run's config (WORKDIR/config.json) or use a new --workdir"
-            )
+        check_shapes(mngr, step, abstract_state)
         items = {
             "state": ocp.args.StandardRestore(abstract_state),
             "progress": ocp.args.JsonRestore(),
@@ -179,31 +180,150 @@ def restore_latest(
         has_best = (epath.Path(mngr.directory) / str(step) / "best").exists()
         if abstract_best is not None and has_best:
             items["best"] = ocp.args.StandardRestore(abstract_best)
-        try:
-            restored = mngr.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # orbax/tensorstore raise many types for damaged files
-            unreadable.append((step, e))
-            continue
-        # Only now that an older step restored: move the newer unreadable ones aside.
-        for bad, error in unreadable:
-            moved = quarantine(mngr, bad)
-            logging.error(
-                "checkpoint %s is corrupt or unreadable (%s: %s); moved it to %s and resumed "
-                "from step %d",
-                os.path.join(str(mngr.directory), str(bad)),
-                type(error).__name__,
-                str(error)[:300],
-                moved,
-                step,
+        restored, error = read_with_retries(mngr, step, ocp.args.Composite(**items))
+        outcome = READ if error is None else IO_ERROR if is_io_error(error) else DAMAGED
+        outcomes = agree(outcome)
+        where = os.path.join(str(mngr.directory), str(step))
+        if IO_ERROR in outcomes:
+            raise CheckpointError(
+                f"could not read checkpoint {where} (process(es) "
+                f"{[i for i, o in enumerate(outcomes) if o == IO_ERROR]}: an I/O error"
+                f"{f', {type(error).__name__}: {_first_line(error)}' if error else ''}), after "
+                f"{len(RETRY_DELAYS_S) + 1} tries. Nothing was moved; run the same command "
+                "again once the storage is reachable"
             )
-        best = restored["best"] if "best" in items else None
-        return restored["state"], dict(restored["progress"]), best
-    if unreadable:
-        first = unreadable[0][1]
+        if all(o == READ for o in outcomes):
+            _quarantine_all(mngr, damaged, step)
+            best = restored["best"] if "best" in items else None
+            return restored["state"], dict(restored["progress"]), best
+        if all(o == DAMAGED for o in outcomes):
+            damaged.append((step, error))
+        else:  # read elsewhere: not this process's to move
+            logging.error(
+                "checkpoint %s could not be decoded on process(es) %s (%s); the others read "
+                "it, so it is kept, and every process resumes from an older step",
+                where,
+                [i for i, o in enumerate(outcomes) if o == DAMAGED],
+                _first_line(error) if error else "see that process's log",
+            )
+    if damaged:
+        first = damaged[0][1]
         raise CheckpointError(
             f"no readable checkpoint in {mngr.directory}: steps "
-            f"{sorted(s for s, _ in unreadable)} all failed (newest: {type(first).__name__}: "
-            f"{str(first).splitlines()[0][:200]}). Nothing was moved or deleted; restore the "
+            f"{sorted(s for s, _ in damaged)} all failed (newest: {type(first).__name__}: "
+            f"{_first_line(first)}). Nothing was moved or deleted; restore the "
             "directory from a backup, or use a new --workdir"
         )
     return None
+
+
+READ, DAMAGED, IO_ERROR = 0, 1, 2
+RETRY_DELAYS_S = (1.0, 4.0, 15.0)  # backoff between tries after an I/O error
+# Errors of storage clients that mean "try again" (google-api-core, gcsfs, aiohttp), by name:
+# none of these packages is needed to recognise them.
+_TRANSIENT_NAMES = {
+    "ServiceUnavailable",
+    "TooManyRequests",
+    "InternalServerError",
+    "GatewayTimeout",
+    "DeadlineExceeded",
+    "RetryError",
+    "HttpError",
+    "TransportError",
+    "ClientError",
+    "ClientConnectionError",
+    "ServerDisconnectedError",
+}
+# Status words tensorstore puts first in the ValueErrors it raises for failed I/O.
+_TRANSIENT_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED")
+
+
+def is_io_error(error: BaseException) -> bool:
+    """Whether an error (or one it was raised from) is a failure to reach the data, not data
+    that failed to decode. A file missing from a committed checkpoint is damage."""
+    while error is not None:
+        missing = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+        if isinstance(error, OSError) and not isinstance(error, missing):
+            return True
+        if type(error).__name__ in _TRANSIENT_NAMES or str(error).startswith(_TRANSIENT_STATUS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def read_step(mngr: ocp.CheckpointManager, step: int, args) -> Any:
+    """One process's read of a step: no barrier with the others (orbax's restore waits for
+    every process, which would hang the processes that read it while one failed)."""
+    import jax
+
+    me = jax.process_index()
+    options = ocp.CheckpointManagerOptions(
+        read_only=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}
+        ),
+    )
+    with ocp.CheckpointManager(mngr.directory, options=options) as reader:
+        return reader.restore(step, args=args)
+
+
+def read_with_retries(mngr, step: int, args) -> tuple[Any, BaseException | None]:
+    """(restored, None), or (None, the error): I/O errors retried after RETRY_DELAYS_S."""
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            return read_step(mngr, step, args), None
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types
+            if delay is None or not is_io_error(e):
+                return None, e
+            logging.warning(
+                "reading checkpoint %s/%d: %s; trying again in %.0f s",
+                mngr.directory,
+                step,
+                _first_line(e),
+                delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def agree(outcome: int) -> list[int]:
+    """Every process's outcome, in process order (an all-gather; [outcome] with one)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [outcome]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return [int(o) for o in multihost_utils.process_allgather(np.int32(outcome))]
+
+
+def check_shapes(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+    """Shapes first, from the metadata: a checkpoint of another config is the user's to fix,
+    not a damaged one (and a restore into the wrong shapes fails noisily in orbax's tasks)."""
+    mismatch = shape_mismatches(mngr, step, abstract_state)
+    if mismatch:
+        raise ConfigError(
+            f"checkpoint {os.path.join(str(mngr.directory), str(step))} was saved by a "
+            f"run with another config: {'; '.join(mismatch[:5])}"
+            f"{f' (and {len(mismatch) - 5} more)' if len(mismatch) > 5 else ''}; "
+            "resume with that run's config (WORKDIR/config.json) or use a new --workdir"
+        )
+
+
+def _quarantine_all(mngr, damaged: list, restored_step: int) -> None:
+    """Move aside the newer steps no process could read, now that an older one restored."""
+    for bad, error in damaged:
+        moved = quarantine(mngr, bad)
+        logging.error(
+            "checkpoint %s is corrupt (%s: %s); moved it to %s and resumed from step %d",
+            os.path.join(str(mngr.directory), str(bad)),
+            type(error).__name__,
+            _first_line(error)[:300],
+            moved,
+            restored_step,
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0][:200]

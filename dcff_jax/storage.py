@@ -1,4 +1,4 @@
-"""Where a run's files live: a local directory or an object store (gs://, s3://), via etils.epath.
+"""Where a run's files live: a local directory or Google Cloud Storage (gs://), via etils.epath.
 
 All workdir I/O (checkpoints, config.json, TensorBoard events, plots, the compact export) goes
 through these paths, so `--workdir=gs://bucket/run` works like a local directory. epath reaches
@@ -21,8 +21,9 @@ from etils import epath
 
 from dcff_jax.errors import ConfigError
 
-# The URI schemes epath handles, and the package each needs.
-_BACKENDS = {"gs": "gcsfs", "s3": "s3fs"}
+# The URI schemes supported, and the package each needs. gs:// alone is tested (against a local
+# GCS emulator); epath reaches other stores too, but nothing here has been tried on them.
+_BACKENDS = {"gs": "gcsfs"}
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -43,12 +44,11 @@ def check_backend(path: str) -> None:
     scheme = path.split("://", 1)[0]
     package = _BACKENDS.get(scheme)
     if package is None:
-        raise ConfigError(f"{path}: {scheme}:// is not supported; use a local path, gs:// or s3://")
+        raise ConfigError(f"{path}: {scheme}:// is not supported; use a local path or gs://")
     if importlib.util.find_spec(package) is None:
-        extra = "gcs" if scheme == "gs" else "s3"
         raise ConfigError(
             f"{path} needs the {package} package for {scheme}:// paths, which is not installed: "
-            f"pip install 'dcff-jax[{extra}]'"
+            "pip install 'dcff-jax[gcs]'"
         )
 
 

@@ -197,8 +197,9 @@ def test_a_gs_path_without_gcsfs_is_a_clear_error(monkeypatch):
     )
     with pytest.raises(ConfigError, match=r"pip install 'dcff-jax\[gcs\]'"):
         storage.resolve("gs://bucket/run")
-    with pytest.raises(ConfigError, match="ftp:// is not supported"):
-        storage.resolve("ftp://host/run")
+    for uri in ("ftp://host/run", "s3://bucket/run"):  # s3: untested here, so refused
+        with pytest.raises(ConfigError, match="is not supported; use a local path or gs://"):
+            storage.resolve(uri)
 
 
 def test_tfds_data_on_gs_is_refused_up_front():

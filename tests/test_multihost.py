@@ -213,3 +213,72 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resume_matches(d
 
 def final_params(workdir):
     return list(checkpoint_params(workdir)[1].values())
+
+
+RESTORE_WITH_A_FAULT = """
+import os, sys
+import jax
+address, pid, directory, fault = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jax.distributed.initialize(address, 2, pid)
+import jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from dcff_jax import checkpoints
+from dcff_jax.errors import CheckpointError
+
+replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P())
+mngr = checkpoints.manager(directory)
+for step in (2, 4):  # collective saves, as the train loop makes them
+    values = np.arange(8.0, dtype=np.float32) * step
+    state = {"w": jax.make_array_from_callback((8,), replicated, lambda index: values[index])}
+    checkpoints.save(mngr, step, state, {"step": step})
+checkpoints.RETRY_DELAYS_S = (0.0,)
+real = checkpoints.read_step
+
+def faulty(mngr, step, args):  # process 1 alone cannot read step 4
+    if pid == 1 and step == 4:
+        raise OSError(5, "Input/output error") if fault == "io" else ValueError("bad bytes")
+    return real(mngr, step, args)
+
+checkpoints.read_step = faulty
+abstract = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=replicated)}
+try:
+    state, progress, _ = checkpoints.restore_latest(checkpoints.manager(directory), abstract)
+    print("restored", progress["step"], float(np.asarray(state["w"].addressable_data(0))[1]))
+except CheckpointError as error:
+    print("stopped:", error)
+print("steps", sorted(os.listdir(directory)))
+"""
+
+
+@pytest.mark.parametrize("fault", ["decode", "io"])
+def test_two_processes_restore_the_same_step_when_one_cannot_read_the_newest(tmp_path, fault):
+    """Process 1 fails to read step 4, process 0 reads it. Undecodable there: both restore step
+    2 and step 4, which process 0 read, stays in place. An I/O error there: both stop, naming
+    the checkpoint, and nothing is moved."""
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    directory = str(tmp_path / "ckpt")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RESTORE_WITH_A_FAULT, address, str(i), directory, fault],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+        assert proc.returncode == 0, err[-3000:]
+        outs.append(out)
+    for out in outs:
+        assert "steps ['2', '4']" in out, out  # nothing moved aside, nothing deleted
+        if fault == "decode":
+            assert "restored 2 2.0" in out, out
+        else:
+            assert "stopped: could not read checkpoint" in out and "[1]: an I/O error" in out
+    assert not os.path.exists(str(tmp_path / "ckpt_quarantine"))

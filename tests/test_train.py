@@ -301,7 +301,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, caplog):
     restored, progress, _ = checkpoints.restore_latest(mngr, abstract)
     np.testing.assert_array_equal(restored["w"], np.arange(4.0))
     assert progress["best_top1"] == 1.0
-    assert "corrupt or unreadable" in caplog.text
+    assert "checkpoint" in caplog.text and "is corrupt (" in caplog.text
     # The bad step is kept, aside, and the run can save that step again (no crash loop).
     quarantined = sorted(os.listdir(tmp_path / "ckpt_quarantine"))
     assert len(quarantined) == 2 and quarantined[0].startswith("2-")
@@ -312,6 +312,68 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, caplog):
         checkpoints.manager(str(tmp_path / "ckpt")), abstract
     )
     np.testing.assert_array_equal(restored["w"], np.arange(4.0) + 5)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(5, "Input/output error"),
+        TimeoutError("read timed out"),
+        ValueError("UNAVAILABLE: connection reset by peer"),  # tensorstore's wording
+        type("ServiceUnavailable", (Exception,), {})("503 Service Unavailable"),
+    ],
+    ids=["EIO", "timeout", "tensorstore", "gcs-503"],
+)
+def test_an_io_error_is_retried_then_stops_the_run_and_moves_nothing(tmp_path, monkeypatch, error):
+    """A failure to reach the newest checkpoint is not damage: it is retried with backoff and,
+    when it persists, the run stops naming the checkpoint; nothing is moved aside."""
+    from dcff_jax import checkpoints
+
+    real_read = checkpoints.read_step
+    mngr = checkpoints.manager(str(tmp_path / "ckpt"))
+    for step in (1, 2):
+        checkpoints.save(mngr, step, {"w": jnp.arange(4.0) + step}, {})
+    tries, delays = [], []
+    monkeypatch.setattr(checkpoints.time, "sleep", delays.append)
+
+    def unreachable(mngr, step, args):
+        tries.append(step)
+        raise error
+
+    monkeypatch.setattr(checkpoints, "read_step", unreachable)
+    abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    with pytest.raises(RuntimeError, match=r"could not read checkpoint .*ckpt/2 .*an I/O error"):
+        checkpoints.restore_latest(checkpoints.manager(str(tmp_path / "ckpt")), abstract)
+    assert tries == [2] * (len(checkpoints.RETRY_DELAYS_S) + 1)  # never fell back to step 1
+    assert delays == list(checkpoints.RETRY_DELAYS_S)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"] and sorted(os.listdir(tmp_path / "ckpt")) == [
+        "1",
+        "2",
+    ]
+    # A transient error that clears restores the newest step.
+    calls = []
+
+    def flaky(mngr, step, args):
+        calls.append(step)
+        if len(calls) == 1:
+            raise error
+        return real_read(mngr, step, args)
+
+    monkeypatch.setattr(checkpoints, "read_step", flaky)
+    state, _, _ = checkpoints.restore_latest(checkpoints.manager(str(tmp_path / "ckpt")), abstract)
+    np.testing.assert_array_equal(state["w"], np.arange(4.0) + 2)
+    assert calls == [2, 2]
+
+
+def test_a_missing_file_or_undecodable_data_is_damage_not_an_io_error():
+    from dcff_jax import checkpoints
+
+    assert not checkpoints.is_io_error(FileNotFoundError("gone"))
+    assert not checkpoints.is_io_error(ValueError("Expecting value: line 1 column 1"))
+    assert not checkpoints.is_io_error(RuntimeError("no cause"))
+    wrapped = RuntimeError("orbax failed")
+    wrapped.__cause__ = ConnectionResetError()
+    assert checkpoints.is_io_error(wrapped)
 
 
 def test_checkpoint_of_another_config_names_the_arrays_and_shapes(tmp_path):

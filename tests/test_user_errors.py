@@ -157,6 +157,8 @@ CASES = [
     ("decay", M, ("--config.weight_decay=-1",), None, "weight_decay must be >= 0", False),
     ("heartbeat", M, ("--config.heartbeat_timeout_s=0",), None, "heartbeat_timeout_s", False),
     ("minutes", M, ("--config.checkpoint_every_minutes=-1",), None, "every_minutes", False),
+    ("placement", M, ("--config.data_placement=gpu",), None, "data_placement must be", False),
+    ("per-call", M, ("--config.steps_per_call=-1",), None, "steps_per_call must be >= 0", False),
     (
         "vgg-224",
         M,
