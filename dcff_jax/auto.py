@@ -161,6 +161,8 @@ class _Traced:
     leaf_paths: list[tuple[str, ...]]
     leaf_shapes: list[tuple[int, ...]]
     trainable: list[bool]  # linen: in "params"; nnx: an nnx.Param
+    # Paths of the flax Conv modules (nn.Conv, nnx.Conv): the convs the rewriter can fuse.
+    rewritable: frozenset[str] = frozenset()
 
     def params(self, kept=None) -> int:
         """Trainable parameters with every group root r at kept(r) channels (None: all)."""
@@ -187,6 +189,11 @@ def _trace(model, example, apply_kwargs: Mapping[str, Any]) -> _Traced:
         def fn(leaves, x):
             return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(x, **apply_kwargs)
 
+        convs = {
+            "/".join(map(str, path))
+            for path, module in nnx.iter_graph(copy)
+            if isinstance(module, nnx.Conv)
+        }
     else:
         variables = jax.eval_shape(
             lambda x: model.init(jax.random.key(0), x, **apply_kwargs), example
@@ -194,8 +201,17 @@ def _trace(model, example, apply_kwargs: Mapping[str, Any]) -> _Traced:
         flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
         trainable = [_key_name(path[0]) == "params" for path, _ in flat]
 
+        convs = set()
+
+        def record_convs(next_fun, args, kwargs, context):
+            module = context.module
+            if context.method_name == "__call__" and isinstance(module, nn.Conv) and module.scope:
+                convs.add("/".join(module.scope.path))
+            return next_fun(*args, **kwargs)
+
         def fn(leaves, x):
-            return model.apply(jax.tree.unflatten(treedef, leaves), x, **apply_kwargs)
+            with nn.intercept_methods(record_convs):
+                return model.apply(jax.tree.unflatten(treedef, leaves), x, **apply_kwargs)
 
     leaves = [leaf for _, leaf in flat]
     # nnx state paths end in the Variable's .value attribute, which names nothing.
@@ -208,7 +224,8 @@ def _trace(model, example, apply_kwargs: Mapping[str, Any]) -> _Traced:
         for path, _ in flat
     ]
     shapes = [tuple(leaf.shape) for leaf in leaves]
-    return _Traced(trace.analyze(fn, leaves, example), paths, shapes, trainable)
+    analysis = trace.analyze(fn, leaves, example)  # fills convs (linen)
+    return _Traced(analysis, paths, shapes, trainable, frozenset(convs))
 
 
 def _module_path(leaf_path: tuple[str, ...], nnx_model: bool) -> str:
@@ -279,6 +296,11 @@ def _plan_from_trace(
             hit = _match(path_of[i], exclude)
             if hit:
                 reasons[root].append(f"excluded ({path_of[i]} matches {hit!r})")
+            if path_of[i] not in traced.rewritable:
+                reasons[root].append(
+                    f"{path_of[i]} is no flax Conv module (dcff-jax rewrites nn.Conv and "
+                    "nnx.Conv; this one computes its conv itself)"
+                )
     open_roots = [r for r in roots if not reasons[r]]
 
     def group_rate(root) -> float | None:

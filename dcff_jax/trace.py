@@ -360,7 +360,10 @@ class _Walker:
 
         if x.tag is not None:
             axis = remap(x.tag.axis)
-            return _Info(tag=None if axis is None else dataclasses.replace(x.tag, axis=axis))
+            if axis is None:  # a sum, max or argmax over the channels depends on their count
+                self.block(x.tag, f"{eqn.primitive.name} over the channel axis")
+                return _Info()
+            return _Info(tag=dataclasses.replace(x.tag, axis=axis))
         return _Info(param=self.remap_param(x.param, remap, pure=False))
 
     def remap_param(self, param: _Param | None, remap, pure: bool) -> _Param | None:
@@ -512,6 +515,8 @@ class _Walker:
         if groups == 1:
             if in_tag is not None and w.param is not None:
                 self.tie(in_tag, w.param, rhs_spec[1], "in")
+            elif in_tag is not None:  # a computed kernel cannot drop the channels it reads
+                self.block(in_tag, "a conv whose kernel is not a parameter")
             out_tag, space = None, None
             if leaf is not None:
                 space = self.new_space(c_out)

@@ -11,6 +11,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
@@ -80,6 +81,38 @@ class SlicingCNN(nn.Module):
         x = nn.relu(nn.Conv(8, (3, 3), name="free")(x))
         y = nn.Conv(8, (3, 3), name="sliced")(x)[..., :4]
         return nn.Conv(10, (1, 1), name="head")(y).mean(axis=(1, 2))
+
+
+class OwnConv(nn.Module):
+    """A conv that is no nn.Conv: lax.conv_general_dilated on a kernel of its own."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (3, 3, x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+
+class UnrewritableCNN(nn.Module):
+    """Three convs the rewriter must not fuse: `own` (no nn.Conv), `classes` (its channels are
+    classes, averaged and arg-maxed over the channel axis) and `before_fixed` (read by a conv
+    whose kernel is computed, not a parameter). `free` fuses."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(OwnConv(8, name="own")(x))
+        x = nn.relu(nn.Conv(8, (3, 3), name="free")(x))
+        x = nn.relu(nn.Conv(6, (3, 3), name="before_fixed")(x))
+        fixed = jnp.ones((1, 1, x.shape[-1], 6), x.dtype) / x.shape[-1]
+        x = jax.lax.conv_general_dilated(
+            x, fixed, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        logits = nn.Conv(10, (1, 1), name="classes")(nn.Conv(8, (3, 3), name="last")(x))
+        return jnp.argmax(logits.mean(axis=(1, 2)), axis=-1)
 
 
 class SepBlock(nnx.Module):

@@ -247,6 +247,23 @@ def test_blocked_convs_say_why():
     assert "no: slice selects channels" in plan.table()
 
 
+def test_convs_the_rewriter_cannot_fuse_are_planned_unfused_with_the_reason():
+    """A conv module that is no nn.Conv is never rewritten, so it must not be planned as fused
+    (the plan's widths and MACs would be wrong); channels reduced to one value (argmax over
+    classes) or read by a computed kernel cannot shrink either."""
+    plan = auto.make_plan(user.UnrewritableCNN(), IMAGES[:1], 0.5)
+    convs = {c.path: c for c in plan.convs}
+    assert convs["free"].fused and convs["free"].kept == 4
+    assert convs["last"].fused  # its consumer `classes` is an nn.Conv, resized with it
+    assert not convs["own"].fused and "own is no flax Conv module" in convs["own"].reason
+    assert not convs["classes"].fused and "argmax over the channel axis" in convs["classes"].reason
+    assert not convs["before_fixed"].fused
+    assert "a conv whose kernel is not a parameter" in convs["before_fixed"].reason
+    fused = auto.DCFF(user.UnrewritableCNN(), IMAGES[:1], 0.5).fused()
+    variables = fused.init(jax.random.key(0), IMAGES[:1])
+    assert sorted(variables["fusion"]) == ["free", "last"]
+
+
 def test_rates_by_glob_with_exclusions_and_conflicts():
     model, kwargs = user.ResNet(), {"apply_kwargs": {"train": False}}
     rates = {"Bottleneck_0/*": 0.25, "*/Conv_0": 0.5, "Bottleneck_2/Conv_1": 0}
