@@ -6,11 +6,15 @@ update, and a SHA-256 of the final parameters. tests/golden/<arch>.json holds th
 fingerprint (CPU ISA flags, jax/jaxlib versions): XLA:CPU generates different code for AVX2,
 AVX-512 and AMX, so bits are comparable only on the same kind of machine and JAX.
 
-- Same fingerprint as a recorded run: every value must be bit-identical.
-- Another machine: kept sets identical, losses and the parameter norm within the float32 budget
-  of a few steps (2^14 u, see test_parallel.py); a numeric change on purpose is recorded again:
+- Same fingerprint as a recorded run: every value must be bit-identical. A numeric change on
+  purpose is recorded again:
     DCFF_RECORD_GOLDEN=1 python -m pytest tests/test_golden.py
   and the commit says which change was intended and why.
+- Another machine: only the run's structure (4 finite losses, every layer's kept width). Its
+  numbers are not comparable: the epoch-0 fusion update picks the kept filters from importance
+  scores whose near-ties flip with the ISA's rounding, and then the runs differ at step 1
+  (measured: VGG-16's first loss 2.3727 on an AVX2 Zen 2/3, 2.3618 on an AVX-512 Zen 5, with
+  different kept sets; ResNet-56's fourth loss differs by 0.14%, past any few-step budget).
 """
 
 import hashlib
@@ -28,7 +32,6 @@ from dcff_jax import train
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 RUNS = {"vgg16": "[0.5]*7+[0.8]*6", "resnet56": "[0.5]*27+[0.3]*3"}
-F32_BUDGET = 2**14 * 2.0**-24
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16")
 
 
@@ -125,8 +128,9 @@ def test_fixed_seed_run_matches_golden(arch, tmp_path):
         assert got["params_sha256"] == want["params_sha256"]
         return
     assert golden, f"no golden run recorded for {arch}; record one with DCFF_RECORD_GOLDEN=1"
-    # Another machine: the same run up to float32 rounding.
+    # Another machine: the same run's structure (see the module docstring).
     want = next(iter(golden.values()))
-    assert got["kept"] == want["kept"]
-    np.testing.assert_allclose(got["losses"], want["losses"], rtol=F32_BUDGET)
-    assert got["params_norm"] == pytest.approx(want["params_norm"], rel=F32_BUDGET)
+    assert {k: len(v) for k, v in got["kept"].items()} == {
+        k: len(v) for k, v in want["kept"].items()
+    }
+    assert all(np.isfinite(got["losses"])) and np.isfinite(got["params_norm"])
