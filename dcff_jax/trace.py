@@ -360,8 +360,12 @@ class _Walker:
 
         if x.tag is not None:
             axis = remap(x.tag.axis)
-            if axis is None:  # a sum, max or argmax over the channels depends on their count
+            if axis is None and eqn.primitive.name in ("argmax", "argmin"):
+                # An index into the channels: which channel, not how many (a layer norm's
+                # mean over them follows the kept width, and stays fusable).
                 self.block(x.tag, f"{eqn.primitive.name} over the channel axis")
+                return _Info()
+            if axis is None:
                 return _Info()
             return _Info(tag=dataclasses.replace(x.tag, axis=axis))
         return _Info(param=self.remap_param(x.param, remap, pure=False))

@@ -623,15 +623,17 @@ def test_main_stopped_on_one_device_count_resumes_on_another(data_dir, tmp_path,
     an uninterrupted run's: two device counts sum in another order, and in these 8-step runs that
     float32 difference alone grows to ~0.15% of the params, resume or not; the exact part, the
     restore onto other devices, is the test above.)"""
-    sparse = "--config.checkpoint_every_steps=100"
+    # 3 epochs: the step-4 checkpoint commits in the background, up to an epoch late on a
+    # loaded machine, and a signal that lands in the last epoch ends the run normally.
+    sparse = "--config.checkpoint_every_steps=100", "--config.num_epochs=3"
     workdir = str(tmp_path / "moved")
     returncode, err = stop_after_epoch_one(
-        data_dir, workdir, signal.SIGTERM, (sparse,), device_env(first)
+        data_dir, workdir, signal.SIGTERM, sparse, device_env(first)
     )
     assert returncode == 75 and f"{first} local / {first} global" in err, err[-3000:]
     step = int(re.search(r"saved a checkpoint at step (\d+)", err).group(1))
     proc = subprocess.run(
-        main_command(data_dir, workdir, sparse),
+        main_command(data_dir, workdir, *sparse),
         cwd=ROOT,
         env=device_env(then),
         capture_output=True,
@@ -641,8 +643,8 @@ def test_main_stopped_on_one_device_count_resumes_on_another(data_dir, tmp_path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{then} local / {then} global devices" in proc.stderr
     assert f"resumed from step {step}" in proc.stderr
-    assert "epoch 2/2: test top-1" in proc.stderr
-    assert final_params(workdir)[0] == 8
+    assert "epoch 3/3: test top-1" in proc.stderr
+    assert final_params(workdir)[0] == 12
 
 
 @pytest.mark.slow
