@@ -216,8 +216,9 @@ def test_main_trains_exports_and_resumes_bit_identically_after_sigkill(data_dir,
     proc = run_main(data_dir, killed, cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The train and eval loops were compiled once: the resumed start loads them all.
-    assert compiles_from_cache(first_log) == (0, 2)
-    assert compiles_from_cache(proc.stderr) == (2, 2)
+    hits, requests = compiles_from_cache(first_log)
+    assert hits == 0 and requests >= 2
+    assert compiles_from_cache(proc.stderr)[0] >= 2  # the train and eval loops (> 1 s each)
     # Resumed mid-epoch 2: the epoch's fusion update (made before the kill: nothing changed,
     # every layer frozen) is reported as it was, not as an empty update.
     resumed = f"resumed from step 6 in {killed} (this epoch's fusion update: 0 filters changed, "
