@@ -63,6 +63,11 @@ def on_device(config, data: input_pipeline.Data) -> bool:
     return in_memory and size <= DEVICE_DATA_LIMIT
 
 
+def full_steps(steps_per_epoch: int, last_batch: int) -> int:
+    """Steps of an epoch at the full batch size: all but the partial last batch's, if any."""
+    return steps_per_epoch - (1 if last_batch else 0)
+
+
 def call_length(step_in_epoch: int, full_steps: int, per_call: int) -> int:
     """Steps in the call that starts at `step_in_epoch`: up to the next multiple of `per_call`
     or the epoch's last full step; 1 for the partial last batch (at full_steps)."""
@@ -125,7 +130,7 @@ def device_path(model, tx, spec, mesh, config, state, data, last_batch: int, ste
         mesh=mesh,
         full_loop=full_loop,
         last_loop=last_loop[0] if last_loop else None,
-        full_steps=steps_per_epoch - (1 if last_batch else 0),
+        full_steps=full_steps(steps_per_epoch, last_batch),
         per_call=steps_per_call(config),
     )
     return feed, lambda state: steps.eval_result(eval_loop(state, test))

@@ -132,7 +132,7 @@ def prepare(run: Run, state) -> None:
             last_batch=run.last_batch,
             mesh=mesh,
             train_step=train_step,
-            full_steps=run.steps_per_epoch - (1 if run.last_batch else 0),
+            full_steps=feeds.full_steps(run.steps_per_epoch, run.last_batch),
         )
         eval_step = steps.make_eval_step(run.model, run.spec, mesh)
 

@@ -1,5 +1,6 @@
 """Device-resident data and many steps per call (dcff_jax.feeds, steps.make_train_loop)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -66,19 +67,13 @@ def test_steps_per_call_defaults_by_platform_and_data_placement_is_chosen(tmp_pa
     config.data_placement = "host"
     assert not feeds.on_device(config, data)
     imagenet_like = input_pipeline.Data(
-        dataclasses_replace(data.train, arrays=None), data.test, data.mean, data.std, False
+        dataclasses.replace(data.train, arrays=None), data.test, data.mean, data.std, False
     )
     config.data_placement = "auto"
     assert not feeds.on_device(config, imagenet_like)
     config.data_placement = "device"
     with pytest.raises(ValueError, match="needs a dataset held in memory"):
         feeds.on_device(config, imagenet_like)
-
-
-def dataclasses_replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 def test_one_call_of_k_steps_equals_k_calls_of_one_bit_for_bit(tmp_path, logic_only):
