@@ -580,29 +580,25 @@ def _tie_indices(a: trace.Analysis, tag: trace.Tag, kept) -> np.ndarray:
     return np.asarray(index)
 
 
-def _fuse_nnx(model, plan: Plan, traced: _Traced):
-    """A copy of the nnx `model` with the plan's convs wrapped and their consumers resized."""
-    from flax import nnx
-
+def _narrowed_leaves(plan: Plan, traced: _Traced, leaves: list, is_nnx: bool) -> list:
+    """The model's variable leaves (in trace order) at the plan's fused-model widths: every
+    variable whose channels follow a narrowed conv keeps its first kept channels' values,
+    unscaled; a fused conv's own kernel and bias stay whole (all its filters are trained)."""
     a = traced.analysis
     fused_paths = plan.fused
     narrowed = {c.path: c.kept for c in plan.convs if c.fused or c.resized}
     kept_of_root = {}
     for r in a.records:
         if r.out_space is not None and r.kernel_leaf is not None:
-            path = _module_path(traced.leaf_paths[r.kernel_leaf], True)
+            path = _module_path(traced.leaf_paths[r.kernel_leaf], is_nnx)
             if path in narrowed:
                 kept_of_root[a.find(r.out_space)] = narrowed[path]
-    model = nnx.clone(model)
-    graphdef, state = nnx.split(model)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-    leaves = [leaf for _, leaf in flat]
     own = {
         i: path[-1]
         for i, path in enumerate(traced.leaf_paths)
-        if path[-1] in ("kernel", "bias") and _module_path(path, True) in fused_paths
+        if path[-1] in ("kernel", "bias") and _module_path(path, is_nnx) in fused_paths
     }
-    resized: dict[tuple[int, int], tuple[np.ndarray, str]] = {}  # (leaf, axis) -> (index, kind)
+    resized: dict[tuple[int, int], np.ndarray] = {}  # (leaf, axis) -> kept indices
     for tie in a.ties:
         if own.get(tie.leaf) == "bias" or (tie.leaf in own and tie.kind == "produced"):
             continue  # a fused conv's own filters and bias: kept whole, fused
@@ -610,17 +606,27 @@ def _fuse_nnx(model, plan: Plan, traced: _Traced):
             s.space is not None and a.find(s.space) in kept_of_root for s in tie.tag.segments
         ):
             continue
-        index = _tie_indices(a, tie.tag, lambda r: kept_of_root.get(r, a.spaces[r]))
-        resized[(tie.leaf, tie.axis)] = (index, tie.kind)
-    for (leaf, axis), (index, kind) in sorted(resized.items()):
-        value = jnp.take(leaves[leaf], index, axis=axis)
-        if kind == "in":  # keep a fan-in-scaled init's scale (nnx's default lecun_normal)
-            value = value * math.sqrt(leaves[leaf].shape[axis] / len(index))
-        leaves[leaf] = value
-    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+        resized[(tie.leaf, tie.axis)] = _tie_indices(
+            a, tie.tag, lambda r: kept_of_root.get(r, a.spaces[r])
+        )
+    leaves = list(leaves)
+    for (leaf, axis), index in sorted(resized.items()):
+        leaves[leaf] = jnp.take(leaves[leaf], index, axis=axis)
+    return leaves
+
+
+def _fuse_nnx(model, plan: Plan, traced: _Traced):
+    """A copy of the nnx `model` with the plan's convs wrapped and their consumers narrowed
+    (`_narrowed_leaves`: the model's own values, unscaled)."""
+    from flax import nnx
+
+    model = nnx.clone(model)
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    nnx.update(model, jax.tree.unflatten(treedef, _narrowed_leaves(plan, traced, leaves, True)))
     for _, module in nnx.iter_graph(model):
         _sync_nnx_attributes(module)
-    for path, conv in fused_paths.items():
+    for path, conv in plan.fused.items():
         parts = path.split("/")
         _nnx_set(model, parts, FusedConvNNX(_nnx_get(model, parts), conv.kept))
     return model
@@ -727,6 +733,7 @@ class DCFF:
         self.model = model
         self.is_nnx = _is_nnx(model)
         self.apply_kwargs = dict(apply_kwargs or {})
+        self._example = jax.ShapeDtypeStruct(tuple(example.shape), example.dtype)
         self._traced = _trace(model, example, self.apply_kwargs)
         if plan is None:
             targets = (target_macs_reduction, target_params_reduction)
@@ -746,10 +753,42 @@ class DCFF:
         return tuple(layers)
 
     def fused(self):
-        """The fused training model (linen: a Module; nnx: a resized copy of the model)."""
+        """The fused training model (linen: a Module; nnx: a resized copy of the model).
+
+        A layer whose width the plan narrows keeps its first channels' values, unscaled: nnx
+        copies them from the model (zero, constant, N(0, s) or pretrained weights are kept as
+        they are); linen modules hold no values, so pass yours through `fused_variables`
+        (`fused().init` draws fresh values at the new widths instead)."""
         if self.is_nnx:
             return _fuse_nnx(self.model, self.plan, self._traced)
         return FusedLinen(self.model, self._linen_layers(True))
+
+    def fused_variables(self, variables, key: jax.Array | None = None):
+        """linen: the fused model's variables from the model's `variables` (full width), as
+        nnx's `fused()` makes them: narrowed layers keep their first channels' values unscaled,
+        fused convs all their filters; the "fusion" state is fresh (from `key`, default 0).
+
+        Raises ConfigError if `variables` are not the traced model's (paths or shapes)."""
+        if self.is_nnx:
+            raise TypeError("fused_variables is for linen models; nnx's fused() copies values")
+        flat, _ = jax.tree_util.tree_flatten_with_path(variables)
+        paths = [tuple(_key_name(k) for k in path) for path, _ in flat]
+        shapes = [tuple(np.shape(leaf)) for _, leaf in flat]
+        if paths != self._traced.leaf_paths or shapes != self._traced.leaf_shapes:
+            raise ConfigError(
+                "fused_variables: these variables are not the model's that DCFF traced (other "
+                "paths or shapes): pass model.init(...)'s or a checkpoint of the same model"
+            )
+        leaves = _narrowed_leaves(self.plan, self._traced, [x for _, x in flat], False)
+        narrowed = dict(zip(paths, leaves, strict=True))
+        example = jnp.zeros(self._example.shape, self._example.dtype)
+        key = jax.random.key(0) if key is None else key
+        fresh = self.fused().init(key, example, **self.apply_kwargs)
+
+        def pick(path, leaf):
+            return narrowed.get(tuple(_key_name(k) for k in path), leaf)
+
+        return jax.tree_util.tree_map_with_path(pick, fresh)
 
     def compact_model(self) -> nn.Module:
         """linen: the compact model (plain convs at the kept widths) for compact_variables."""

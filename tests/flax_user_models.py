@@ -118,12 +118,12 @@ class UnrewritableCNN(nn.Module):
 class SepBlock(nnx.Module):
     """Depthwise-separable: depthwise 3x3 + BN + ReLU, pointwise 1x1 + BN + ReLU."""
 
-    def __init__(self, cin: int, cout: int, rngs: nnx.Rngs):
+    def __init__(self, cin: int, cout: int, rngs: nnx.Rngs, init=nnx.initializers.lecun_normal()):
         self.depthwise = nnx.Conv(
-            cin, cin, (3, 3), feature_group_count=cin, use_bias=False, rngs=rngs
+            cin, cin, (3, 3), feature_group_count=cin, use_bias=False, kernel_init=init, rngs=rngs
         )
         self.bn1 = nnx.BatchNorm(cin, rngs=rngs)
-        self.pointwise = nnx.Conv(cin, cout, (1, 1), use_bias=False, rngs=rngs)
+        self.pointwise = nnx.Conv(cin, cout, (1, 1), use_bias=False, kernel_init=init, rngs=rngs)
         self.bn2 = nnx.BatchNorm(cout, rngs=rngs)
 
     def __call__(self, x):
@@ -131,12 +131,34 @@ class SepBlock(nnx.Module):
         return nnx.relu(self.bn2(self.pointwise(x)))
 
 
+class SepNetLinen(nn.Module):
+    """SepNet in linen, with the same widths and `kernel_init` for every conv and the head."""
+
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        def bn(x):
+            return nn.BatchNorm(use_running_average=not train)(x)
+
+        x = nn.relu(bn(nn.Conv(16, (3, 3), strides=2, kernel_init=self.kernel_init, name="stem")(x)))
+        for cin, cout in ((16, 32), (32, 32)):
+            x = nn.Conv(cin, (3, 3), feature_group_count=cin, use_bias=False, kernel_init=self.kernel_init)(x)
+            x = nn.relu(bn(x))
+            x = nn.relu(bn(nn.Conv(cout, (1, 1), use_bias=False, kernel_init=self.kernel_init)(x)))
+        return nn.Dense(10, kernel_init=self.kernel_init, name="head")(x.mean(axis=(1, 2)))
+
+
 class SepNet(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs, num_classes: int = 10):
-        self.stem = nnx.Conv(3, 16, (3, 3), strides=2, rngs=rngs)
+    """`init`: every conv's and the head's kernel initialiser (nnx's default: lecun_normal)."""
+
+    def __init__(
+        self, rngs: nnx.Rngs, num_classes: int = 10, init=nnx.initializers.lecun_normal()
+    ):
+        self.stem = nnx.Conv(3, 16, (3, 3), strides=2, kernel_init=init, rngs=rngs)
         self.bn = nnx.BatchNorm(16, rngs=rngs)
-        self.blocks = nnx.List([SepBlock(16, 32, rngs), SepBlock(32, 32, rngs)])
-        self.head = nnx.Linear(32, num_classes, rngs=rngs)
+        self.blocks = nnx.List([SepBlock(16, 32, rngs, init), SepBlock(32, 32, rngs, init)])
+        self.head = nnx.Linear(32, num_classes, kernel_init=init, rngs=rngs)
 
     def __call__(self, x):
         x = nnx.relu(self.bn(self.stem(x)))

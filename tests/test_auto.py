@@ -404,6 +404,46 @@ def test_nnx_unfused_conv_is_resized_not_wrapped():
     assert relative(fused(IMAGES), auto.compact_nnx(fused)(IMAGES)) <= TOLERANCE
 
 
+@pytest.mark.parametrize(
+    "init", [nnx.initializers.constant(0.5), nnx.initializers.normal(0.01)], ids=["const", "normal"]
+)
+def test_narrowed_layers_keep_their_values_unscaled_in_nnx_and_linen(init):
+    """One choice for both APIs: a layer whose width the plan narrows keeps its first
+    channels' values, unscaled, so a non-fan-in initialiser (or a pretrained weight) keeps its
+    scale (the old nnx path multiplied by sqrt(fan-in ratio): 0.5 became 0.707)."""
+    model = user.SepNet(nnx.Rngs(0), init=init)
+    fused = auto.DCFF(model, IMAGES[:1], 0.5).fused()
+    # The head's input 32 -> 16, the depthwise conv follows the stem (16 -> 8), the pointwise
+    # conv's input 16 -> 8 (its 32 filters stay, fused).
+    expected = {
+        "head": model.head.kernel[:16],
+        "depthwise": model.blocks[0].depthwise.kernel[..., :8],
+        "pointwise": model.blocks[0].pointwise.kernel[:, :, :8],
+    }
+    got = {
+        "head": fused.head.kernel[...],
+        "depthwise": fused.blocks[0].depthwise.kernel[...],
+        "pointwise": fused.blocks[0].pointwise.conv.kernel[...],
+    }
+    for name in expected:
+        assert bool(jnp.array_equal(got[name], expected[name])), name
+
+    linen = user.SepNetLinen(kernel_init=init)
+    variables = linen.init(jax.random.key(0), IMAGES[:1])
+    dcff = auto.DCFF(linen, IMAGES[:1], 0.5, apply_kwargs={"train": False})
+    fused_vars = dcff.fused_variables(variables)
+    params, full = fused_vars["params"], variables["params"]
+    assert bool(jnp.array_equal(params["head"]["kernel"], full["head"]["kernel"][:16]))
+    assert bool(jnp.array_equal(params["Conv_0"]["kernel"], full["Conv_0"]["kernel"][..., :8]))
+    assert bool(jnp.array_equal(params["Conv_1"]["kernel"], full["Conv_1"]["kernel"][:, :, :8]))
+    assert bool(jnp.array_equal(params["stem"]["kernel"], full["stem"]["kernel"]))  # fused: whole
+    assert set(fused_vars["fusion"]) == {"stem", "Conv_1", "Conv_3"}
+    logits = dcff.fused().apply(fused_vars, IMAGES, train=False)  # the variables fit the model
+    assert logits.shape == (8, 10)
+    with pytest.raises(ConfigError, match="not the model's"):
+        dcff.fused_variables({"params": params})
+
+
 IDENTICAL = {"vgg16": 32, "resnet56": 32, "googlenet": 32, "mobilenetv2": 32, "resnet50": 224}
 
 
