@@ -103,7 +103,8 @@ def write_export(directory: str, variables, metadata: dict, model=None) -> None:
             mean, std = input_pipeline.normalization(metadata["dataset"])
             module = stablehlo_bytes(model, variables, metadata["image_size"], mean, std)
             (root / version / STABLEHLO).write_bytes(module)
-            metadata = {**metadata, "stablehlo_channels_padded_to": STABLEHLO_PAD_TO}
+            metadata = with_digest(metadata, STABLEHLO, module)
+            metadata["stablehlo_channels_padded_to"] = STABLEHLO_PAD_TO
         (root / version / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
         storage.write_text_atomic(root / POINTER, version + "\n")
         _remove_old_versions(root, keep=version)
@@ -129,6 +130,56 @@ def metadata_of(config, record: dict) -> dict:
         **flops.model_counts(config.model, config.cprate or None),
         "config": config.to_dict(),
     }
+
+
+_METADATA_REMEDY = "restore the file or export the model again"
+# metadata.json's fields that readers use: (type, lowest, highest) for numbers.
+_METADATA_FIELDS = {
+    "architecture": (str, None, None),
+    "cprate": (str, None, None),
+    "num_classes": (int, 1, 1 << 20),
+    "image_size": (int, 1, 1 << 14),
+    "dataset": (str, None, None),
+}
+
+
+def read_metadata(path) -> dict:
+    """An export's metadata.json, with the fields readers use checked (types, ranges).
+
+    Raises:
+      MissingFileError: no such file.
+      DataError: not a JSON object, or a field missing or out of range."""
+    from dcff_jax import storage
+
+    metadata = storage.read_json_object(path, "a dcff-jax export's metadata", _METADATA_REMEDY)
+    for key, (kind, low, high) in _METADATA_FIELDS.items():
+        value = metadata.get(key)
+        if key == "cprate" and value is None:
+            continue
+        wrong = not isinstance(value, kind) or isinstance(value, bool)
+        if wrong or (low is not None and not low <= value <= high):
+            raise DataError(
+                f"{path}: {key} is {value!r}, expected "
+                + (f"an integer in [{low}, {high}]" if low is not None else kind.__name__)
+                + f"; {_METADATA_REMEDY}"
+            )
+    return metadata
+
+
+def model_of(metadata: dict, path) -> Any:
+    """The compact model (a linen Module) that `metadata` (from `path`) describes; DataError
+    if none can be built from it (an unknown architecture, a rate string that does not fit)."""
+    from dcff_jax import models
+
+    try:
+        return models.create_model(
+            metadata["architecture"],
+            metadata["cprate"] or None,
+            "compact",
+            num_classes=metadata["num_classes"],
+        )
+    except ValueError as e:  # ConfigError: an unknown architecture or a bad rate string
+        raise DataError(f"{path} describes no model we can build ({e}); {_METADATA_REMEDY}") from e
 
 
 def _current_version(root) -> str | None:
@@ -159,30 +210,17 @@ def load_compact(directory: str):
         model, variables, meta = dcff_jax.load_compact("WORKDIR/compact")
         logits = model.apply(variables, images, train=False)   # images NHWC, normalised
     """
-    import json
 
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from dcff_jax import models, storage
+    from dcff_jax import storage
 
     path = _export_version(storage.resolve(directory), directory)
-    meta_path = path / "metadata.json"
-    try:
-        metadata = json.loads(meta_path.read_text())
-        model = models.create_model(
-            metadata["architecture"],
-            metadata["cprate"] or None,
-            "compact",
-            num_classes=metadata["num_classes"],
-        )
-        size = metadata["image_size"]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise DataError(
-            f"{meta_path} is truncated or not a dcff-jax export's metadata "
-            f"({type(e).__name__}: {e}); re-export the model or restore the file"
-        ) from e
+    metadata = read_metadata(path / "metadata.json")
+    model = model_of(metadata, path / "metadata.json")
+    size = metadata["image_size"]
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
     try:
         with ocp.StandardCheckpointer() as checkpointer:
@@ -251,41 +289,95 @@ def write_stablehlo(directory: str, pad_to: int = STABLEHLO_PAD_TO) -> str:
     written atomically. Exports have it from the start; this is for older ones, to re-lower
     for a newer jax, or to choose the padding. One process only (it reads the export with
     orbax)."""
-    import json
 
-    from dcff_jax import input_pipeline, storage
+    from dcff_jax import input_pipeline
 
     model, variables, metadata = load_compact(directory)
     mean, std = input_pipeline.normalization(metadata["dataset"])
     data = stablehlo_bytes(model, variables, metadata["image_size"], mean, std, pad_to)
     version = current_version_dir(directory)
-    storage.write_text_atomic(version / STABLEHLO, data)
-    metadata = {**metadata, "stablehlo_channels_padded_to": pad_to}
-    storage.write_text_atomic(
-        version / "metadata.json", json.dumps(metadata, indent=2, default=str)
-    )
+    metadata = with_digest(metadata, STABLEHLO, data)
+    metadata["stablehlo_channels_padded_to"] = pad_to
+    write_beside_metadata(version, STABLEHLO, data, metadata)
     return str(version / STABLEHLO)
 
 
 def load_stablehlo(path: str):
-    """(exported, metadata) of a `model.stablehlo` file and the metadata.json beside it."""
+    """(exported, metadata) of a `model.stablehlo` file and the metadata.json beside it,
+    its SHA-256 checked (read_verified) before jax parses it."""
+    import jax
+
+    data, metadata = read_verified(path)
+    try:
+        exported = jax.export.deserialize(bytearray(data))
+    except Exception as e:
+        raise DataError(
+            f"{path} is not a readable StableHLO export ({type(e).__name__}: {e})"
+        ) from e
+    return exported, metadata
+
+
+# metadata.json's {file name: SHA-256 hex} of the files native parsers read (StableHLO, ONNX):
+# a damaged file must be refused before it reaches C++ code that Python cannot catch.
+DIGESTS = "sha256"
+
+
+def with_digest(metadata: dict, name: str, data: bytes) -> dict:
+    """A copy of `metadata` recording data's SHA-256 as the digest of file `name`."""
+    import hashlib
+
+    digests = metadata.get(DIGESTS)
+    digests = dict(digests) if isinstance(digests, dict) else {}
+    return {**metadata, DIGESTS: {**digests, name: hashlib.sha256(data).hexdigest()}}
+
+
+def write_beside_metadata(version, name: str, data: bytes, metadata: dict) -> None:
+    """Write version/name, then version/metadata.json recording its digest, each atomically.
+    Interrupted between the two, the file and its digest disagree and readers refuse it with
+    a line that says to write it again."""
     import json
 
-    import jax
+    from dcff_jax import storage
+
+    storage.write_text_atomic(version / name, data)
+    storage.write_text_atomic(
+        version / "metadata.json", json.dumps(metadata, indent=2, default=str)
+    )
+
+
+def read_verified(path: str) -> tuple[bytes, dict]:
+    """(bytes, metadata) of an export's file and the metadata.json beside it (read_metadata),
+    refused with DataError unless metadata.json records the file's SHA-256 and the bytes match
+    it; MissingFileError if either file is missing."""
+    import hashlib
+
     from etils import epath
 
     file = epath.Path(path)
+    meta_path = file.parent / "metadata.json"
     try:
-        exported = jax.export.deserialize(bytearray(file.read_bytes()))
-        metadata = json.loads((file.parent / "metadata.json").read_text())
+        data = file.read_bytes()
     except FileNotFoundError as e:
-        raise MissingFileError(f"{e.filename or path} does not exist") from e
-    except Exception as e:
+        raise MissingFileError(f"{path} does not exist") from e
+    metadata = read_metadata(meta_path)
+    digests = metadata.get(DIGESTS)
+    expected = digests.get(file.name) if isinstance(digests, dict) else None
+    rewrite = (
+        "python -m dcff_jax.export_onnx"
+        if file.name.endswith(".onnx")
+        else "python -m dcff_jax.export_stablehlo"
+    ) + f" --checkpoint={file.parent.parent}"
+    if expected is None:
         raise DataError(
-            f"{path} is not a readable StableHLO export with its metadata.json beside it "
-            f"({type(e).__name__}: {e})"
-        ) from e
-    return exported, metadata
+            f"{meta_path} records no SHA-256 for {file.name} (written before dcff-jax checked "
+            f"them, or edited): write the file again with {rewrite}"
+        )
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise DataError(
+            f"{path} does not match the SHA-256 in {meta_path}: it was damaged or changed "
+            f"after it was written; write it again with {rewrite}"
+        )
+    return data, metadata
 
 
 def current_version_dir(directory: str):

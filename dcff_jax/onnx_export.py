@@ -27,7 +27,7 @@ import numpy as np
 
 from dcff_jax import jaxprs
 from dcff_jax.channel_padding import ChannelMap, round_up, spread
-from dcff_jax.errors import DataError, MissingFileError
+from dcff_jax.errors import DataError
 
 OPSET = 17
 ONNX = "model.onnx"
@@ -556,14 +556,14 @@ def onnx_bytes(model, variables, image_size: int, mean, std, pad_to: int = 8) ->
 def write_onnx(directory: str, pad_to: int = 8) -> str:
     """Write `model.onnx` (see onnx_bytes) into the current export version under `directory`
     (WORKDIR/compact), atomically; returns its path. One process only."""
-    from dcff_jax import export, input_pipeline, storage
+    from dcff_jax import export, input_pipeline
 
     model, variables, metadata = export.load_compact(directory)
     mean, std = input_pipeline.normalization(metadata["dataset"])
     data = onnx_bytes(model, variables, metadata["image_size"], mean, std, pad_to)
-    path = export.current_version_dir(directory) / ONNX
-    storage.write_text_atomic(path, data)
-    return str(path)
+    version = export.current_version_dir(directory)
+    export.write_beside_metadata(version, ONNX, data, export.with_digest(metadata, ONNX, data))
+    return str(version / ONNX)
 
 
 def describe(path: str) -> str:
@@ -586,10 +586,9 @@ def describe(path: str) -> str:
 
 def load_onnx(path: str):
     """(onnxruntime.InferenceSession, metadata) of a `model.onnx` and the metadata.json beside
-    it; the session runs on the CPU."""
-    import json
-
-    from etils import epath
+    it, its SHA-256 checked (export.read_verified) before onnxruntime parses it; the session
+    runs on the CPU."""
+    from dcff_jax import export
 
     try:
         import onnxruntime
@@ -597,12 +596,7 @@ def load_onnx(path: str):
         raise DataError(
             "running an ONNX export needs onnxruntime: pip install 'dcff-jax[onnx]'"
         ) from e
-    file = epath.Path(path)
-    try:
-        data = file.read_bytes()
-        metadata = json.loads((file.parent / "metadata.json").read_text())
-    except FileNotFoundError as e:
-        raise MissingFileError(f"{e.filename or path} does not exist") from e
+    data, metadata = export.read_verified(path)
     try:
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as e:

@@ -19,7 +19,7 @@ import uuid
 
 from etils import epath
 
-from dcff_jax.errors import ConfigError
+from dcff_jax.errors import ConfigError, DataError, MissingFileError
 
 # The URI schemes supported, and the package each needs. gs:// alone is tested (against a local
 # GCS emulator); epath reaches other stores too, but nothing here has been tried on them.
@@ -50,6 +50,29 @@ def check_backend(path: str) -> None:
             f"{path} needs the {package} package for {scheme}:// paths, which is not installed: "
             "pip install 'dcff-jax[gcs]'"
         )
+
+
+def read_json_object(path: epath.Path, what: str, remedy: str) -> dict:
+    """The JSON object in the file at `path` (`what` it holds, e.g. "a run's config").
+
+    Raises:
+      MissingFileError: no such file.
+      DataError: bytes that are not UTF-8 JSON, or JSON that is not an object; the message
+        ends with `remedy` (what the user can do).
+    """
+    import json
+
+    try:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__} where an object belongs")
+    except FileNotFoundError as e:
+        raise MissingFileError(f"{path} does not exist; {remedy}") from e
+    except (ValueError, TypeError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise DataError(
+            f"{path} is not valid JSON for {what} ({type(e).__name__}: {e}); {remedy}"
+        ) from e
+    return data
 
 
 def write_text_atomic(path: epath.Path, data: str | bytes | bytearray) -> None:

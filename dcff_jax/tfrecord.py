@@ -8,8 +8,9 @@ the dataset's features (NumPy, no TensorFlow). Thread-safe (no shared file posit
 picklable (worker processes open their own descriptors). Imported only for tfds datasets.
 
 Record framing (TFRecord): uint64 length (little-endian), uint32 masked CRC-32C of the length,
-the data, uint32 masked CRC-32C of the data. CRCs are not checked here: a damaged record fails to
-deserialize or decode, which the loader reports.
+the data, uint32 masked CRC-32C of the data. Each length's CRC is checked while indexing (a
+damaged length would otherwise shift every later record); the data's is not (it would read the
+whole file): a damaged record fails to deserialize or decode, which the loader reports.
 """
 
 from __future__ import annotations
@@ -28,11 +29,40 @@ _HEADER = 12  # length + its CRC
 _FOOTER = 4  # the data's CRC
 
 
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C of `data` (google_crc32c's C code when installed, which the gcs
+    extra brings; else a table, fast enough for the 8-byte lengths indexing checks)."""
+    try:
+        import google_crc32c
+
+        crc = google_crc32c.value(bytes(data))
+    except ImportError:
+        crc = 0xFFFFFFFF
+        for byte in data:
+            crc = (crc >> 8) ^ _CRC32C_TABLE[(crc ^ byte) & 0xFF]
+        crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
 def record_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(start, length) int64 arrays of every record's data in a tfrecord file.
 
     Raises:
-      DataError: a truncated file (a header or record running past its end).
+      DataError: a truncated file (a header or record running past its end) or a damaged
+        header (its length's CRC does not match).
     """
     size = os.path.getsize(path)
     starts, lengths = [], []
@@ -44,6 +74,10 @@ def record_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:
             if len(header) < _HEADER:
                 raise DataError(f"{path} is truncated: a record header at byte {position}")
             (length,) = struct.unpack("<Q", header[:8])
+            if struct.unpack("<I", header[8:])[0] != masked_crc32c(header[:8]):
+                raise DataError(
+                    f"{path} is damaged: the record header at byte {position} fails its CRC"
+                )
             end = position + _HEADER + length + _FOOTER
             if end > size:
                 raise DataError(

@@ -32,7 +32,7 @@ from dcff_jax import (
     xla_options,
 )
 from dcff_jax.config import validate_config
-from dcff_jax.errors import ConfigError, DataError
+from dcff_jax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -427,13 +427,8 @@ def _check_config(config, workdir: str) -> None:
     path = storage.resolve(workdir) / "config.json"
     if not path.exists():
         return
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path} is not valid JSON ({e}); restore it from the run's first start, or use a "
-            "new --workdir"
-        ) from e
+    remedy = "restore it from the run's first start, or use a new --workdir"
+    saved = storage.read_json_object(path, "a run's config", remedy)
     changed = changed_run_fields(saved, config.to_dict())
     if changed:
         listed = "; ".join(f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items())

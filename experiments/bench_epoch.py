@@ -3,10 +3,10 @@
     python experiments/bench_epoch.py --data DIR [--epochs 4] [--repo OTHER_CHECKOUT ...] \
         [-- --config.FIELD=VALUE ...]
 
-Runs `python -m dcff_jax.main` (ResNet-56, the paper's config) for each variant one after the
-other on the same data: this checkout with the data on the devices and on the host, and any
-other checkout given with --repo (e.g. a worktree of an older commit: its epoch times are
-compared the same way). An epoch's wall time is the gap between two epoch lines' timestamps, so
+Runs `python -m dcff_jax.main` (--config: ResNet-56, the paper's config) for each variant one
+after the other on the same data: this checkout with the data on the devices and on the host,
+and any other checkout given with --repo (e.g. a worktree of an older commit: its epoch times
+are compared the same way). An epoch's wall time is the gap between two epoch lines' timestamps, so
 epoch 1 (start-up) is left out; "outside" is what the epoch line says (this code's lines only).
 """
 
@@ -39,9 +39,9 @@ def epoch_times(log: str) -> list[tuple[float, float | None]]:
     return list(zip(walls, outside[1:], strict=True))
 
 
-def run_variant(repo: str, data: str, epochs: int, overrides: list[str]) -> str:
+def run_variant(repo: str, config: str, data: str, epochs: int, overrides: list[str]) -> str:
     with tempfile.TemporaryDirectory() as workdir:
-        command = [sys.executable, "-m", "dcff_jax.main", "--config=configs/resnet56_cifar.py"]
+        command = [sys.executable, "-m", "dcff_jax.main", f"--config={config}"]
         command += [f"--workdir={workdir}", "--config.dataset=cifar10_folder"]
         command += [f"--config.data_dir={data}", f"--config.num_epochs={epochs}"]
         command += ["--config.checkpoint_every_steps=0", *overrides]
@@ -56,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a folder holding cifar-10-batches-py")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--config", default="configs/resnet56_cifar.py", help="relative to a repo")
     parser.add_argument("--repo", action="append", default=[], help="another checkout to time")
     parser.add_argument("overrides", nargs="*", help="--config.FIELD=VALUE for every variant")
     args = parser.parse_args()
@@ -67,7 +68,8 @@ def main() -> None:
     print("| variant | epochs timed | epoch wall s (median) | outside the steps % (median) |")
     print("|---|---|---|---|")
     for repo, extra, name in variants:
-        times = epoch_times(run_variant(repo, args.data, args.epochs, [*args.overrides, *extra]))
+        log = run_variant(repo, args.config, args.data, args.epochs, [*args.overrides, *extra])
+        times = epoch_times(log)
         outside = [o for _, o in times if o is not None]
         shown = f"{statistics.median(outside):.1f}" if outside else "not reported"
         wall = statistics.median(w for w, _ in times)

@@ -53,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="resnet56,resnet110,googlenet")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batches", default="", help="e.g. 1 (default: bench_latency's)")
     args = parser.parse_args()
     print(
         "| model | plan | GFLOPs/image | batch | jax ms | onnxruntime ms |\n"
@@ -60,6 +61,7 @@ def main() -> None:
     )
     for arch in args.archs.split(","):
         config_name, batches = CONFIGS[arch]
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
         config = load_config(os.path.join(ROOT, "configs", f"{config_name}.py"))
         paper = list(plans.parse_rates(config.cprate))
         size = config.image_size

@@ -1,6 +1,7 @@
 """Side-by-side CPU comparisons in one run; prints markdown tables and a final JSON line.
 
   python experiments/compare_cpu.py --torch_python=/tmp/torchvenv/bin/python [--sections=...]
+      [--configs=vgg16_cifar,...] [--batches=64,...]
 
 Sections:
   train     ours (fused) vs the PyTorch transcription (fused), VGG-16 and ResNet-56, batch 64/256
@@ -27,6 +28,17 @@ _TORCH = flags.DEFINE_string(
 )
 _SECTIONS = flags.DEFINE_list("sections", ["train", "overhead", "infer"], "What to compare.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per measurement.")
+_CONFIGS = flags.DEFINE_list("configs", [], "Only these configs (e.g. vgg16_cifar).")
+_BATCHES = flags.DEFINE_list("batches", [], "These batch sizes instead of each section's.")
+
+
+def chosen(configs):
+    """The section's configs that --configs keeps (all without it)."""
+    return [c for c in configs if not _CONFIGS.value or c in _CONFIGS.value]
+
+
+def batches(default):
+    return tuple(int(b) for b in _BATCHES.value) or default
 
 
 def run_json(cmd: list[str]) -> dict:
@@ -66,8 +78,9 @@ def section_train(steps: int) -> list[dict]:
     rows = []
     print("| model | batch | ours fused images/s | PyTorch fused images/s | ours / PyTorch |")
     print("|---|---|---|---|---|")
-    for model, config in (("vgg16", "vgg16_cifar"), ("resnet56", "resnet56_cifar")):
-        for batch in (64, 256):
+    for config in chosen(("vgg16_cifar", "resnet56_cifar")):
+        model = config.split("_")[0]
+        for batch in batches((64, 256)):
             a, b = ours(config, "fused", "train", batch, steps), torch(model, batch, steps)
             ratio = a["images_per_sec"] / b["images_per_sec"]
             row(
@@ -85,15 +98,16 @@ def section_overhead(steps: int) -> list[dict]:
     rows = []
     print("| model | batch | fused ms/step | compact ms/step | fused overhead |")
     print("|---|---|---|---|---|")
-    for config in ("vgg16_cifar", "resnet56_cifar"):
+    for config in chosen(("vgg16_cifar", "resnet56_cifar")):
+        (batch,) = batches((64,))[:1]
         a, b = (
-            ours(config, "fused", "train", 64, steps),
-            ours(config, "compact", "train", 64, steps),
+            ours(config, "fused", "train", batch, steps),
+            ours(config, "compact", "train", batch, steps),
         )
         overhead = a["step_ms_median"] / b["step_ms_median"] - 1
         row(
             config,
-            64,
+            batch,
             f"{a['step_ms_median']:.1f}",
             f"{b['step_ms_median']:.1f}",
             f"{100 * overhead:+.1f}%",
@@ -125,11 +139,13 @@ def section_infer(steps: int) -> list[dict]:
         ("resnet50_imagenet", (1, 16)),
         ("mobilenetv2_imagenet", (1, 16)),
     ]
-    for config, batches in cases:
+    for config, sizes in cases:
+        if config not in chosen([config]):
+            continue
         cfg = load_config(os.path.join(ROOT, "configs", f"{config}.py"))
         counts = flops.model_counts(cfg.model, cfg.cprate)
         flops_ratio = counts["base_flops"] / counts["flops"]
-        for batch in batches:
+        for batch in batches(sizes):
             a = ours(config, "original", "infer", batch, steps)
             b = ours(config, "compact", "infer", batch, steps)
             speedup = a["step_ms_median"] / b["step_ms_median"]

@@ -5,7 +5,7 @@
 2. time from SIGTERM to exit (1 process; and 2 processes, the signal to process 1);
 3. every user error of tests/test_user_errors.py with the line it printed.
 
-python experiments/faults.py > experiments/logs/faults.md
+python experiments/faults.py [--sections wall,stop,errors] > experiments/logs/faults.md
 """
 
 import os
@@ -131,19 +131,33 @@ def user_errors(data) -> list[tuple[str, str]]:
 
 
 def main():
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="wall,stop,errors")
+    parser.add_argument("--processes", default="1,2", help="process counts of wall and stop")
+    parser.add_argument("--repeats", type=int, default=2, help="wall-time runs per setting")
+    args = parser.parse_args()
+    sections = args.sections.split(",")
+    counts = [int(p) for p in args.processes.split(",")]
     data = write_cifar_folder(tempfile.mkdtemp(), train=64, test=24)
-    print("| run | wall time (s) |\n|---|---|")
-    for processes, devices in ((1, 2), (2, 1), (1, 2), (2, 1)):
-        seconds = wall_time(data, processes, devices)
-        print(f"| {processes} process(es) x {devices} device(s) | {seconds:.1f} |")
-    print("\n| stop | SIGTERM to exit (s) | exit statuses |\n|---|---|---|")
-    big = write_cifar_folder(tempfile.mkdtemp(), train=640, test=24)  # 40 steps an epoch
-    for processes in (1, 2):
-        elapsed, codes = sigterm_to_exit(big, processes)
-        print(f"| {processes} process(es) | {elapsed:.2f} | {codes} |")
-    print("\n| fault | exit | what it printed |\n|---|---|---|")
-    for case_id, code, line in user_errors(data):
-        print(f"| {case_id} | {code} | `{line.replace('|', '/')}` |")
+    if "wall" in sections:
+        print("| run | wall time (s) |\n|---|---|")
+        for _ in range(args.repeats):
+            for processes in counts:
+                devices = 2 // processes  # two devices in all
+                seconds = wall_time(data, processes, devices)
+                print(f"| {processes} process(es) x {devices} device(s) | {seconds:.1f} |")
+    if "stop" in sections:
+        print("\n| stop | SIGTERM to exit (s) | exit statuses |\n|---|---|---|")
+        big = write_cifar_folder(tempfile.mkdtemp(), train=640, test=24)  # 40 steps an epoch
+        for processes in counts:
+            elapsed, codes = sigterm_to_exit(big, processes)
+            print(f"| {processes} process(es) | {elapsed:.2f} | {codes} |")
+    if "errors" in sections:
+        print("\n| fault | exit | what it printed |\n|---|---|---|")
+        for case_id, code, line in user_errors(data):
+            print(f"| {case_id} | {code} | `{line.replace('|', '/')}` |")
 
 
 if __name__ == "__main__":

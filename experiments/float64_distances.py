@@ -1,6 +1,7 @@
 """How far each float32 path is from the same computation in float64 (issue 10).
 
-  XLA_FLAGS=--xla_cpu_max_isa=AVX2 python experiments/float64_distances.py
+  XLA_FLAGS=--xla_cpu_max_isa=AVX2 python experiments/float64_distances.py [--models vgg16,resnet56]
+      [--devices 1,8] [--smooth] [--batches N]
 
 1. One fused train step (tests/test_fast_paths.py::_one_step) of VGG-16 and ResNet-56 compiled
    with XLA's defaults, with dcff_jax.compiler_options() and with the options before issue 10
@@ -42,7 +43,7 @@ from dcff_jax.models import common  # noqa: E402
 MODELS = {"vgg16": "[0.5]*7+[0.8]*6", "resnet56": "[0.5]*27+[0.3]*3"}
 
 
-def one_step_rows(batches: int) -> list[dict]:
+def one_step_rows(batches: int, models: list[str]) -> list[dict]:
     option = xla_options.LIBRARY_FUSION_OPTION
     settings = {
         "xla defaults": {},
@@ -50,7 +51,8 @@ def one_step_rows(batches: int) -> list[dict]:
         "before issue 10": {option: ""},
     }
     rows = []
-    for arch, cprate in MODELS.items():
+    for arch in models:
+        cprate = MODELS[arch]
         for seed in range(batches):
             loss64, updates64, stats64 = test_fast_paths._one_step(
                 {}, arch, cprate, jnp.float64, seed
@@ -70,10 +72,10 @@ def one_step_rows(batches: int) -> list[dict]:
     return rows
 
 
-def trajectory_rows(tmp: str) -> list[dict]:
+def trajectory_rows(tmp: str, device_counts: list[int]) -> list[dict]:
     data_dir = write_cifar_folder(os.path.join(tmp, "cifar"), train=64, test=16)
     runs = {}
-    for devices in (1, 8):
+    for devices in device_counts:
         for dtype in ("float32", "float64"):
             extra = ("--float64",) if dtype == "float64" else ()
             out = os.path.join(tmp, f"{devices}_{dtype}.npz")
@@ -98,13 +100,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smooth", action="store_true")
     parser.add_argument("--batches", type=int, default=1)
+    parser.add_argument("--models", default=",".join(MODELS), help="part 1's models")
+    parser.add_argument("--devices", default="1,8", help="part 2's device counts (1 first)")
     args = parser.parse_args()
     if args.smooth:
         nn.relu = jax.nn.gelu
         common.residual_relu = lambda y, shortcut: jax.nn.gelu(y + shortcut)
     flags = os.environ.get("XLA_FLAGS", "")
     print(f"XLA_FLAGS={flags!r}, smooth={args.smooth}, jax {jax.__version__}")
-    steps = one_step_rows(args.batches)
+    steps = one_step_rows(args.batches, args.models.split(","))
     print("| model | batch | options | update | batch stats | loss |\n|---|---|---|---|---|---|")
     for r in steps:
         print(
@@ -112,7 +116,7 @@ def main() -> None:
             f"| {r['stats']:.2e} | {r['loss']:.1e} |"
         )
     with tempfile.TemporaryDirectory() as tmp:
-        runs = trajectory_rows(tmp)
+        runs = trajectory_rows(tmp, [int(d) for d in args.devices.split(",")])
     print("| devices | dtype | last loss | params |\n|---|---|---|---|")
     for r in runs:
         print(f"| {r['devices']} | {r['dtype']} | {r['last_loss']:.1e} | {r['params']:.1e} |")

@@ -1,6 +1,6 @@
 """The plan search against every row of the paper's table (and MobileNetV2's).
 
-    python experiments/plan_search_table.py > experiments/logs/plan_search.md
+    python experiments/plan_search_table.py [--archs vgg16,...] > experiments/logs/plan_search.md
 
 For each row: the paper's FLOPs and params reductions as targets, dcff_jax.search_plan's rate
 string, and the reductions it reaches in our count (thop convention; MobileNetV2 in the
@@ -65,12 +65,19 @@ def pct(x: float) -> str:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default="", help="only these architectures (comma-separated)")
+    archs = set(filter(None, parser.parse_args().archs.split(",")))
     print(
         "| row | target FLOPs / params reduction | searched FLOPs / params reduction | "
         "miss (relative, larger) | published string reaches | counts | s | searched rates |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for row, arch, flops_target, params_target, published in ROWS:
+        if archs and arch not in archs:
+            continue
         convention = "macs" if arch == "mobilenetv2" else "thop"
         start = time.time()
         result = plan_search.search_plan(

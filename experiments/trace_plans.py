@@ -24,10 +24,11 @@ from dcff_jax import auto, models  # noqa: E402
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tables", action="store_true", help="print every plan's table")
+    parser.add_argument("--archs", default=",".join(PAPER_CONFIGS), help="comma-separated")
     args = parser.parse_args()
     print(f"{'model':<12}{'trace s':>8}{'convs':>7}{'fused':>7}{'blocked':>9}"
           f"{'compact MACs':>15}{'ours':>15}{'params':>12}{'ours':>12}")  # fmt: skip
-    for arch in PAPER_CONFIGS:
+    for arch in args.archs.split(","):
         cprate, rates = paper_config(arch).cprate, paper_path_rates(arch)
         start = time.perf_counter()
         plan = auto.make_plan(

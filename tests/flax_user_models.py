@@ -141,9 +141,13 @@ class SepNetLinen(nn.Module):
         def bn(x):
             return nn.BatchNorm(use_running_average=not train)(x)
 
-        x = nn.relu(bn(nn.Conv(16, (3, 3), strides=2, kernel_init=self.kernel_init, name="stem")(x)))
+        x = nn.relu(
+            bn(nn.Conv(16, (3, 3), strides=2, kernel_init=self.kernel_init, name="stem")(x))
+        )
         for cin, cout in ((16, 32), (32, 32)):
-            x = nn.Conv(cin, (3, 3), feature_group_count=cin, use_bias=False, kernel_init=self.kernel_init)(x)
+            x = nn.Conv(
+                cin, (3, 3), feature_group_count=cin, use_bias=False, kernel_init=self.kernel_init
+            )(x)
             x = nn.relu(bn(x))
             x = nn.relu(bn(nn.Conv(cout, (1, 1), use_bias=False, kernel_init=self.kernel_init)(x)))
         return nn.Dense(10, kernel_init=self.kernel_init, name="head")(x.mean(axis=(1, 2)))
@@ -152,9 +156,7 @@ class SepNetLinen(nn.Module):
 class SepNet(nnx.Module):
     """`init`: every conv's and the head's kernel initialiser (nnx's default: lecun_normal)."""
 
-    def __init__(
-        self, rngs: nnx.Rngs, num_classes: int = 10, init=nnx.initializers.lecun_normal()
-    ):
+    def __init__(self, rngs: nnx.Rngs, num_classes: int = 10, init=nnx.initializers.lecun_normal()):
         self.stem = nnx.Conv(3, 16, (3, 3), strides=2, kernel_init=init, rngs=rngs)
         self.bn = nnx.BatchNorm(16, rngs=rngs)
         self.blocks = nnx.List([SepBlock(16, 32, rngs, init), SepBlock(32, 32, rngs, init)])

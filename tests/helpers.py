@@ -209,29 +209,15 @@ def write_tfds_imagenet(
     return os.path.join(data_dir, "imagenet2012", "1.0.0")
 
 
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC-32C (google_crc32c when installed: the gcs extra brings it)."""
-    try:
-        import google_crc32c
-
-        crc = google_crc32c.value(data)
-    except ImportError:
-        crc = 0xFFFFFFFF
-        for byte in data:
-            crc ^= byte
-            for _ in range(8):
-                crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-        crc ^= 0xFFFFFFFF
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
 def write_tfrecord(path: str, records: list[bytes]) -> None:
     """records framed as TensorFlow writes them: length, its CRC, data, its CRC."""
+    from dcff_jax import tfrecord  # imports tensorflow_datasets: only where needed
+
     with open(path, "wb") as f:
         for record in records:
             length = struct.pack("<Q", len(record))
-            f.write(length + struct.pack("<I", masked_crc32c(length)))
-            f.write(record + struct.pack("<I", masked_crc32c(record)))
+            f.write(length + struct.pack("<I", tfrecord.masked_crc32c(length)))
+            f.write(record + struct.pack("<I", tfrecord.masked_crc32c(record)))
 
 
 def imagenet_to_tfrecord(array_record_dir: str, out_dir: str, shards: dict[str, list[int]]):

@@ -167,3 +167,72 @@ def test_an_interrupted_export_leaves_the_previous_one_loadable(tmp_path):
         export.load_compact(str(directory))
     with pytest.raises(FileNotFoundError, match="not a compact export"):
         export.load_compact(str(tmp_path))
+
+
+def small_stablehlo() -> bytes:
+    """A real serialized StableHLO module (x -> 2x, any batch), made in well under a second."""
+    from dcff_jax import export
+
+    return export.batch_polymorphic_stablehlo(lambda x: 2 * x, (4,), jnp.float32, pad_to=1)
+
+
+def test_native_parsed_files_are_checked_against_their_sha256_before_parsing(tmp_path):
+    """model.stablehlo and model.onnx go to C++ parsers that Python cannot catch: a file is
+    read only when metadata.json records its SHA-256 and the bytes match it."""
+    import hashlib
+    import json
+
+    from dcff_jax import export
+    from dcff_jax.errors import DataError, MissingFileError
+
+    data = small_stablehlo()
+    version = tmp_path / "compact" / "v1"
+    version.mkdir(parents=True)
+    path = str(version / export.STABLEHLO)
+    base = {
+        "architecture": "vgg16",
+        "cprate": "[0.5]*13",
+        "num_classes": 10,
+        "image_size": 32,
+        "dataset": "cifar10",
+    }
+    metadata = export.with_digest(base, export.STABLEHLO, data)
+    assert metadata[export.DIGESTS] == {export.STABLEHLO: hashlib.sha256(data).hexdigest()}
+    export.write_beside_metadata(version, export.STABLEHLO, data, metadata)
+    exported, read = export.load_stablehlo(path)
+    assert read == metadata
+    assert np.array_equal(exported.call(jnp.ones((3, 4))), 2 * np.ones((3, 4)))
+
+    damaged = bytearray(data)
+    damaged[len(damaged) // 2] ^= 0x40
+    (version / export.STABLEHLO).write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match="does not match the SHA-256 in .*export_stablehlo"):
+        export.load_stablehlo(path)
+    (version / export.STABLEHLO).write_bytes(data[: len(data) // 2])  # truncated, digest kept
+    with pytest.raises(DataError, match="does not match the SHA-256"):
+        export.load_stablehlo(path)
+    # A file whose digest matches but does not parse: jax's own error, in one line.
+    export.write_beside_metadata(
+        version, export.STABLEHLO, data[:64], export.with_digest(base, export.STABLEHLO, data[:64])
+    )
+    with pytest.raises(DataError, match="is not a readable StableHLO export"):
+        export.load_stablehlo(path)
+    (version / "metadata.json").write_text(json.dumps(base))
+    with pytest.raises(DataError, match="records no SHA-256 for model.stablehlo"):
+        export.load_stablehlo(path)
+    for text in ("[1, 2]", '{"sha256": ', b"\xff\xfe{"):
+        if isinstance(text, bytes):
+            (version / "metadata.json").write_bytes(text)
+        else:
+            (version / "metadata.json").write_text(text)
+        with pytest.raises(DataError, match="metadata.json is not valid JSON for"):
+            export.load_stablehlo(path)
+    (version / "metadata.json").write_text(json.dumps({**base, "sha256": ["not", "a", "map"]}))
+    with pytest.raises(DataError, match="records no SHA-256"):
+        export.load_stablehlo(path)
+    (version / "metadata.json").write_text(json.dumps({**base, "image_size": -3}))
+    with pytest.raises(DataError, match="image_size is -3, expected an integer in"):
+        export.load_stablehlo(path)
+    os.remove(version / "metadata.json")
+    with pytest.raises(MissingFileError, match="metadata.json does not exist"):
+        export.load_stablehlo(path)

@@ -3,6 +3,8 @@ model's logits for all six architectures at any batch size; accepted by `evaluat
 the converter's set are refused by name."""
 
 import collections
+import hashlib
+import json
 import os
 
 import jax
@@ -20,6 +22,7 @@ from helpers import (
 )
 
 from dcff_jax import input_pipeline, models, onnx_export
+from dcff_jax.errors import DataError
 
 onnxruntime = pytest.importorskip("onnxruntime")
 
@@ -112,6 +115,11 @@ def test_the_cli_writes_it_and_evaluate_gives_the_exports_result(tmp_path):
     assert said.startswith("conv widths padded to multiples of 8: ")
     version = open(os.path.join(workdir, "compact", "LATEST")).read().strip()
     assert path == os.path.join(workdir, "compact", version, onnx_export.ONNX)
+    with open(os.path.join(workdir, "compact", version, "metadata.json")) as f:
+        digests = json.load(f)["sha256"]
+    with open(path, "rb") as f:
+        assert digests["model.onnx"] == hashlib.sha256(f.read()).hexdigest()
+    assert set(digests) == {"model.onnx", "model.stablehlo"}
     variables_result = evaluate_result(os.path.join(workdir, "compact"))
     onnx_result = evaluate_result(path)
     assert onnx_result["examples"] == variables_result["examples"] == 20
@@ -120,12 +128,20 @@ def test_the_cli_writes_it_and_evaluate_gives_the_exports_result(tmp_path):
 
 
 def test_a_file_that_is_not_onnx_is_a_clear_error(tmp_path):
-    (tmp_path / "model.onnx").write_bytes(b"not a protobuf")
-    (tmp_path / "metadata.json").write_text("{}")
+    from dcff_jax import export
+
+    data = b"not a protobuf"
+    described = {"architecture": "vgg16", "cprate": "", "num_classes": 10, "image_size": 32}
+    metadata = export.with_digest({**described, "dataset": "cifar10"}, onnx_export.ONNX, data)
+    export.write_beside_metadata(tmp_path, onnx_export.ONNX, data, metadata)
     out = run_module("dcff_jax.evaluate", f"--checkpoint={tmp_path / 'model.onnx'}")
     assert out.returncode == 2
     assert "is not a readable ONNX model" in out.stderr.strip().splitlines()[-1]
     assert "Traceback" not in out.stderr
+    # A file changed after it was written never reaches onnxruntime's parser.
+    (tmp_path / onnx_export.ONNX).write_bytes(b"not a protobuf!")
+    with pytest.raises(DataError, match="does not match the SHA-256 in .*export_onnx"):
+        onnx_export.load_onnx(str(tmp_path / onnx_export.ONNX))
 
 
 def resnet56_graph(cprate: str):

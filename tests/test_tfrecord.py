@@ -8,6 +8,7 @@ import functools
 import io
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -78,6 +79,25 @@ def test_records_are_indexed_exactly_and_served_by_positioned_reads(datasets, tm
     with open(path, "wb") as f:
         f.write(data[:-10])
     with pytest.raises(DataError, match="is truncated"):
+        tfrecord.record_offsets(path)
+
+
+def test_crc32c_is_the_standard_one_and_a_damaged_length_is_refused(tmp_path, monkeypatch):
+    # CRC-32C's check value (RFC 3720): "123456789" -> 0xE3069283, masked as TFRecord does.
+    crc = 0xE3069283
+    masked = (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    samples = [b"", b"\x00" * 8, np.random.default_rng(0).bytes(1000)]
+    fast = [tfrecord.masked_crc32c(x) for x in samples]
+    assert tfrecord.masked_crc32c(b"123456789") == masked
+    monkeypatch.setitem(sys.modules, "google_crc32c", None)  # the table, without the package
+    assert tfrecord.masked_crc32c(b"123456789") == masked
+    assert [tfrecord.masked_crc32c(x) for x in samples] == fast
+    path = str(tmp_path / "r.tfrecord")
+    write_tfrecord(path, [b"abc", b"defg", b"h"])
+    with open(path, "r+b") as f:  # the second record's length, 4 -> 5: one flipped bit
+        f.seek(12 + 3 + 4)
+        f.write(b"\x05")
+    with pytest.raises(DataError, match="record header at byte 19 fails its CRC"):
         tfrecord.record_offsets(path)
 
 

@@ -8,20 +8,17 @@ DCFF_FUZZ_MUTATIONS=N runs N mutations per kind (default 25: 150 in all, ~20 s).
 import io
 import os
 import pickle
-import pickletools
-import struct
 import zipfile
 
 import numpy as np
 import pytest
+from fuzzing import MUTATIONS, flip_bytes, ops, replace_ints, str_op, truncate
 
 from dcff_jax import torch_import
 from dcff_jax.errors import DataError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "published_resnet56_compact.pt")
-MUTATIONS = int(os.environ.get("DCFF_FUZZ_MUTATIONS", "25"))
 PICKLE = "model_best_compact/data.pkl"
-INTERESTING = [0, 1, 2, -1, -(2**31), 2**31 - 1, 2**40, 2**63, 3, 64, 4096, 65537]
 
 
 def members() -> dict[str, bytes]:
@@ -39,28 +36,6 @@ def zipped(files: dict[str, bytes], base: bytes | None = None) -> bytes:
     return buffer.getvalue()
 
 
-def int_op(value: int) -> bytes:
-    if -(2**31) <= value < 2**31:
-        return b"J" + struct.pack("<i", value)  # BININT
-    raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
-    return b"\x8a" + bytes([len(raw)]) + raw  # LONG1
-
-
-def str_op(text: str) -> bytes:
-    raw = text.encode()
-    return b"X" + struct.pack("<I", len(raw)) + raw  # BINUNICODE
-
-
-def ops(data: bytes):
-    """(opcode name, argument, start, end) of every opcode."""
-    found = list(pickletools.genops(data))
-    ends = [pos for _, _, pos in found[1:]] + [len(data)]
-    return [(op.name, arg, pos, end) for (op, arg, pos), end in zip(found, ends, strict=True)]
-
-
-INT_OPS = ("BININT1", "BININT2", "BININT", "LONG1")
-
-
 def mutate(kind: str, files: dict[str, bytes], rng: np.random.Generator, cache: dict) -> bytes:
     """One seeded mutation of the checkpoint, as zip bytes. cache: the fixture's opcodes and a
     zip of its other files, made on first use."""
@@ -69,19 +44,17 @@ def mutate(kind: str, files: dict[str, bytes], rng: np.random.Generator, cache: 
         cache["base"] = zipped({k: v for k, v in files.items() if k != PICKLE})
     files, base = dict(files), cache["base"]
     data = files[PICKLE]
-    if kind in ("int", "string"):  # offsets, sizes, strides, counts; storage types and keys
-        names = INT_OPS if kind == "int" else ("BINUNICODE",)
-        targets = [o for o in cache["ops"] if o[0] in names]
+    if kind == "int":  # offsets, sizes, strides, counts
+        data = replace_ints(data, rng, cache["ops"])
+    elif kind == "string":  # storage types and keys
+        targets = [o for o in cache["ops"] if o[0] == "BINUNICODE"]
         chosen = rng.choice(len(targets), size=rng.integers(1, 3), replace=False)
-        for _, value, start, end in sorted((targets[i] for i in chosen), key=lambda o: -o[2]):
-            data = data[:start] + replacement(kind, value, rng) + data[end:]
+        for _, _, start, end in sorted((targets[i] for i in chosen), key=lambda o: -o[2]):
+            data = data[:start] + replacement(rng) + data[end:]
     elif kind == "bytes":
-        data = bytearray(data)
-        for _ in range(rng.integers(1, 4)):
-            data[rng.integers(len(data))] = rng.integers(256)
-        data = bytes(data)
+        data = flip_bytes(data, rng)
     elif kind == "truncate":
-        data = data[: rng.integers(len(data))]
+        data = truncate(data, rng)
     elif kind == "storage":
         base = None
         storages = [n for n in files if "/data/" in n]
@@ -98,17 +71,12 @@ def mutate(kind: str, files: dict[str, bytes], rng: np.random.Generator, cache: 
     files[PICKLE] = data
     blob = zipped(files, base)
     if kind == "archive":  # the zip itself: CRCs, headers, the central directory
-        blob = bytearray(blob)
-        for _ in range(rng.integers(1, 4)):
-            blob[rng.integers(len(blob))] = rng.integers(256)
-        blob = bytes(blob)[: len(blob) if rng.random() < 0.7 else rng.integers(len(blob))]
+        blob = flip_bytes(blob, rng)
+        blob = blob if rng.random() < 0.7 else truncate(blob, rng)
     return blob
 
 
-def replacement(kind: str, value, rng: np.random.Generator) -> bytes:
-    if kind == "int":
-        near = int(value) + int(rng.integers(-3, 4))
-        return int_op(int(rng.choice(INTERESTING)) if rng.random() < 0.5 else near)
+def replacement(rng: np.random.Generator) -> bytes:
     choices = [*torch_import._DTYPES, "Storage", "0", "1", "331", "999", "../data.pkl", ""]
     return str_op(str(rng.choice(choices)))
 

@@ -222,8 +222,8 @@ CASES = [
         "--batch_size must be >= 1",
         False,
     ),
-    ("eval-metadata", E, (), truncated_metadata, "metadata.json is truncated", True),
-    ("eval-stablehlo", E, (), truncated_stablehlo, "is not a readable StableHLO export", True),
+    ("eval-metadata", E, (), truncated_metadata, "metadata.json is not valid JSON", True),
+    ("eval-stablehlo", E, (), truncated_stablehlo, "does not match the SHA-256 in", True),
     ("eval-data", E, ("--data_dir=/nonexistent",), None, "'/nonexistent' does not exist", True),
     ("eval-flag", E, ("--checkpoint=x", "--bogus=1"), None, "Unknown command line flag", False),
     (
