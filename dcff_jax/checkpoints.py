@@ -235,7 +235,15 @@ _TRANSIENT_NAMES = {
     "ServerDisconnectedError",
 }
 # Status words tensorstore puts first in the ValueErrors it raises for failed I/O.
-_TRANSIENT_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED")
+# tensorstore's status names: the storage did not answer, or refused us (access is not damage).
+_TRANSIENT_STATUS = (
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "RESOURCE_EXHAUSTED",
+    "ABORTED",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+)
 
 
 def is_io_error(error: BaseException) -> bool:

@@ -58,11 +58,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--config", default="configs/resnet56_cifar.py", help="relative to a repo")
     parser.add_argument("--repo", action="append", default=[], help="another checkout to time")
+    parser.add_argument("--placements", default="device,host", help="this checkout's variants")
     parser.add_argument("overrides", nargs="*", help="--config.FIELD=VALUE for every variant")
     args = parser.parse_args()
+    where = {"device": "on the devices", "host": "on the host"}
     variants = [
-        (REPO, ["--config.data_placement=device"], "this checkout, data on the devices"),
-        (REPO, ["--config.data_placement=host"], "this checkout, data on the host"),
+        (REPO, [f"--config.data_placement={p}"], f"this checkout, data {where[p]}")
+        for p in args.placements.split(",")
     ]
     variants += [(repo, [], f"{repo}") for repo in args.repo]
     print("| variant | epochs timed | epoch wall s (median) | outside the steps % (median) |")
