@@ -50,7 +50,7 @@ import numpy as np
 from flax import linen as nn
 
 from dcff_jax import fusion, trace
-from dcff_jax.errors import ConfigError
+from dcff_jax.errors import ConfigError, expect
 from dcff_jax.plans import keep_width
 
 PLAN_FORMAT = "dcff_jax.plan/1"
@@ -111,13 +111,13 @@ class Plan:
         """The plan `to_json` wrote; ConfigError for anything else (every field's type and
         range is checked, so a damaged file cannot reach the model builder)."""
         try:
-            data = _expect(json.loads(text), dict, "the plan")
+            data = expect(json.loads(text), dict, "the plan")
             if data.get("format") != PLAN_FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, expected {PLAN_FORMAT!r}")
-            convs = tuple(_planned_conv(c) for c in _expect(data["convs"], list, "convs"))
-            followers = tuple(_expect(f, str, "a follower") for f in data["followers"])
+            convs = tuple(_planned_conv(c) for c in expect(data["convs"], list, "convs"))
+            followers = tuple(expect(f, str, "a follower") for f in data["followers"])
             counts = [
-                _expect(data[k], int, k, low=0)
+                expect(data[k], int, k, low=0)
                 for k in ("macs", "compact_macs", "params", "compact_params")
             ]
             return cls(convs, followers, *counts)
@@ -142,38 +142,28 @@ class Plan:
         return "\n".join(rows)
 
 
-def _expect(value, kind: type, name: str, low: float | None = None, high: float | None = None):
-    """value, if it is a `kind` (never a bool where a number belongs) in [low, high]."""
-    allowed = (int, float) if kind is float else kind
-    if not isinstance(value, allowed) or (kind in (int, float) and isinstance(value, bool)):
-        raise TypeError(f"{name} is {value!r}, not a {kind.__name__}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} is {value!r}, outside [{low}, {high}]")
-    return value
-
-
 def _planned_conv(entry) -> PlannedConv:
     """A PlannedConv from its JSON object, every field checked."""
-    entry = _expect(entry, dict, "a conv")
+    entry = expect(entry, dict, "a conv")
     names = {f.name for f in dataclasses.fields(PlannedConv)}
     if not {"path", "kernel_shape", "group", "rate", "kept", "fused", "reason"} <= set(entry):
         raise KeyError(f"a conv lacks {sorted(names - set(entry))}")
     if set(entry) - names:
         raise KeyError(f"a conv has unknown fields {sorted(set(entry) - names)}")
-    path = _expect(entry["path"], str, "a conv's path")
-    shape = _expect(entry["kernel_shape"], list, f"{path}: kernel_shape")
+    path = expect(entry["path"], str, "a conv's path")
+    shape = expect(entry["kernel_shape"], list, f"{path}: kernel_shape")
     if not 2 <= len(shape) <= 5:
         raise ValueError(f"{path}: kernel_shape {shape} is not a conv kernel's")
-    shape = tuple(_expect(n, int, f"{path}: kernel_shape", low=1, high=1 << 20) for n in shape)
+    shape = tuple(expect(n, int, f"{path}: kernel_shape", low=1, high=1 << 20) for n in shape)
     return PlannedConv(
         path=path,
         kernel_shape=shape,
-        group=_expect(entry["group"], int, f"{path}: group", low=-1),
-        rate=float(_expect(entry["rate"], float, f"{path}: rate", low=0, high=0.9999)),
-        kept=_expect(entry["kept"], int, f"{path}: kept", low=1, high=shape[-1]),
-        fused=_expect(entry["fused"], bool, f"{path}: fused"),
-        reason=_expect(entry["reason"], str, f"{path}: reason"),
-        resized=_expect(entry.get("resized", False), bool, f"{path}: resized"),
+        group=expect(entry["group"], int, f"{path}: group", low=-1),
+        rate=float(expect(entry["rate"], float, f"{path}: rate", low=0, high=0.9999)),
+        kept=expect(entry["kept"], int, f"{path}: kept", low=1, high=shape[-1]),
+        fused=expect(entry["fused"], bool, f"{path}: fused"),
+        reason=expect(entry["reason"], str, f"{path}: reason"),
+        resized=expect(entry.get("resized", False), bool, f"{path}: resized"),
     )
 
 

@@ -234,8 +234,8 @@ _TRANSIENT_NAMES = {
     "ClientConnectionError",
     "ServerDisconnectedError",
 }
-# Status words tensorstore puts first in the ValueErrors it raises for failed I/O.
-# tensorstore's status names: the storage did not answer, or refused us (access is not damage).
+# Status words tensorstore puts first in the ValueErrors it raises for failed I/O: the storage
+# did not answer, or refused us (access is not damage).
 _TRANSIENT_STATUS = (
     "UNAVAILABLE",
     "DEADLINE_EXCEEDED",

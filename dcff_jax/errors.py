@@ -8,6 +8,8 @@ exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import pickle
+import struct
 import sys
 from collections.abc import Callable
 
@@ -36,6 +38,41 @@ class CheckpointError(UserError, RuntimeError):
 
 class DivergedError(UserError, FloatingPointError):
     """The loss or a parameter became NaN/inf; the last good checkpoint is kept."""
+
+
+# What unpickling damaged bytes raises (besides the readers' own UnpicklingError): a truncated or
+# flipped opcode stream (EOFError, ValueError, IndexError, KeyError from the memo, TypeError and
+# AttributeError from objects called with the wrong arguments, OverflowError, MemoryError,
+# RecursionError, UnicodeDecodeError, NotImplementedError; struct.error from Python's unpickler
+# on a truncated argument).
+DAMAGED_PICKLE = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    IndexError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    MemoryError,
+    RecursionError,
+    UnicodeDecodeError,
+    NotImplementedError,
+    struct.error,
+)
+
+
+def expect(value, kind: type, name: str, low: float | None = None, high: float | None = None):
+    """`value` from a file, if it is a `kind` (never a bool where a number belongs; an int is a
+    float) within [low, high]; else TypeError or ValueError saying what `name` is instead."""
+    allowed = (int, float) if kind is float else kind
+    if not isinstance(value, allowed) or (kind in (int, float) and isinstance(value, bool)):
+        raise TypeError(f"{name} is {value!r}, expected a {kind.__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low}, {high if high is not None else 'inf'}]"
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{name} is {value!r}, expected {what} in {bounds}")
+    return value
 
 
 def parse_flags(argv: list[str]) -> list[str]:

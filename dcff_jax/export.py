@@ -136,7 +136,7 @@ _METADATA_REMEDY = "restore the file or export the model again"
 # metadata.json's fields that readers use: (type, lowest, highest) for numbers.
 _METADATA_FIELDS = {
     "architecture": (str, None, None),
-    "cprate": (str, None, None),
+    "cprate": (str, None, None),  # or null
     "num_classes": (int, 1, 1 << 20),
     "image_size": (int, 1, 1 << 14),
     "dataset": (str, None, None),
@@ -150,19 +150,16 @@ def read_metadata(path) -> dict:
       MissingFileError: no such file.
       DataError: not a JSON object, or a field missing or out of range."""
     from dcff_jax import storage
+    from dcff_jax.errors import expect
 
     metadata = storage.read_json_object(path, "a dcff-jax export's metadata", _METADATA_REMEDY)
     for key, (kind, low, high) in _METADATA_FIELDS.items():
-        value = metadata.get(key)
-        if key == "cprate" and value is None:
+        if key == "cprate" and metadata.get(key) is None:
             continue
-        wrong = not isinstance(value, kind) or isinstance(value, bool)
-        if wrong or (low is not None and not low <= value <= high):
-            raise DataError(
-                f"{path}: {key} is {value!r}, expected "
-                + (f"an integer in [{low}, {high}]" if low is not None else kind.__name__)
-                + f"; {_METADATA_REMEDY}"
-            )
+        try:
+            expect(metadata.get(key), kind, key, low, high)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{path}: {e}; {_METADATA_REMEDY}") from e
     return metadata
 
 

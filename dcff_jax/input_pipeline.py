@@ -23,7 +23,6 @@ import os
 import pickle
 import queue
 import signal
-import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +35,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from dcff_jax.errors import ConfigError, DataError, MissingFileError
+from dcff_jax.errors import DAMAGED_PICKLE, ConfigError, DataError, MissingFileError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -203,7 +202,7 @@ def read_cifar_folder(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray
             data = _exact_array(_unpickled_array(batch[b"data"]), np.uint8, 2)
             data = data.reshape(-1, 3, 32, 32)
             batch_labels = _exact_array(_unpickled_array(batch[b"labels"]), np.int64, 1)
-        except (*_DAMAGED_PICKLE, ValueError, KeyError, TypeError) as e:
+        except DAMAGED_PICKLE as e:
             raise DataError(f"{path} is not a CIFAR-10 batch file ({type(e).__name__}: {e})") from e
         if len(batch_labels) != len(data):
             raise DataError(f"{path}: {len(data)} images but {len(batch_labels)} labels")
@@ -215,19 +214,6 @@ def read_cifar_folder(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray
         images.append(data.transpose(0, 2, 3, 1))
         labels.append(batch_labels)
     return np.concatenate(images), np.concatenate(labels)
-
-
-# What a damaged pickle raises besides the errors of its contents (ValueError, TypeError...).
-_DAMAGED_PICKLE = (
-    pickle.UnpicklingError,
-    EOFError,
-    IndexError,
-    AttributeError,
-    OverflowError,
-    MemoryError,
-    RecursionError,
-    struct.error,
-)
 
 
 def _exact_array(value, dtype, ndim: int) -> np.ndarray:
@@ -258,7 +244,7 @@ class _SafeUnpickler(pickle._Unpickler):
 
 # Integer dtypes a CIFAR-10 file may hold ('|u1' pixels; labels pickled as arrays by some tools).
 _DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"}
-_ELEMENT_CAP = 1 << 31  # 6.4e7 elements would be all of CIFAR-10's pixels
+_ELEMENT_CAP = 1 << 31  # all of CIFAR-10's pixels are 1.8e8 elements
 
 
 def _latin1_bytes(text, encoding="latin1"):

@@ -42,18 +42,27 @@ def _crc32c_table() -> list[int]:
 _CRC32C_TABLE = _crc32c_table()
 
 
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC-32C of `data` (google_crc32c's C code when installed, which the gcs
-    extra brings; else a table, fast enough for the 8-byte lengths indexing checks)."""
-    try:
-        import google_crc32c
+def crc32c_by_table(data: bytes) -> int:
+    """CRC-32C by a 256-entry table: fast enough for the 8-byte lengths indexing checks."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = (crc >> 8) ^ _CRC32C_TABLE[(crc ^ byte) & 0xFF]
+    return crc ^ 0xFFFFFFFF
 
-        crc = google_crc32c.value(bytes(data))
-    except ImportError:
-        crc = 0xFFFFFFFF
-        for byte in data:
-            crc = (crc >> 8) ^ _CRC32C_TABLE[(crc ^ byte) & 0xFF]
-        crc ^= 0xFFFFFFFF
+
+try:  # google_crc32c's C code when installed (the gcs extra brings it); chosen once
+    import google_crc32c
+
+    def _crc32c(data: bytes) -> int:
+        return google_crc32c.value(bytes(data))
+
+except ImportError:
+    _crc32c = crc32c_by_table
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C of `data`."""
+    crc = _crc32c(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 

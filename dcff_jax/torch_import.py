@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import collections
 import pickle
-import struct
 import zipfile
 import zlib
 
 import numpy as np
 
-from dcff_jax.errors import DataError, MissingFileError
+from dcff_jax.errors import DAMAGED_PICKLE, DataError, MissingFileError
 
 _DTYPES = {
     "FloatStorage": np.float32,
@@ -191,27 +190,9 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-# What unpickling damaged bytes raises (besides our UnpicklingError): a truncated or flipped
-# opcode stream (EOFError, ValueError, IndexError, KeyError from the memo, TypeError and
-# AttributeError from objects called with the wrong arguments, OverflowError, MemoryError,
-# RecursionError) and damaged zip members (BadZipFile: CRC or size mismatch; zlib.error).
-_DAMAGED = (
-    pickle.UnpicklingError,
-    zipfile.BadZipFile,
-    zlib.error,
-    EOFError,
-    ValueError,
-    IndexError,
-    KeyError,
-    TypeError,
-    AttributeError,
-    OverflowError,
-    MemoryError,
-    RecursionError,
-    UnicodeDecodeError,
-    NotImplementedError,
-    struct.error,  # Python's unpickler on a truncated argument
-)
+# What a damaged checkpoint raises: damaged pickle bytes, and damaged zip members (BadZipFile:
+# CRC or size mismatch; zlib.error).
+_DAMAGED = (*DAMAGED_PICKLE, zipfile.BadZipFile, zlib.error)
 
 
 def _torch_layers(state: dict[str, np.ndarray]) -> list[tuple[str, dict[str, np.ndarray]]]:

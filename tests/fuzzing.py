@@ -11,6 +11,8 @@ import struct
 
 import numpy as np
 
+from dcff_jax.errors import UserError
+
 MUTATIONS = int(os.environ.get("DCFF_FUZZ_MUTATIONS", "25"))
 INTERESTING = [0, 1, 2, -1, -(2**31), 2**31 - 1, 2**40, 2**63, 3, 64, 4096, 65537]
 INT_OPS = ("BININT1", "BININT2", "BININT", "LONG1")
@@ -92,3 +94,22 @@ def mutate_json_bytes(text: str, kind: str, rng: np.random.Generator) -> bytes:
         return json.dumps(mutate_json(json.loads(text), rng)).encode()
     data = text.encode()
     return flip_bytes(data, rng) if kind == "bytes" else truncate(data, rng)
+
+
+def fuzz(name: str, kind: str, mutations, read, check=lambda result: None, refused=UserError):
+    """Read every mutation: the result passes `check`, or one one-line `refused` error is
+    raised (any other exception fails the test). Prints and returns the read/refused counts,
+    and asserts some were refused (the mutations reach the checks)."""
+    outcomes = {"read": 0, "refused": 0}
+    for blob in mutations:
+        try:
+            result = read(blob)
+        except refused as error:
+            assert "\n" not in str(error).strip(), error
+            outcomes["refused"] += 1
+            continue
+        check(result)
+        outcomes["read"] += 1
+    print(name, kind, outcomes)
+    assert outcomes["refused"] > 0, outcomes
+    return outcomes

@@ -11,30 +11,12 @@ import struct
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fuzzing import MUTATIONS, flip_bytes, mutate_json_bytes, replace_ints, truncate
+from fuzzing import MUTATIONS, flip_bytes, fuzz, mutate_json_bytes, replace_ints, truncate
 from helpers import write_tfrecord
 
 from dcff_jax import auto, export, input_pipeline, tfrecord, train
 from dcff_jax.config import default_config
-from dcff_jax.errors import ConfigError, DataError, UserError
-
-
-def fuzz(name: str, kind: str, mutations, read, check=lambda result: None) -> dict:
-    """Read every mutation: the result passes `check`, or one one-line UserError is raised."""
-    outcomes = {"read": 0, "refused": 0}
-    for blob in mutations:
-        try:
-            result = read(blob)
-        except UserError as error:
-            assert "\n" not in str(error).strip(), error
-            outcomes["refused"] += 1
-            continue
-        check(result)
-        outcomes["read"] += 1
-    print(name, kind, outcomes)
-    assert outcomes["refused"] > 0, outcomes  # the mutations reach the checks
-    return outcomes
-
+from dcff_jax.errors import ConfigError, DataError
 
 # --- CIFAR-10 batch files ----------------------------------------------------------------------
 
