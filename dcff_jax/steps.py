@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -190,6 +191,16 @@ def place_replicated(mesh: Mesh, array: np.ndarray, dtype=None) -> jax.Array:
     return jax.make_array_from_callback(array.shape, replicated(mesh), lambda index: array[index])
 
 
+def loops_keep_fast_convs() -> bool:
+    """Whether the default backend runs convolutions inside a loop body as fast as outside.
+
+    Not XLA:CPU: its convolution canonicalization (the NHWC/HWIO layouts its Eigen kernels need)
+    visits only the entry computation, so in a while body the backward convolutions (dimension
+    numbers b01f_01oi and f01b_i01o) run as naive loops: a ResNet-56 step at batch 64 took 8.6 s
+    in a loop against 0.58 s outside (experiments/RESULTS.md)."""
+    return jax.default_backend() != "cpu"
+
+
 def make_train_loop(
     model,
     tx,
@@ -199,45 +210,89 @@ def make_train_loop(
     seed: int = 0,
     options=None,
     stride: int | None = None,
+    rolled: bool | None = None,
 ) -> Callable:
-    """The jitted (state, split, order, first, count) -> (state, sums): `count` train steps in one
-    call, on batches gathered on the device; the state is donated.
+    """The (state, split, order, first, count) -> (state, sums) train call: `count` steps on
+    batches gathered on the device; the state is donated.
 
     Step i of the call trains on split rows order[(first + i) * stride : ... + batch] (in that
     order), the same global batch the host path builds for step first + i of the epoch. Both
-    `first` and `count` are traced int32 scalars, so one executable serves every call.
+    `first` and `count` are int32 scalars; one executable serves every call.
 
     Args:
       split: a DeviceSplit; order: int32 (n,) the epoch's permutation, replicated.
       batch: the global batch size (static: one executable per batch size).
       stride: where step s's rows start, s * stride; default `batch`. An epoch's partial last
         batch has the full global batch size as its stride.
+      rolled: True: one jitted call, the steps in a `lax.fori_loop` with a traced trip count;
+        False: one jitted call per step, driven from Python, the sums staying on the device
+        (a StepwiseLoop). Default: rolled where loops_keep_fast_convs().
 
     Returns:
-      The new state and the metrics summed over the call's steps (see train_step_fn), plus
-      "steps" (the count, float32).
+      A jitted function (rolled) or a StepwiseLoop, both with `.lower(*args).compile()`. Calls
+      return the new state and the metrics summed over the call's steps (see train_step_fn),
+      plus "steps" (the count, float32).
     """
+    rolled = loops_keep_fast_convs() if rolled is None else rolled
     step_fn = train_step_fn(model, tx, spec, seed)
     stride = batch if stride is None else stride
 
+    def step_at(split: DeviceSplit, order, index, state: TrainState, sums):
+        images, labels = gather_batch(split, order, index * stride, batch, mesh)
+        state, metrics = step_fn(state, images, labels)
+        return state, jax.tree.map(jnp.add, sums, metrics)
+
+    def one_step(state: TrainState, sums, split: DeviceSplit, order, index):
+        return step_at(split, order, index, state, sums)
+
     def train_loop(state: TrainState, split: DeviceSplit, order, first, count):
         def body(i, carry):
-            state, sums = carry
-            images, labels = gather_batch(split, order, (first + i) * stride, batch, mesh)
-            state, metrics = step_fn(state, images, labels)
-            return state, jax.tree.map(jnp.add, sums, metrics)
+            return step_at(split, order, first + i, *carry)
 
-        zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "accuracy", "nonfinite_params")}
-        state, sums = jax.lax.fori_loop(0, count, body, (state, zeros))
+        state, sums = jax.lax.fori_loop(0, count, body, (state, zero_sums()))
         return state, {**sums, "steps": jnp.asarray(count, jnp.float32)}
 
-    return jax.jit(
-        train_loop,
-        in_shardings=(replicated(mesh),) * 5,
+    jit = functools.partial(
+        jax.jit,
         out_shardings=(replicated(mesh), replicated(mesh)),
-        donate_argnums=0,
         compiler_options=compiler_options() if options is None else options,
     )
+    if rolled:
+        return jit(train_loop, in_shardings=(replicated(mesh),) * 5, donate_argnums=0)
+    return StepwiseLoop(jit(one_step, in_shardings=(replicated(mesh),) * 5, donate_argnums=(0, 1)))
+
+
+def zero_sums() -> dict[str, jax.Array]:
+    """train_step_fn's metrics, zero: the start of a call's sums."""
+    return {k: jnp.zeros((), jnp.float32) for k in ("loss", "accuracy", "nonfinite_params")}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepwiseLoop:
+    """make_train_loop's call as one jitted step per train step: (state, split, order, first,
+    count) -> (state, sums), the sums accumulated on the device and donated from step to step.
+
+    step: the jitted or compiled (state, sums, split, order, index) -> (state, sums)."""
+
+    step: Any
+
+    def __call__(self, state, split, order, first, count):
+        sums = zero_sums()
+        for index in range(int(first), int(first) + int(count)):
+            state, sums = self.step(state, sums, split, order, jnp.int32(index))
+        return state, {**sums, "steps": jnp.asarray(count, jnp.float32)}
+
+    def lower(self, state, split, order, first, count) -> _LoweredStepwiseLoop:
+        del count
+        return _LoweredStepwiseLoop(self.step.lower(state, zero_sums(), split, order, first))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoweredStepwiseLoop:
+    lowered: Any
+
+    def compile(self) -> StepwiseLoop:
+        return StepwiseLoop(self.lowered.compile())
 
 
 def make_eval_step(model, spec: InputSpec, mesh: Mesh, options=None):

@@ -52,6 +52,9 @@ _VARIANT = flags.DEFINE_enum(
 _BATCH = flags.DEFINE_integer("batch_size", 64, "train/infer/input: global batch size.")
 _STEPS = flags.DEFINE_integer("steps", 10, "train/infer/input: steps (batches) timed.")
 _PER_CALL = flags.DEFINE_list("per_call", ["1", "65"], "loop: steps per call, compared.")
+_LOOP_FORM = flags.DEFINE_enum(
+    "loop_form", "default", ["default", "rolled", "stepwise"], "loop: steps.make_train_loop's form."
+)
 _PROFILE = flags.DEFINE_string("profile_dir", "", "loop: a jax.profiler trace of one call.")
 _SHAPES_OUT = flags.DEFINE_string("shapes_out", "", "conv_layers: also write the shapes as JSON.")
 _TFDS_MOCK = flags.DEFINE_integer(
@@ -69,7 +72,13 @@ _XLA_DEFAULTS = flags.DEFINE_bool(
 
 
 def bench_loop(
-    config, batch_size: int, per_call: list[int], calls: int, options: dict, profile_dir: str = ""
+    config,
+    batch_size: int,
+    per_call: list[int],
+    calls: int,
+    options: dict,
+    profile_dir: str = "",
+    form: str = "default",
 ) -> dict:
     """The ceiling of the device path: steps.make_train_loop on a device-resident synthetic
     split (CIFAR-10's 50,000 images), K steps per call for each K in `per_call`, side by side.
@@ -94,7 +103,8 @@ def bench_loop(
     )
     tx = optim.make_optimizer(config, num_examples // batch_size)
     state = steps.create_train_state(model, tx, size, 0, mesh)
-    loop = steps.make_train_loop(model, tx, spec, mesh, batch_size, 0, options)
+    rolled = {"default": None, "rolled": True, "stepwise": False}[form]
+    loop = steps.make_train_loop(model, tx, spec, mesh, batch_size, 0, options, rolled=rolled)
     start = time.perf_counter()
     compiled = loop.lower(state, split, order, jnp.int32(0), jnp.int32(1)).compile()
     rows = {"compile_s": time.perf_counter() - start}
@@ -118,6 +128,7 @@ def bench_loop(
         "model": config.model,
         "dtype": jnp.dtype(dtype).name,
         "batch_size": batch_size,
+        "form": "stepwise" if isinstance(loop, steps.StepwiseLoop) else "rolled",
         "devices": jax.device_count(),
         "platform": jax.devices()[0].platform,
         **rows,
@@ -430,7 +441,13 @@ def main(argv) -> None:
     elif _MODE.value == "loop":
         per_call = [int(k) for k in _PER_CALL.value]
         result = bench_loop(
-            _CONFIG.value, _BATCH.value, per_call, _STEPS.value, options, _PROFILE.value
+            _CONFIG.value,
+            _BATCH.value,
+            per_call,
+            _STEPS.value,
+            options,
+            _PROFILE.value,
+            _LOOP_FORM.value,
         )
     elif _MODE.value == "fusion":
         result = bench_model_fusion(_CONFIG.value, _CRITERION.value, _REPEATS.value)

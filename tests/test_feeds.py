@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -76,17 +77,18 @@ def test_steps_per_call_defaults_by_platform_and_data_placement_is_chosen(tmp_pa
         feeds.on_device(config, imagenet_like)
 
 
-def test_one_call_of_k_steps_equals_k_calls_of_one_bit_for_bit(tmp_path, logic_only):
+@pytest.mark.parametrize("rolled", [True, False], ids=["fori_loop", "stepwise"])
+def test_one_call_of_k_steps_equals_k_calls_of_one_bit_for_bit(tmp_path, logic_only, rolled):
     """steps_per_call changes only how steps are grouped into calls: 3 steps in one call, and
-    3 calls of one step, end in the same state bit for bit (one executable serves both, its
-    trip count traced), and the metric sums add up."""
+    3 calls of one step, end in the same state bit for bit (one executable serves both: the
+    loop's trip count is traced, or each step is its own call), and the metric sums add up."""
     config = tiny_config("", model="vgg16", cprate="[0.75]*13", batch_size=8)
     split = host_split(train=24)
     mesh = steps.make_mesh()
     model = models.create_model("vgg16", config.cprate, "fused")
     tx = optim.make_optimizer(config, 3)
     spec = steps.InputSpec(input_pipeline.CIFAR_MEAN, input_pipeline.CIFAR_STD, True)
-    loop = steps.make_train_loop(model, tx, spec, mesh, 8, seed=0)
+    loop = steps.make_train_loop(model, tx, spec, mesh, 8, seed=0, rolled=rolled)
     device = steps.place_split(mesh, *split.arrays)
     order = steps.place_replicated(mesh, input_pipeline.epoch_permutation(24, 0, 0), np.int32)
 
@@ -104,6 +106,37 @@ def test_one_call_of_k_steps_equals_k_calls_of_one_bit_for_bit(tmp_path, logic_o
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert float(sums["loss"]) == pytest.approx(sum(losses), rel=1e-6)
     assert len(set(losses)) == 3  # three different batches, not one repeated
+
+
+def test_the_default_train_call_on_the_cpu_keeps_every_convolution_on_eigens_fast_path():
+    """XLA:CPU canonicalizes convolutions for its Eigen kernels only in the entry computation;
+    inside a loop body the backward ones would run as naive loops (15x slower). The default
+    call on the CPU therefore has no loop around the step: every convolution of its compiled
+    program, backward ones included, is in the entry computation."""
+    config = tiny_config("", model="vgg16", cprate="[0.75]*13", batch_size=8)
+    mesh = steps.make_mesh()
+    model = models.create_model("vgg16", config.cprate, "fused")
+    tx = optim.make_optimizer(config, 3)
+    spec = steps.InputSpec(input_pipeline.CIFAR_MEAN, input_pipeline.CIFAR_STD, True)
+    split = steps.place_split(mesh, *host_split(train=16).arrays)
+    order = steps.place_replicated(mesh, np.arange(16), np.int32)
+    state = steps.create_train_state(model, tx, 32, 0, mesh)
+
+    def convolutions(computation) -> dict[str, int]:
+        """{"entry": n, "nested": m}: convolutions in the entry computation and elsewhere."""
+        blocks = re.split(r"\n(?=\S)", computation.as_text())
+        entry = sum(block.count(" convolution(") for block in blocks if block.startswith("ENTRY"))
+        return {"entry": entry, "nested": computation.as_text().count(" convolution(") - entry}
+
+    loop = steps.make_train_loop(model, tx, spec, mesh, 8, seed=0)
+    assert isinstance(loop, steps.StepwiseLoop)
+    compiled = loop.lower(state, split, order, jnp.int32(0), jnp.int32(1)).compile()
+    # Forward and weight gradient of all 13 convs, input gradient of all but the first.
+    assert convolutions(compiled.step) == {"entry": 3 * 13 - 1, "nested": 0}
+    # What the rolled loop would compile here: the same convolutions, all in the loop's body.
+    rolled = steps.make_train_loop(model, tx, spec, mesh, 8, seed=0, rolled=True)
+    compiled = rolled.lower(state, split, order, jnp.int32(0), jnp.int32(1)).compile()
+    assert convolutions(compiled) == {"entry": 0, "nested": 3 * 13 - 1}
 
 
 def test_a_background_checkpoint_keeps_the_values_saved_while_the_next_calls_donate_them(
