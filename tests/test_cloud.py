@@ -28,15 +28,26 @@ emulator = pytest.importorskip(
 )
 
 BUCKET = "dcff-test"
+# Media downloads of objects under this prefix are answered 403 Forbidden (None: none are), as
+# when a run's credentials lose read access: an I/O error, not damage.
+DENIED = {"prefix": None}
 
 
 def _with_generation_headers(download):
     """Real GCS answers every media download with x-goog-generation (tensorstore's GCS driver,
     which orbax writes through, reads it to validate its OCDBT manifest); gcp-storage-emulator
-    omits it ("Malformed StorageGeneration"). Add it from the object's own metadata."""
+    omits it ("Malformed StorageGeneration"). Add it from the object's own metadata. Downloads
+    under DENIED["prefix"] get 403 instead."""
+    from http import HTTPStatus
+
     from gcp_storage_emulator.exceptions import NotFound
 
     def patched(request, response, storage, *args, **kwargs):
+        denied = DENIED["prefix"]
+        if denied is not None and request.params["object_id"].startswith(denied):
+            response.status = HTTPStatus.FORBIDDEN
+            response.json({"error": {"code": 403, "message": "Forbidden (test)"}})
+            return None
         try:
             obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
             response["x-goog-generation"] = str(obj.get("generation", "1"))
@@ -171,6 +182,22 @@ def test_a_run_on_gs_saves_resumes_and_exports_like_a_local_one(gcs_env, tmp_pat
     assert step_gs == step_local == 8
     for key in params_local:
         np.testing.assert_array_equal(params_gs[key], params_local[key])
+
+    # Read access to the newest checkpoint lost (403, an I/O error, not damage): the run retries,
+    # then stops in one line naming that checkpoint, and moves nothing.
+    DENIED["prefix"] = "run/checkpoints/8/"
+    try:
+        proc = run(main_args(workdir, remote_data), gcs_env)
+    finally:
+        DENIED["prefix"] = None
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-5000:]
+    assert f"{workdir}/checkpoints/8" in errors[0] and "Nothing was moved" in errors[0], errors
+    assert "trying again in 15 s" in proc.stderr
+    # (The TensorBoard writer opened a new events file before the restore: not a checkpoint.)
+    checkpoints = [p for p in objects if "/checkpoints/" in p]
+    assert [p for p in gs_listing(gcs_env, "run") if "/checkpoints/" in p] == checkpoints
 
 
 def download(env, remote: str, local: str) -> None:
