@@ -1,4 +1,3 @@
-import math
 
 import pytest
 
@@ -94,4 +93,17 @@ def test_vgg16_reaches_the_published_plans_reductions():
     # The string it prints is one `--config.cprate` accepts, and counts as reported.
     again = flops.model_counts("vgg16", result.rate_string)
     assert (again["flops"], again["params"]) == (result.flops, result.params)
-    assert math.isclose(result.base_flops, counts["base_flops"])
+    assert (result.base_flops, result.base_params) == (counts["base_flops"], counts["base_params"])
+
+
+def test_the_search_and_the_flops_counter_share_one_base():
+    """The search's reductions are relative to the original model exactly as flops counts it
+    (they differed by ResNet-56's pooling module, 4,160 FLOPs, when the base was the compact
+    model at rate 0)."""
+    from dcff_jax import flops
+
+    for architecture in ("resnet56", "vgg16"):
+        count, base = plan_search.architecture_counter(architecture)
+        counts = flops.model_counts(architecture, None)
+        assert base == (counts["base_flops"], counts["base_params"])
+        assert count((0.0,) * plans.LAYOUTS[architecture].num_rates)[1] == base[1]
