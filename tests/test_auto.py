@@ -487,6 +487,82 @@ def test_our_architectures_through_the_tracer_are_our_fused_models(arch):
     assert jnp.array_equal(*logits)
 
 
+# Image size and batch of the training-mode comparison (ResNet-50 pools 7x7: 224 only).
+TRAINED = {a: (32, 4) for a in ("vgg16", "resnet56", "resnet110", "googlenet", "mobilenetv2")}
+TRAINED["resnet50"] = (224, 2)
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param(a, marks=pytest.mark.slow)
+        if a in ("resnet50", "resnet110", "googlenet")
+        else a
+        for a in TRAINED
+    ],
+)
+def test_our_architectures_through_the_tracer_train_and_compact_as_our_models(arch):
+    """The oracle that replacing the hand-written variants with traced ones must pass: from the
+    same variables, one training-mode step of the traced fused model gives our fused model's
+    loss, gradients and batch statistics bit for bit (batch statistics, dropout, the residual
+    ReLU's differentiated form), and the traced compact model and variables give our compact
+    model's logits bit for bit."""
+    (size, batch), cprate, rates = TRAINED[arch], paper_config(arch).cprate, paper_path_rates(arch)
+    images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
+    labels = jnp.arange(batch) % 10
+    original = models.create_model(arch, None, "original", num_classes=10)
+    dcff = auto.DCFF(
+        original, images[:1], rates, unfused=["*/downsample_conv"], apply_kwargs={"train": False}
+    )
+    traced, ours = dcff.fused(), models.create_model(arch, cprate, "fused", num_classes=10)
+    variables = jax.jit(lambda x: ours.init(jax.random.key(0, impl="rbg"), x, train=False))(
+        images[:1]
+    )
+
+    # Dense fusion matrices, rows summing to 1 (as softmax proxies do), so that every fused
+    # kernel mixes all its filters and activations keep their scale through 110 layers.
+    def dense_rows(path, a):
+        if path[-1].key != "matrix":
+            return a
+        matrix = jax.random.uniform(jax.random.key(len(path)), a.shape)
+        return matrix / matrix.sum(axis=-1, keepdims=True)
+
+    variables["fusion"] = jax.tree_util.tree_map_with_path(dense_rows, variables["fusion"])
+
+    def step(model, v):
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {**v, "params": params},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.key(2)},
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, updates["batch_stats"]
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
+
+    got, want = (jax.jit(lambda v, m=m: step(m, v))(variables) for m in (traced, ours))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), got, want))
+    (loss, _), grads = want
+    assert bool(jnp.isfinite(loss)) and all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+
+    compact_model, compact_variables = dcff.compact(variables)
+    ours_compact = models.create_model(arch, cprate, "compact", num_classes=10)
+    from dcff_jax.export import compact_variables as ours_compact_variables
+
+    logits = [
+        jax.jit(lambda v, m=m: m.apply(v, images, train=False))(v)
+        for m, v in (
+            (compact_model, compact_variables),
+            (ours_compact, ours_compact_variables(variables)),
+        )
+    ]
+    assert bool(jnp.all(jnp.isfinite(logits[1]))) and jnp.array_equal(*logits)
+
+
 def test_readme_three_lines_run_as_written():
     """The README's use on an unmodified model, executed verbatim on the flax-examples ResNet."""
     import pathlib
