@@ -1,4 +1,3 @@
-
 import pytest
 
 from dcff_jax import plan_search, plans
