@@ -196,8 +196,8 @@ def loops_keep_fast_convs() -> bool:
 
     Not XLA:CPU: its convolution canonicalization (the NHWC/HWIO layouts its Eigen kernels need)
     visits only the entry computation, so in a while body the backward convolutions (dimension
-    numbers b01f_01oi and f01b_i01o) run as naive loops: a ResNet-56 step at batch 64 took 8.6 s
-    in a loop against 0.58 s outside (experiments/RESULTS.md)."""
+    numbers b01f_01oi and f01b_i01o) run as naive loops: a ResNet-56 step at batch 64 took 8.9 s
+    in a loop against 0.61 s outside (experiments/RESULTS.md)."""
     return jax.default_backend() != "cpu"
 
 
