@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from dcff_jax import fusion, trace
+from dcff_jax import fusion, layers, trace
 from dcff_jax.errors import ConfigError, expect
 from dcff_jax.plans import keep_width
 
@@ -474,16 +474,8 @@ def _conv_with(module: nn.Conv, x, features: int, groups: int, matrix_width: int
     if module.use_bias:
         params["bias"] = module.param("bias", module.bias_init, (stored,), module.param_dtype)
     if matrix_width:
-        initial = fusion.init_fusion_state(matrix_width, features)
-        state = {
-            n: module.variable(fusion.FUSION_COLLECTION, n, lambda n=n: initial[n])
-            for n in ("matrix", "scores", "kept")
-        }
-        matrix = state["matrix"].value
-        params = {
-            k: fusion.fuse_kernel(v.astype(jnp.promote_types(v.dtype, jnp.float32)), matrix)
-            for k, v in params.items()
-        }
+        matrix = layers.fusion_state(module, matrix_width, features)
+        params = {k: layers.fused_param(v, matrix) for k, v in params.items()}
     plain = module.clone(parent=None, name=None, features=features, feature_group_count=groups)
     return plain.apply({"params": params}, x)
 
@@ -535,12 +527,7 @@ def _fusing_promote(original, arrays, dtype=None, **kwargs):
     if matrix is None:
         raise RuntimeError("a fused nnx conv must be called through its FusedConvNNX wrapper")
     inputs, kernel, *rest = arrays
-    fused = [
-        None
-        if a is None
-        else fusion.fuse_kernel(a.astype(jnp.promote_types(a.dtype, jnp.float32)), matrix)
-        for a in (kernel, *rest)
-    ]
+    fused = [None if a is None else layers.fused_param(a, matrix) for a in (kernel, *rest)]
     return original((inputs, *fused), dtype=dtype, **kwargs)
 
 

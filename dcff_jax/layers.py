@@ -80,20 +80,12 @@ class FusedConv(Conv):
         value = super().param(name, init_fn, *init_args, **init_kwargs)
         if name == "kernel":
             self._check_supported()
-            matrix = self._create_fusion_state()
+            matrix = fusion_state(self, self.features, self.kept)
         elif name == "bias":
             matrix = self.get_variable(fusion.FUSION_COLLECTION, "matrix")
         else:
             return value
-        return fusion.fuse_kernel(value.astype(jnp.promote_types(value.dtype, jnp.float32)), matrix)
-
-    def _create_fusion_state(self):
-        initial = fusion.init_fusion_state(self.features, self.kept)
-        names = ("matrix", "scores", "kept")
-        state = {
-            n: self.variable(fusion.FUSION_COLLECTION, n, lambda n=n: initial[n]) for n in names
-        }
-        return state["matrix"].value
+        return fused_param(value, matrix)
 
     def _check_supported(self):
         if self.kept is None:
@@ -102,3 +94,22 @@ class FusedConv(Conv):
             raise NotImplementedError(
                 "FusedConv supports feature_group_count=1, no mask and shared weights"
             )
+
+
+def fusion_state(module: nn.Module, num_filters: int, kept: int) -> jax.Array:
+    """A linen module's DCFF fusion state, created at init as `fusion.init_fusion_state` gives
+    it: "matrix" (kept, num_filters), "scores" (num_filters,), "kept" (kept,) in the "fusion"
+    collection. Returns the matrix."""
+    initial = fusion.init_fusion_state(num_filters, kept)
+    state = {
+        name: module.variable(fusion.FUSION_COLLECTION, name, lambda name=name: initial[name])
+        for name in ("matrix", "scores", "kept")
+    }
+    return state["matrix"].value
+
+
+def fused_param(value: jax.Array, matrix: jax.Array) -> jax.Array:
+    """The fused conv's kernel (kh, kw, c_in, kept) or bias (kept,) from all c filters' (..., c)
+    and the (kept, c) matrix: every fused conv (FusedConv, the linen and nnx rewrites of
+    dcff_jax.DCFF) computes its weights here, in float32 at least whatever the params' dtype."""
+    return fusion.fuse_kernel(value.astype(jnp.promote_types(value.dtype, jnp.float32)), matrix)

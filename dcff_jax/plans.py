@@ -15,8 +15,9 @@ filters is m = max(1, int(c * (1 - rate))).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from dcff_jax.errors import ConfigError
 
@@ -215,11 +216,17 @@ def _expand_mobilenetv2(rates: Sequence[float]) -> list[float]:
 
 @dataclasses.dataclass(frozen=True)
 class RateLayout:
-    """How an architecture's rate string maps to its fused convs."""
+    """How an architecture's rate string maps to its fused convs.
+
+    unfused: glob over conv paths -> the path of the conv whose rate (and width) it takes; such
+    a conv is trained at that width without fusion (the published ResNet-50's downsample convs,
+    which its rate string names together with their stage's conv3s).
+    """
 
     num_rates: int
     why: str
     expand: Callable[[Sequence[float]], list[float]]
+    unfused: Mapping[str, Callable[[str], str]] = dataclasses.field(default_factory=dict)
 
 
 _MBV2_EXPANDING = sum(n for _, _, n, _ in MOBILENETV2_STAGES) - 1
@@ -245,6 +252,7 @@ LAYOUTS: dict[str, RateLayout] = {
         "stem (1) + block conv1 (16) + block conv2 (16) + one per stage (4) shared by the stage's "
         "conv3s and its downsample",
         _expand_resnet50,
+        {"*/downsample_conv": lambda path: path.rsplit("/", 1)[0] + "/conv3"},
     ),
     "mobilenetv2": RateLayout(
         1 + _MBV2_EXPANDING + len(MOBILENETV2_STAGES) + 1,
@@ -282,3 +290,40 @@ def layer_rates(architecture: str, rates: str | Sequence[float]) -> tuple[float,
 def uniform_rates(architecture: str, rate: float = 0.0) -> tuple[float, ...]:
     """The same rate for every entry of the architecture's rate string (layer-wise expanded)."""
     return layer_rates(architecture, [rate] * LAYOUTS[architecture].num_rates)
+
+
+def path_rates(
+    architecture: str, rates: str | Sequence[float] | None, conv_paths: Sequence[str]
+) -> dict[str, float]:
+    """The rate string as {conv path: rate} of the architecture's original (unpruned) model, for
+    dcff_jax.DCFF with `unfused=LAYOUTS[architecture].unfused`.
+
+    Args:
+      rates: the published rate string (or its parsed list); None prunes nothing (rate 0).
+      conv_paths: the original model's convs in call order, depthwise convs left out (they
+        follow their input's width). The i-th layer-wise rate is that of the i-th conv that no
+        `unfused` pattern matches; an unfused conv takes the rate of the conv its rule names.
+
+    Raises:
+      ConfigError as layer_rates does; ValueError when the model's convs do not match the
+      layout (a model that is not the architecture's).
+    """
+    layout = LAYOUTS.get(architecture)
+    if layout is None:
+        raise ConfigError(f"unknown architecture {architecture!r}; known: {sorted(LAYOUTS)}")
+    if rates is None:
+        rates = [0.0] * layout.num_rates
+    shares = {
+        path: rule(path)
+        for path in conv_paths
+        for pattern, rule in layout.unfused.items()
+        if fnmatch.fnmatchcase(path, pattern)
+    }
+    fused = [path for path in conv_paths if path not in shares]
+    expanded = layer_rates(architecture, rates)
+    if len(fused) != len(expanded):
+        raise ValueError(
+            f"{architecture}'s layout has {len(expanded)} fused convs, the model {len(fused)}"
+        )
+    by_path = dict(zip(fused, expanded, strict=True))
+    return by_path | {path: by_path[other] for path, other in shares.items()}

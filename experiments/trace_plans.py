@@ -1,6 +1,7 @@
 """Traced plans (dcff_jax.auto) for our six architectures' unpruned definitions, with the
-published widths: how long tracing takes, how many convs fuse, and the compact MACs and params
-against our hand-written compact models' own counts.
+published rate strings mapped to conv paths (models.paper_dcff): how long tracing takes, how
+many convs fuse, and the compact MACs and params against our hand-written compact models'
+own counts.
 
     PYTHONPATH=. python experiments/trace_plans.py [--tables]
 """
@@ -12,10 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-import jax.numpy as jnp
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import PAPER_CONFIGS, paper_config, paper_path_rates, pure_macs  # noqa: E402
+from helpers import PAPER_CONFIGS, paper_config, pure_macs  # noqa: E402
 
 import dcff_jax  # noqa: E402
 from dcff_jax import auto, models  # noqa: E402
@@ -29,15 +28,9 @@ def main():
     print(f"{'model':<12}{'trace s':>8}{'convs':>7}{'fused':>7}{'blocked':>9}"
           f"{'compact MACs':>15}{'ours':>15}{'params':>12}{'ours':>12}")  # fmt: skip
     for arch in args.archs.split(","):
-        cprate, rates = paper_config(arch).cprate, paper_path_rates(arch)
+        cprate = paper_config(arch).cprate
         start = time.perf_counter()
-        plan = auto.make_plan(
-            models.create_model(arch, None, "original"),
-            jnp.zeros(models.input_shape(arch)),
-            rates,
-            unfused=["*/downsample_conv"],
-            apply_kwargs={"train": False},
-        )
+        plan = models.paper_dcff(arch, cprate).plan
         seconds = time.perf_counter() - start
         compact = models.create_model(arch, cprate, "compact")
         ours = dcff_jax.count_flops(compact, models.input_shape(arch))

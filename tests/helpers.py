@@ -286,19 +286,6 @@ def paper_config(arch: str):
     return load_config(os.path.join(ROOT, "configs", f"{PAPER_CONFIGS[arch]}.py"))
 
 
-def paper_path_rates(arch: str) -> dict[str, float]:
-    """Per-conv-path rates that truncate to the published plan's widths (for dcff_jax.auto on
-    the unpruned definition); ResNet-50's downsample takes its stage's conv3 rate."""
-    from dcff_jax import models
-
-    layers = models.fused_layers(arch, paper_config(arch).cprate)
-    rates = {x.path: max(0.0, 1 - (x.kept + 0.5) / x.filters) for x in layers}
-    downsample = {
-        p.replace("conv3", "downsample_conv"): r for p, r in rates.items() if "block0/conv3" in p
-    }
-    return rates | downsample
-
-
 def pure_macs(model, shape) -> int:
     """Conv and dense multiply-accumulates of a linen model's own layer calls (no bias adds),
     counted independently of dcff_jax.trace."""

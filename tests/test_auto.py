@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import linen as nn
 from flax import nnx
-from helpers import PAPER_CONFIGS, paper_config, paper_path_rates, pure_macs
+from helpers import PAPER_CONFIGS, paper_config, pure_macs
 
 import dcff_jax
 from dcff_jax import auto, models
@@ -217,25 +217,48 @@ def test_nnx_depthwise_separable():
     assert dcff.plan.compact_params == sum(x.size for x in params)
 
 
-def test_our_architectures_traced_match_their_published_plans():
-    """The six architectures' unpruned definitions, traced: the plan fuses every conv the
-    published plans fuse, at their widths, with exactly the compact MACs and params."""
-    for arch in PAPER_CONFIGS:
-        cprate = paper_config(arch).cprate
-        layers = models.fused_layers(arch, cprate)
-        rates = paper_path_rates(arch)
-        plan = auto.make_plan(
-            models.create_model(arch, None, "original"),
-            jnp.zeros(models.input_shape(arch)),
-            rates,
-            apply_kwargs={"train": False},
-        )
-        for layer in layers:
-            if layer.kept != layer.filters:
-                assert plan.fused[layer.path].kept == layer.kept, (arch, layer)
+def random_rate_string(arch: str, seed: int) -> str:
+    """A rate string of the architecture's layout with every entry drawn from [0, 0.9)."""
+    from dcff_jax import plans
+
+    rng = np.random.default_rng(seed)
+    entries = rng.uniform(0.0, 0.9, plans.LAYOUTS[arch].num_rates)
+    return "+".join(f"[{r:.3f}]" for r in entries)
+
+
+@pytest.mark.parametrize("arch", sorted(PAPER_CONFIGS))
+def test_our_architectures_traced_match_their_published_plans(arch):
+    """The per-path mapping (plans.path_rates) on an architecture's unpruned definition, traced:
+    the plan fuses exactly the convs the hand-written fused model fuses, at its widths, and
+    resizes the published unfused convs (ResNet-50's downsamples) to their group's width, for
+    the paper's rate string and a random one; its compact MACs and params are exactly the
+    hand-written compact model's."""
+    for cprate in (paper_config(arch).cprate, random_rate_string(arch, len(arch))):
+        plan = models.paper_dcff(arch, cprate).plan
+        want = {layer.path: layer.kept for layer in models.fused_layers(arch, cprate)}
+        assert {c.path: c.kept for c in plan.convs if c.fused} == want, cprate
+        resized = {c.path: c.kept for c in plan.convs if c.resized}
+        assert resized == {
+            p: want[p.replace("downsample_conv", "conv3")]
+            for p in models.conv_paths(models.create_model(arch), models.input_shape(arch))
+            if p.endswith("downsample_conv")
+        }
+        depthwise = [c.path for c in plan.convs if c.group == -1]
+        assert sorted(plan.followers) == sorted(depthwise)
         compact = models.create_model(arch, cprate, "compact")
-        assert plan.compact_macs == pure_macs(compact, models.input_shape(arch)), arch
-        assert plan.compact_params == dcff_jax.count_flops(compact, models.input_shape(arch)).params
+        shape = models.input_shape(arch)
+        assert plan.compact_macs == pure_macs(compact, shape), cprate
+        assert plan.compact_params == dcff_jax.count_flops(compact, shape).params, cprate
+
+
+def test_the_per_path_mapping_refuses_a_model_that_is_not_the_architecture():
+    from dcff_jax import plans
+
+    paths = models.conv_paths(models.create_model("resnet56"), models.input_shape("resnet56"))
+    with pytest.raises(ValueError, match="resnet56's layout has 55 fused convs, the model 54"):
+        plans.path_rates("resnet56", None, paths[:-1])
+    with pytest.raises(ConfigError, match="resnet56 needs 30 pruning rates, got 2"):
+        plans.path_rates("resnet56", "[0.5]*2", paths)
 
 
 def test_blocked_convs_say_why():
@@ -458,12 +481,9 @@ def test_our_architectures_through_the_tracer_are_our_fused_models(arch):
     """Our unpruned definitions, traced and fused with the published widths, ARE the
     hand-written fused variants: the same variables at init, bit for bit, and the same
     logits (ResNet-50's downsample convs `unfused`, as published)."""
-    size, cprate, rates = IDENTICAL[arch], paper_config(arch).cprate, paper_path_rates(arch)
+    size, cprate = IDENTICAL[arch], paper_config(arch).cprate
     images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
-    original = models.create_model(arch, None, "original", num_classes=10)
-    dcff = auto.DCFF(
-        original, images[:1], rates, unfused=["*/downsample_conv"], apply_kwargs={"train": False}
-    )
+    dcff = models.paper_dcff(arch, cprate, num_classes=10)
     traced, ours = dcff.fused(), models.create_model(arch, cprate, "fused", num_classes=10)
     # Jitted (eagerly every distinct op shape compiles on its own), with rbg keys, whose init
     # compiles ~2x faster than threefry's; both models draw from the same key.
@@ -507,13 +527,10 @@ def test_our_architectures_through_the_tracer_train_and_compact_as_our_models(ar
     loss, gradients and batch statistics bit for bit (batch statistics, dropout, the residual
     ReLU's differentiated form), and the traced compact model and variables give our compact
     model's logits bit for bit."""
-    (size, batch), cprate, rates = TRAINED[arch], paper_config(arch).cprate, paper_path_rates(arch)
+    (size, batch), cprate = TRAINED[arch], paper_config(arch).cprate
     images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
     labels = jnp.arange(batch) % 10
-    original = models.create_model(arch, None, "original", num_classes=10)
-    dcff = auto.DCFF(
-        original, images[:1], rates, unfused=["*/downsample_conv"], apply_kwargs={"train": False}
-    )
+    dcff = models.paper_dcff(arch, cprate, num_classes=10)
     traced, ours = dcff.fused(), models.create_model(arch, cprate, "fused", num_classes=10)
     variables = jax.jit(lambda x: ours.init(jax.random.key(0, impl="rbg"), x, train=False))(
         images[:1]

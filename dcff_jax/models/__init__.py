@@ -131,6 +131,37 @@ def fused_layers(
     ]
 
 
+def conv_paths(model: nn.Module, shape: Sequence[int]) -> list[str]:
+    """The paths of a model's convs in call order, depthwise (grouped) convs left out."""
+    calls, _ = trace_calls(model, shape)
+    return [
+        c.path for c in calls if isinstance(c.module, nn.Conv) and c.module.feature_group_count == 1
+    ]
+
+
+def paper_dcff(
+    architecture: str,
+    cprate: str | Sequence[float] | None = None,
+    *,
+    num_classes: int | None = None,
+    dtype: jax.typing.DTypeLike | None = None,
+):
+    """dcff_jax.DCFF on the architecture's original model with its rate string mapped to conv
+    paths (plans.path_rates): the any-model API applied to the paper's architectures."""
+    from dcff_jax import auto
+
+    model = create_model(architecture, None, "original", num_classes=num_classes, dtype=dtype)
+    shape = input_shape(architecture)
+    rates = plans.path_rates(architecture, cprate, conv_paths(model, shape))
+    return auto.DCFF(
+        model,
+        jax.ShapeDtypeStruct(shape, jax.numpy.float32),
+        rates,
+        unfused=list(plans.LAYOUTS[architecture].unfused),
+        apply_kwargs={"train": False},
+    )
+
+
 def input_shape(architecture: str, batch_size: int = 1) -> tuple[int, int, int, int]:
     """(batch, H, W, 3) of the architecture's dataset."""
     size = ARCHITECTURES[architecture].image_size
@@ -144,7 +175,9 @@ __all__ = [
     "LayerCall",
     "create_model",
     "fused_layers",
+    "conv_paths",
     "input_shape",
+    "paper_dcff",
     "prunable_conv",
     "trace_calls",
 ]
