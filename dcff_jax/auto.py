@@ -36,6 +36,7 @@ consumers resized; `update_fusion_nnx` updates it in place.
 from __future__ import annotations
 
 import contextvars
+import copy
 import dataclasses
 import fnmatch
 import functools
@@ -586,8 +587,8 @@ def _tie_indices(a: trace.Analysis, tag: trace.Tag, kept) -> np.ndarray:
     """Indices along a tied axis that the first kept(root) channels of each space occupy."""
     index, offset = [], 0
     per_copy = sum(s.size for s in tag.segments)
-    for copy in range(tag.repeat):
-        offset = copy * per_copy
+    for repeat in range(tag.repeat):
+        offset = repeat * per_copy
         for s in tag.segments:
             n = s.size if s.space is None else kept(a.find(s.space))
             index.extend(range(offset, offset + n))
@@ -757,6 +758,23 @@ class DCFF:
         else:
             _check_plan(plan, self._traced, self.is_nnx)
         self.plan = plan
+
+    def replanned(
+        self,
+        rates: float | Mapping[str, float] | None = None,
+        *,
+        exclude: Sequence[str] = (),
+        unfused: Sequence[str] = (),
+        target_macs_reduction: float | None = None,
+        target_params_reduction: float | None = None,
+    ) -> DCFF:
+        """The same model's DCFF with another plan (the constructor's planning options),
+        without tracing the model again."""
+        targets = (target_macs_reduction, target_params_reduction)
+        _check_rates_given(rates, targets)
+        new = copy.copy(self)
+        new.plan = _plan_from_trace(self._traced, self.is_nnx, rates, exclude, targets, unfused)
+        return new
 
     def _linen_layers(self, fused: bool) -> tuple:
         layers = [

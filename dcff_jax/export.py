@@ -1,8 +1,9 @@
 """Fused -> compact: turn a trained fused model's variables into the compact model's variables.
 
-The compact model is the same definition built with plain convs at the kept widths (same module
-names), so the mapping is per layer: every FusedConv's kernel becomes its fused kernel F @ W (and
-its bias F @ b); everything else (batch norm, dense, plain convs) is copied as is.
+The compact model is the same definition with plain convs at the kept widths (same module names:
+DCFF's compact rewrite, or a prunable_conv model's "compact" variant), so the mapping is per
+layer: every fused conv's kernel becomes its fused kernel F @ W (and its bias F @ b); everything
+else (batch norm, dense, plain convs) is copied as is.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import jax
 from flax import linen as nn
@@ -76,17 +76,25 @@ def _layer_flops(
 CONVENTIONS = ("thop", "macs")
 
 
-def count(model: nn.Module, input_shape: Sequence[int], convention: str = "thop") -> Counts:
+def count(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    convention: str = "thop",
+    uncounted: Collection[str] = (),
+) -> Counts:
     """FLOPs and params of `model` on one input of `input_shape` (batch included), eval mode.
 
     convention: "thop" (the paper's table, see the module docstring) or "macs" (conv and dense
-    multiply-accumulates only)."""
+    multiply-accumulates only). uncounted: paths of layers not counted (those the published
+    model computes with a function thop does not see, Architecture.original_uncounted)."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     calls, variables = models.trace_calls(model, input_shape)
     records = []
     for call in calls:
         found = _layer_flops(call.module, call.input_shape, call.output_shape)
+        if call.path in uncounted:
+            continue
         if found is not None and (convention == "thop" or found[0] in ("conv", "dense")):
             records.append(LayerCount(call.path, found[0], call.output_shape, found[1]))
     params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(variables.get("params", {})))
@@ -99,13 +107,23 @@ def model_counts(
     """Compact-model and original-model counts for a rate string, at batch 1."""
     shape = models.input_shape(architecture, 1)
     compact = count(models.create_model(architecture, cprate, "compact"), shape, convention)
-    base = count(models.create_model(architecture, None, "original"), shape, convention)
+    base = original_counts(architecture, convention)
     return {
         "flops": compact.flops,
         "params": compact.params,
         "base_flops": base.flops,
         "base_params": base.params,
     }
+
+
+def original_counts(architecture: str, convention: str = "thop") -> Counts:
+    """The original model's counts at batch 1, as thop counts the published one."""
+    return count(
+        models.create_model(architecture, None, "original"),
+        models.input_shape(architecture, 1),
+        convention,
+        models.ARCHITECTURES[architecture].original_uncounted,
+    )
 
 
 def format_summary(architecture: str, counts: dict[str, int]) -> str:

@@ -279,7 +279,7 @@ def architecture_counter(architecture: str, convention: str = "thop") -> tuple[C
         counts = flops.count(models.create_model(architecture, rates, "compact"), shape, convention)
         return counts.flops, counts.params
 
-    original = flops.count(models.create_model(architecture, None, "original"), shape, convention)
+    original = flops.original_counts(architecture, convention)
     return count, (original.flops, original.params)
 
 

@@ -286,6 +286,31 @@ def paper_config(arch: str):
     return load_config(os.path.join(ROOT, "configs", f"{PAPER_CONFIGS[arch]}.py"))
 
 
+def handwritten_model(arch: str, cprate, variant: str, num_classes: int | None = None):
+    """The hand-written variant of an architecture (plans' layer-wise rates threaded through
+    the definition): the oracle that create_model's traced fused and compact models match."""
+    import handwritten
+
+    from dcff_jax import models, plans
+
+    return handwritten.BUILD[arch](
+        plans.layer_rates(arch, cprate) if cprate is not None else plans.uniform_rates(arch),
+        variant=variant,
+        num_classes=num_classes or models.ARCHITECTURES[arch].num_classes,
+    )
+
+
+def handwritten_fused_layers(arch: str, cprate) -> dict[str, int]:
+    """{path: kept} of the hand-written fused model's FusedConv layers."""
+    from dcff_jax import models
+    from dcff_jax.layers import FusedConv
+
+    calls, _ = models.trace_calls(
+        handwritten_model(arch, cprate, "fused"), models.input_shape(arch)
+    )
+    return {c.path: c.module.kept for c in calls if isinstance(c.module, FusedConv)}
+
+
 def pure_macs(model, shape) -> int:
     """Conv and dense multiply-accumulates of a linen model's own layer calls (no bias adds),
     counted independently of dcff_jax.trace."""

@@ -10,7 +10,13 @@ import optax
 import pytest
 from flax import linen as nn
 from flax import nnx
-from helpers import PAPER_CONFIGS, paper_config, pure_macs
+from helpers import (
+    PAPER_CONFIGS,
+    handwritten_fused_layers,
+    handwritten_model,
+    paper_config,
+    pure_macs,
+)
 
 import dcff_jax
 from dcff_jax import auto, models
@@ -235,17 +241,19 @@ def test_our_architectures_traced_match_their_published_plans(arch):
     hand-written compact model's."""
     for cprate in (paper_config(arch).cprate, random_rate_string(arch, len(arch))):
         plan = models.paper_dcff(arch, cprate).plan
-        want = {layer.path: layer.kept for layer in models.fused_layers(arch, cprate)}
+        want = handwritten_fused_layers(arch, cprate)
         assert {c.path: c.kept for c in plan.convs if c.fused} == want, cprate
         resized = {c.path: c.kept for c in plan.convs if c.resized}
         assert resized == {
             p: want[p.replace("downsample_conv", "conv3")]
-            for p in models.conv_paths(models.create_model(arch), models.input_shape(arch))
+            for p in models.conv_paths(
+                models.create_model(arch, None, "original"), models.input_shape(arch)
+            )
             if p.endswith("downsample_conv")
         }
         depthwise = [c.path for c in plan.convs if c.group == -1]
         assert sorted(plan.followers) == sorted(depthwise)
-        compact = models.create_model(arch, cprate, "compact")
+        compact = handwritten_model(arch, cprate, "compact")
         shape = models.input_shape(arch)
         assert plan.compact_macs == pure_macs(compact, shape), cprate
         assert plan.compact_params == dcff_jax.count_flops(compact, shape).params, cprate
@@ -254,7 +262,9 @@ def test_our_architectures_traced_match_their_published_plans(arch):
 def test_the_per_path_mapping_refuses_a_model_that_is_not_the_architecture():
     from dcff_jax import plans
 
-    paths = models.conv_paths(models.create_model("resnet56"), models.input_shape("resnet56"))
+    paths = models.conv_paths(
+        models.create_model("resnet56", None, "original"), models.input_shape("resnet56")
+    )
     with pytest.raises(ValueError, match="resnet56's layout has 55 fused convs, the model 54"):
         plans.path_rates("resnet56", None, paths[:-1])
     with pytest.raises(ConfigError, match="resnet56 needs 30 pruning rates, got 2"):
@@ -484,7 +494,7 @@ def test_our_architectures_through_the_tracer_are_our_fused_models(arch):
     size, cprate = IDENTICAL[arch], paper_config(arch).cprate
     images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
     dcff = models.paper_dcff(arch, cprate, num_classes=10)
-    traced, ours = dcff.fused(), models.create_model(arch, cprate, "fused", num_classes=10)
+    traced, ours = dcff.fused(), handwritten_model(arch, cprate, "fused", num_classes=10)
     # Jitted (eagerly every distinct op shape compiles on its own), with rbg keys, whose init
     # compiles ~2x faster than threefry's; both models draw from the same key.
     v_traced, v_ours = (
@@ -531,7 +541,7 @@ def test_our_architectures_through_the_tracer_train_and_compact_as_our_models(ar
     images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
     labels = jnp.arange(batch) % 10
     dcff = models.paper_dcff(arch, cprate, num_classes=10)
-    traced, ours = dcff.fused(), models.create_model(arch, cprate, "fused", num_classes=10)
+    traced, ours = dcff.fused(), handwritten_model(arch, cprate, "fused", num_classes=10)
     variables = jax.jit(lambda x: ours.init(jax.random.key(0, impl="rbg"), x, train=False))(
         images[:1]
     )
@@ -567,7 +577,7 @@ def test_our_architectures_through_the_tracer_train_and_compact_as_our_models(ar
     assert bool(jnp.isfinite(loss)) and all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
 
     compact_model, compact_variables = dcff.compact(variables)
-    ours_compact = models.create_model(arch, cprate, "compact", num_classes=10)
+    ours_compact = handwritten_model(arch, cprate, "compact", num_classes=10)
     from dcff_jax.export import compact_variables as ours_compact_variables
 
     logits = [

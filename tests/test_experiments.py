@@ -26,6 +26,9 @@ SMOKE = {
             rf"^\| nn\.relu \| xla defaults \| {NUMBER} \| 1\.00x \|$",
         )
     ],
+    "bench_build.py": [
+        ("--archs=vgg16 --batch=2", rf"^vgg16 +{NUMBER} +{NUMBER} +{NUMBER}  [0-9a-f]{{16}}$")
+    ],
     "bench_conv_latency.py": [
         (
             "--archs=vgg16 --batches=1 --steps=1 --chain=1",

@@ -30,9 +30,7 @@ def test_compiler_options_on_cpu(monkeypatch):
 
 def _lowered_resnet_gradient(blocks_per_stage: int):
     """The lowered train-mode gradient of sum(logits^2) of a compact CIFAR ResNet, batch 4."""
-    model = resnet_cifar.CifarResNet(
-        (0.0,) * (1 + 6 * blocks_per_stage), blocks_per_stage, "compact"
-    )
+    model = resnet_cifar.CifarResNet(blocks_per_stage)
     x = jnp.ones((4, 32, 32, 3))
     variables = model.init(jax.random.key(0), x)
 
@@ -207,7 +205,7 @@ def test_forward_alone_runs_a_plain_relu_and_the_gradient_the_materialised_one()
     max that XLA fuses with the BN and the add. The stacked max-reduction, a 2x-sized buffer and
     a reduction per block, halved a ResNet-56's inference speed (experiments/RESULTS.md); the
     gradient must keep it (test above)."""
-    model = resnet_cifar.CifarResNet((0.0,) * 7, 1, "compact")
+    model = resnet_cifar.CifarResNet(1)
     x = jnp.ones((4, 32, 32, 3))
     variables = model.init(jax.random.key(0), x)
     forward = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))

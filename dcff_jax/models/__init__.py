@@ -1,8 +1,10 @@
-"""Model registry: architecture name -> one Flax definition, built in any of three variants."""
+"""Model registry: architecture name -> one Flax definition at its published widths; its fused
+and compact variants are dcff_jax.DCFF's rewrites of it (paper_dcff)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -21,22 +23,29 @@ from dcff_jax.models.vgg import VGG
 class Architecture:
     """What the rest of the library needs to know about an architecture."""
 
-    build: Callable[..., nn.Module]  # (layer_rates, variant, num_classes, dtype) -> module
+    build: Callable[..., nn.Module]  # (num_classes=, dtype=) -> the original model
     image_size: int
     num_classes: int
     # Whether the classifier sees a fixed spatial size (flatten after a fixed-window pool): then
     # every input must be image_size px; global-pool architectures take any size.
     fixed_input_size: bool
+    # Layers thop does not count in the published original model, which calls a function where
+    # the published compact model has a module (the CIFAR ResNets' F.avg_pool2d).
+    original_uncounted: tuple[str, ...] = ()
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "vgg16": Architecture(VGG, 32, 10, True),
-    "resnet56": Architecture(
-        lambda r, **kw: CifarResNet(r, plans.RESNET_CIFAR_BLOCKS["resnet56"], **kw), 32, 10, False
-    ),
-    "resnet110": Architecture(
-        lambda r, **kw: CifarResNet(r, plans.RESNET_CIFAR_BLOCKS["resnet110"], **kw), 32, 10, False
-    ),
+    **{
+        name: Architecture(
+            functools.partial(CifarResNet, blocks),
+            32,
+            10,
+            False,
+            original_uncounted=("GlobalAvgPool_0",),
+        )
+        for name, blocks in plans.RESNET_CIFAR_BLOCKS.items()
+    },
     "googlenet": Architecture(GoogLeNet, 32, 10, True),
     "resnet50": Architecture(ImageNetResNet, 224, 1000, True),
     "mobilenetv2": Architecture(MobileNetV2, 224, 1000, False),
@@ -57,28 +66,27 @@ def create_model(
       architecture: one of ARCHITECTURES.
       cprate: the published rate string (or its parsed list) for that architecture; None prunes
         nothing (every rate 0).
-      variant: "original" (full widths, plain convs), "fused" (training with FusedConv) or
-        "compact" (plain convs at the kept widths).
+      variant: "original" (full widths, plain convs), "fused" (training: each fused conv keeps
+        all its filters and fuses them) or "compact" (plain convs at the kept widths); the
+        latter two are paper_dcff(...).fused() and .compact_model().
       num_classes: defaults to the architecture's dataset (10 or 1000).
       dtype: compute dtype of convs (e.g. jnp.bfloat16); params and fusion stay float32.
 
     Returns:
       A flax.linen Module called as module.apply(variables, images, train=...), images NHWC.
     """
+    check_variant(variant)
+    if variant == "original":
+        return _original(architecture, num_classes, dtype)
+    dcff = paper_dcff(architecture, cprate, num_classes=num_classes, dtype=dtype)
+    return dcff.fused() if variant == "fused" else dcff.compact_model()
+
+
+def _original(architecture: str, num_classes: int | None, dtype) -> nn.Module:
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
-    check_variant(variant)
     arch = ARCHITECTURES[architecture]
-    if cprate is None:
-        layer_rates = plans.uniform_rates(architecture, 0.0)
-    else:
-        layer_rates = plans.layer_rates(architecture, cprate)
-    return arch.build(
-        tuple(layer_rates),
-        variant=variant,
-        num_classes=num_classes or arch.num_classes,
-        dtype=dtype,
-    )
+    return arch.build(num_classes=num_classes or arch.num_classes, dtype=dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,15 +101,26 @@ class LayerCall:
 
 def trace_calls(model: nn.Module, shape: Sequence[int]) -> tuple[list[LayerCall], dict]:
     """Every module __call__ of model.init on an input of `shape`, in call order, traced
-    abstractly (no FLOP spent), and the abstract variables. Leaf layers come in call order."""
+    abstractly (no FLOP spent), and the abstract variables. Leaf layers come in call order.
+
+    A module applied on its own inside another module's call (dcff_jax.DCFF's rewritten convs
+    apply a detached copy of the conv they replace) is part of that call, not a layer: it has
+    no path, and is not recorded."""
     calls: list[LayerCall] = []
+    depth = 0
 
     def interceptor(next_fun, args, kwargs, context):
-        y = next_fun(*args, **kwargs)
+        nonlocal depth
+        depth += 1
+        try:
+            y = next_fun(*args, **kwargs)
+        finally:
+            depth -= 1
         if context.method_name == "__call__" and args and hasattr(y, "shape"):
             module = context.module
             path = "/".join(module.scope.path) if module.scope else ""
-            calls.append(LayerCall(module, path, tuple(args[0].shape), tuple(y.shape)))
+            if path or depth == 0:
+                calls.append(LayerCall(module, path, tuple(args[0].shape), tuple(y.shape)))
         return y
 
     x = jax.ShapeDtypeStruct(tuple(shape), jax.numpy.float32)
@@ -120,14 +139,11 @@ class FusedLayer:
 def fused_layers(
     architecture: str, cprate: str | Sequence[float] | None = None
 ) -> list[FusedLayer]:
-    """Every fused conv of the architecture in plan (call) order, traced abstractly."""
-    from dcff_jax.layers import FusedConv
-
-    calls, _ = trace_calls(create_model(architecture, cprate, "fused"), input_shape(architecture))
+    """Every fused conv of the architecture in plan (call) order."""
     return [
-        FusedLayer(c.path, c.module.features, c.module.kept)
-        for c in calls
-        if isinstance(c.module, FusedConv)
+        FusedLayer(c.path, c.filters, c.kept)
+        for c in paper_dcff(architecture, cprate).plan.convs
+        if c.fused
     ]
 
 
@@ -147,19 +163,30 @@ def paper_dcff(
     dtype: jax.typing.DTypeLike | None = None,
 ):
     """dcff_jax.DCFF on the architecture's original model with its rate string mapped to conv
-    paths (plans.path_rates): the any-model API applied to the paper's architectures."""
+    paths (plans.path_rates): the any-model API applied to the paper's architectures. The
+    original model is traced once per (architecture, num_classes, dtype) in a process."""
+    traced, paths = _traced_original(architecture, num_classes, dtype)
+    rates = plans.path_rates(architecture, cprate, paths)
+    return traced.replanned(rates, unfused=list(plans.LAYOUTS[architecture].unfused))
+
+
+@functools.lru_cache(maxsize=32)
+def _traced_original(architecture: str, num_classes: int | None, dtype):
+    """(DCFF of the original model, planned at rate 0; its conv paths in call order)."""
     from dcff_jax import auto
 
-    model = create_model(architecture, None, "original", num_classes=num_classes, dtype=dtype)
+    model = _original(architecture, num_classes, dtype)
     shape = input_shape(architecture)
-    rates = plans.path_rates(architecture, cprate, conv_paths(model, shape))
-    return auto.DCFF(
+    paths = conv_paths(model, shape)
+    rates = plans.path_rates(architecture, None, paths)
+    dcff = auto.DCFF(
         model,
         jax.ShapeDtypeStruct(shape, jax.numpy.float32),
         rates,
         unfused=list(plans.LAYOUTS[architecture].unfused),
         apply_kwargs={"train": False},
     )
+    return dcff, tuple(paths)
 
 
 def input_shape(architecture: str, batch_size: int = 1) -> tuple[int, int, int, int]:

@@ -1,12 +1,13 @@
-"""Building blocks shared by every architecture: one conv call, three variants.
+"""Building blocks shared by every architecture.
 
-Each architecture is written once against `prunable_conv`, which returns
+Each architecture is written once, at its published widths, with plain convs (`conv`); its fused
+and compact forms are dcff_jax.DCFF's rewrites of it (dcff_jax.models.paper_dcff). For your own
+models, `prunable_conv(variant, ...)` gives one layer in any of three variants:
   - "original": a plain nn.Conv with all c_out filters (the unpruned baseline),
   - "fused":    a FusedConv holding c_out filters and computing m = keep_width(c_out, rate),
   - "compact":  a plain nn.Conv with m filters (the exported network).
-Layers after a pruned conv see its compact width in "fused" and "compact" (Flax infers input
-widths), as in the published fused models. The module name is the same in every variant, so a
-fused model's variables map one to one onto the compact model's (see dcff_jax.export).
+The module name is the same in every variant, so a fused model's variables map one to one onto
+the compact model's (see dcff_jax.export).
 
 The pooling modules below exist so that FLOPs can be counted from the model itself: thop, which
 the paper used, counts a pool by how the published model wrote it (see dcff_jax.flops).
@@ -53,10 +54,12 @@ def width(variant: str, filters: int, rate: float) -> int:
     return filters if variant == "original" else keep_width(filters, rate)
 
 
-def prunable_conv(
-    variant: str,
-    filters: int,
-    rate: float,
+def conv(filters: int, kernel_size: int, **fields) -> nn.Conv:
+    """A square conv as the published models write nn.Conv2d (see `conv_fields`)."""
+    return Conv(features=filters, **conv_fields(kernel_size, **fields))
+
+
+def conv_fields(
     kernel_size: int,
     *,
     strides: int = 1,
@@ -66,15 +69,11 @@ def prunable_conv(
     bias_init=torch_default_bias,
     dtype=None,
     name: str | None = None,
-) -> nn.Module:
-    """The conv of one prunable layer in the given variant (see the module docstring).
-
-    Padding is PyTorch's: an int p pads p on each side. Output channels: `filters` ("original")
-    or keep_width(filters, rate) ("fused", "compact"). Init defaults to PyTorch's Conv2d defaults
-    (weights and bias U(+-1/sqrt(fan_in))), which the published VGG-16 and GoogLeNet keep.
-    """
-    check_variant(variant)
-    common = dict(
+) -> dict:
+    """nn.Conv's fields for a PyTorch-style conv: an int padding p pads p on each side; init
+    defaults to PyTorch's Conv2d defaults (weights and bias U(+-1/sqrt(fan_in))), which the
+    published VGG-16 and GoogLeNet keep."""
+    return dict(
         kernel_size=(kernel_size, kernel_size),
         strides=strides,
         padding=padding,
@@ -84,9 +83,17 @@ def prunable_conv(
         dtype=dtype,
         name=name,
     )
+
+
+def prunable_conv(variant: str, filters: int, rate: float, kernel_size: int, **fields):
+    """The conv of one prunable layer in the given variant (see the module docstring): `filters`
+    outputs ("original"), keep_width(filters, rate) ("compact"), or a FusedConv fusing `filters`
+    filters into that many ("fused"). fields: `conv_fields`'."""
+    check_variant(variant)
+    fields = conv_fields(kernel_size, **fields)
     if variant == "fused":
-        return FusedConv(features=filters, kept=keep_width(filters, rate), **common)
-    return Conv(features=width(variant, filters, rate), **common)
+        return FusedConv(features=filters, kept=keep_width(filters, rate), **fields)
+    return Conv(features=width(variant, filters, rate), **fields)
 
 
 def batch_norm(train: bool, dtype=None, name: str | None = None) -> nn.BatchNorm:
@@ -139,8 +146,7 @@ class AvgPool(nn.Module):
 class GlobalAvgPool(nn.Module):
     """Mean over H and W: (N, H, W, C) -> (N, C).
 
-    counted: whether thop saw it. The published CIFAR ResNets use nn.AdaptiveAvgPool2d in the
-    fused/compact models (counted) but F.avg_pool2d in the original (not counted).
+    counted: whether thop sees it (a module in the published model, not a function call).
     """
 
     counted: bool = True

@@ -1,12 +1,10 @@
 """GoogLeNet for CIFAR-10 (published models/cifar/googlenet.py): pre-layer + 9 Inception blocks.
 
-Layer-wise rates: 64, one per conv in creation order: pre-layer, then per Inception
-[b1 1x1, b2 1x1, b2 3x3, b3 1x1, b3 3x3, b3 3x3, b4 1x1]. Convs have bias.
+Its rate string (dcff_jax.plans): 64 rates, one per conv in call order: pre-layer, then per
+Inception [b1 1x1, b2 1x1, b2 3x3, b3 1x1, b3 3x3, b3 3x3, b4 1x1]. Convs have bias.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,15 +32,11 @@ class Inception(nn.Module):
     """Four branches, concatenated: (N, H, W, c_in) -> (N, H, W, sum of branch widths)."""
 
     filters: tuple[int, ...]
-    rates: tuple[float, ...]  # 7, see the module docstring
-    variant: str
     dtype: jax.typing.DTypeLike | None = None
 
     def conv_bn_relu(self, x, index: int, filters: int, kernel: int, train: bool):
-        conv = common.prunable_conv(
-            self.variant,
+        conv = common.conv(
             filters,
-            self.rates[index],
             kernel,
             padding=kernel // 2,
             use_bias=True,
@@ -65,35 +59,20 @@ class Inception(nn.Module):
 class GoogLeNet(nn.Module):
     """Input (N, 32, 32, 3) -> logits (N, num_classes)."""
 
-    layer_rates: Sequence[float]
-    variant: str = "fused"
     num_classes: int = 10
     dtype: jax.typing.DTypeLike | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        rates = tuple(self.layer_rates)
-        x = common.prunable_conv(
-            self.variant,
-            192,
-            rates[0],
-            3,
-            padding=1,
-            use_bias=True,
-            dtype=self.dtype,
-            name="pre_conv",
-        )(x)
+        conv = dict(padding=1, use_bias=True, dtype=self.dtype, name="pre_conv")
+        x = common.conv(192, 3, **conv)(x)
         x = nn.relu(common.batch_norm(train, self.dtype, name="pre_bn")(x))
-        conv_id = 1
         for item in INCEPTIONS:
             if item == "M":
                 x = common.MaxPool(3, 2, 1)(x)
                 continue
             name, filters = item
-            x = Inception(
-                filters, rates[conv_id : conv_id + 7], self.variant, self.dtype, name=name
-            )(x, train)
-            conv_id += 7
+            x = Inception(filters, self.dtype, name=name)(x, train)
         x = common.AvgPool(8, 1)(x)
         x = x.reshape(x.shape[0], -1)
         return common.dense(self.num_classes, dtype=self.dtype, name="linear")(x)

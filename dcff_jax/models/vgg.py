@@ -32,13 +32,8 @@ VGG16_LAYOUT = (
 
 
 class VGG(nn.Module):
-    """VGG for 32x32 inputs. layer_rates: one rate per conv (13 for VGG-16).
+    """VGG for 32x32 inputs at its published widths. Input (N, 32, 32, 3) -> logits (N, classes)."""
 
-    Input (N, 32, 32, 3) -> logits (N, num_classes).
-    """
-
-    layer_rates: Sequence[float]
-    variant: str = "fused"
     layout: Sequence[int | str] = VGG16_LAYOUT
     num_classes: int = 10
     dtype: jax.typing.DTypeLike | None = None
@@ -50,16 +45,8 @@ class VGG(nn.Module):
             if item == "M":
                 x = common.MaxPool(2, 2)(x)
                 continue
-            x = common.prunable_conv(
-                self.variant,
-                item,
-                self.layer_rates[conv_id],
-                3,
-                padding=1,
-                use_bias=True,
-                dtype=self.dtype,
-                name=f"conv{conv_id}",
-            )(x)
+            conv = dict(padding=1, use_bias=True, dtype=self.dtype, name=f"conv{conv_id}")
+            x = common.conv(item, 3, **conv)(x)
             x = common.batch_norm(train, self.dtype, name=f"bn{conv_id}")(x)
             x = nn.relu(x)
             conv_id += 1
