@@ -92,9 +92,9 @@ def count(
     calls, variables = models.trace_calls(model, input_shape)
     records = []
     for call in calls:
-        found = _layer_flops(call.module, call.input_shape, call.output_shape)
         if call.path in uncounted:
             continue
+        found = _layer_flops(call.module, call.input_shape, call.output_shape)
         if found is not None and (convention == "thop" or found[0] in ("conv", "dense")):
             records.append(LayerCount(call.path, found[0], call.output_shape, found[1]))
     params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(variables.get("params", {})))

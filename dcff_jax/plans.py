@@ -308,11 +308,8 @@ def path_rates(
       ConfigError as layer_rates does; ValueError when the model's convs do not match the
       layout (a model that is not the architecture's).
     """
-    layout = LAYOUTS.get(architecture)
-    if layout is None:
-        raise ConfigError(f"unknown architecture {architecture!r}; known: {sorted(LAYOUTS)}")
-    if rates is None:
-        rates = [0.0] * layout.num_rates
+    expanded = uniform_rates(architecture) if rates is None else layer_rates(architecture, rates)
+    layout = LAYOUTS[architecture]
     shares = {
         path: rule(path)
         for path in conv_paths
@@ -320,7 +317,6 @@ def path_rates(
         if fnmatch.fnmatchcase(path, pattern)
     }
     fused = [path for path in conv_paths if path not in shares]
-    expanded = layer_rates(architecture, rates)
     if len(fused) != len(expanded):
         raise ValueError(
             f"{architecture}'s layout has {len(expanded)} fused convs, the model {len(fused)}"

@@ -239,6 +239,15 @@ def test_our_architectures_traced_match_their_published_plans(arch):
     resizes the published unfused convs (ResNet-50's downsamples) to their group's width, for
     the paper's rate string and a random one; its compact MACs and params are exactly the
     hand-written compact model's."""
+    # The convs a rate applies to, as the original model calls them (counted independently of
+    # the tracer): every conv but the depthwise ones, in call order.
+    calls, _ = models.trace_calls(
+        models.create_model(arch, None, "original"), models.input_shape(arch)
+    )
+    called = [
+        c.path for c in calls if isinstance(c.module, nn.Conv) and c.module.feature_group_count == 1
+    ]
+    assert models.conv_paths(arch) == tuple(called)
     for cprate in (paper_config(arch).cprate, random_rate_string(arch, len(arch))):
         plan = models.paper_dcff(arch, cprate).plan
         want = handwritten_fused_layers(arch, cprate)
@@ -246,9 +255,7 @@ def test_our_architectures_traced_match_their_published_plans(arch):
         resized = {c.path: c.kept for c in plan.convs if c.resized}
         assert resized == {
             p: want[p.replace("downsample_conv", "conv3")]
-            for p in models.conv_paths(
-                models.create_model(arch, None, "original"), models.input_shape(arch)
-            )
+            for p in called
             if p.endswith("downsample_conv")
         }
         depthwise = [c.path for c in plan.convs if c.group == -1]
@@ -262,9 +269,7 @@ def test_our_architectures_traced_match_their_published_plans(arch):
 def test_the_per_path_mapping_refuses_a_model_that_is_not_the_architecture():
     from dcff_jax import plans
 
-    paths = models.conv_paths(
-        models.create_model("resnet56", None, "original"), models.input_shape("resnet56")
-    )
+    paths = models.conv_paths("resnet56")
     with pytest.raises(ValueError, match="resnet56's layout has 55 fused convs, the model 54"):
         plans.path_rates("resnet56", None, paths[:-1])
     with pytest.raises(ConfigError, match="resnet56 needs 30 pruning rates, got 2"):

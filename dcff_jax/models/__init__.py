@@ -147,12 +147,12 @@ def fused_layers(
     ]
 
 
-def conv_paths(model: nn.Module, shape: Sequence[int]) -> list[str]:
-    """The paths of a model's convs in call order, depthwise (grouped) convs left out."""
-    calls, _ = trace_calls(model, shape)
-    return [
-        c.path for c in calls if isinstance(c.module, nn.Conv) and c.module.feature_group_count == 1
-    ]
+def conv_paths(
+    architecture: str, num_classes: int | None = None, dtype: jax.typing.DTypeLike | None = None
+) -> tuple[str, ...]:
+    """The paths of the original model's convs that a rate applies to (all but the depthwise
+    ones, which follow their input's width), in call order."""
+    return _traced_original(architecture, num_classes, dtype)[1]
 
 
 def paper_dcff(
@@ -172,21 +172,18 @@ def paper_dcff(
 
 @functools.lru_cache(maxsize=32)
 def _traced_original(architecture: str, num_classes: int | None, dtype):
-    """(DCFF of the original model, planned at rate 0; its conv paths in call order)."""
+    """(DCFF of the original model with no conv planned, the paths of its convs that a rate
+    applies to in call order): the one trace that paper_dcff plans on."""
     from dcff_jax import auto
 
-    model = _original(architecture, num_classes, dtype)
-    shape = input_shape(architecture)
-    paths = conv_paths(model, shape)
-    rates = plans.path_rates(architecture, None, paths)
     dcff = auto.DCFF(
-        model,
-        jax.ShapeDtypeStruct(shape, jax.numpy.float32),
-        rates,
-        unfused=list(plans.LAYOUTS[architecture].unfused),
+        _original(architecture, num_classes, dtype),
+        jax.ShapeDtypeStruct(input_shape(architecture), jax.numpy.float32),
+        {},
         apply_kwargs={"train": False},
     )
-    return dcff, tuple(paths)
+    # Group -1: the depthwise convs (their width follows their input), which take no rate.
+    return dcff, tuple(c.path for c in dcff.plan.convs if c.group != -1)
 
 
 def input_shape(architecture: str, batch_size: int = 1) -> tuple[int, int, int, int]:
