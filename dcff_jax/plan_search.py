@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from dcff_jax import plans
 from dcff_jax.errors import ConfigError
 
 CountFn = Callable[[tuple[float, ...]], tuple[int, int]]
@@ -247,21 +248,13 @@ def search_plan(
     count, base = architecture_counter(architecture, convention)
     return search_rates(
         count,
-        _layout(architecture).num_rates,
+        plans.rate_layout(architecture).num_rates,
         flops_reduction=flops_reduction,
         params_reduction=params_reduction,
         max_rate=max_rate,
         decimals=decimals,
         base=base,
     )
-
-
-def _layout(architecture: str):
-    from dcff_jax import plans
-
-    if architecture not in plans.LAYOUTS:
-        raise ConfigError(f"unknown architecture {architecture!r}; known: {sorted(plans.LAYOUTS)}")
-    return plans.LAYOUTS[architecture]
 
 
 def architecture_counter(architecture: str, convention: str = "thop") -> tuple[CountFn, tuple]:
@@ -272,7 +265,7 @@ def architecture_counter(architecture: str, convention: str = "thop") -> tuple[C
     call a function it does not, and the paper's reductions are relative to the original."""
     from dcff_jax import flops, models
 
-    _layout(architecture)
+    plans.rate_layout(architecture)
     shape = models.input_shape(architecture, 1)
 
     def count(rates: tuple[float, ...]) -> tuple[int, int]:

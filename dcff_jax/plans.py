@@ -270,15 +270,13 @@ def layer_rates(architecture: str, rates: str | Sequence[float]) -> tuple[float,
       ConfigError (a ValueError) for an unknown architecture, a bad string, or the wrong number
       of entries (the message says how many were expected and why).
     """
-    if architecture not in LAYOUTS:
-        raise ConfigError(f"unknown architecture {architecture!r}; known: {sorted(LAYOUTS)}")
+    layout = rate_layout(architecture)
     parsed = parse_rates(rates) if isinstance(rates, str) else tuple(float(r) for r in rates)
     for r in parsed:
         if not 0.0 <= r < 1.0:
             raise ConfigError(
                 f"rate {r} is outside [0, 1): a rate is the fraction of filters pruned"
             )
-    layout = LAYOUTS[architecture]
     if len(parsed) != layout.num_rates:
         raise ConfigError(
             f"{architecture} needs {layout.num_rates} pruning rates, got {len(parsed)}: "
@@ -287,9 +285,16 @@ def layer_rates(architecture: str, rates: str | Sequence[float]) -> tuple[float,
     return tuple(layout.expand(parsed))
 
 
+def rate_layout(architecture: str) -> RateLayout:
+    """LAYOUTS[architecture]; ConfigError naming the known ones for an unknown architecture."""
+    if architecture not in LAYOUTS:
+        raise ConfigError(f"unknown architecture {architecture!r}; known: {sorted(LAYOUTS)}")
+    return LAYOUTS[architecture]
+
+
 def uniform_rates(architecture: str, rate: float = 0.0) -> tuple[float, ...]:
     """The same rate for every entry of the architecture's rate string (layer-wise expanded)."""
-    return layer_rates(architecture, [rate] * LAYOUTS[architecture].num_rates)
+    return layer_rates(architecture, [rate] * rate_layout(architecture).num_rates)
 
 
 def path_rates(
@@ -309,7 +314,7 @@ def path_rates(
       layout (a model that is not the architecture's).
     """
     expanded = uniform_rates(architecture) if rates is None else layer_rates(architecture, rates)
-    layout = LAYOUTS[architecture]
+    layout = rate_layout(architecture)
     shares = {
         path: rule(path)
         for path in conv_paths
