@@ -15,21 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dcff_jax.models import common
-
-# (n1x1, n3x3red, n3x3, n5x5red, n5x5, pool_planes) per Inception; "M" = 3x3/2 max-pool.
-INCEPTIONS = (
-    ("a3", (64, 96, 128, 16, 32, 32)),
-    ("b3", (128, 128, 192, 32, 96, 64)),
-    "M",
-    ("a4", (192, 96, 208, 16, 48, 64)),
-    ("b4", (160, 112, 224, 24, 64, 64)),
-    ("c4", (128, 128, 256, 24, 64, 64)),
-    ("d4", (112, 144, 288, 32, 64, 64)),
-    ("e4", (256, 160, 320, 32, 128, 128)),
-    "M",
-    ("a5", (256, 160, 320, 32, 128, 128)),
-    ("b5", (384, 192, 384, 48, 128, 128)),
-)
+from dcff_jax.models.googlenet import INCEPTIONS
 
 
 class Inception(nn.Module):

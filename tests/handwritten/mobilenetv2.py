@@ -21,10 +21,8 @@ import jax
 from flax import linen as nn
 
 from dcff_jax.models import common
+from dcff_jax.models.mobilenetv2 import DROPOUT_RATE, LAST_FILTERS
 from dcff_jax.plans import MOBILENETV2_STAGES
-
-LAST_FILTERS = 1280
-DROPOUT_RATE = 0.2
 
 
 class InvertedResidual(nn.Module):

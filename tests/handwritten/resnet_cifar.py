@@ -14,24 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from dcff_jax.models import common
-
-STAGE_WIDTHS = (16, 32, 64)
-
-
-def pad_or_crop_channels(x: jax.Array, out_channels: int) -> jax.Array:
-    """Option-A shortcut channels: zero-pad (diff // 2 before, the rest after), as F.pad does.
-
-    A negative difference crops like F.pad with negative pads does in the published code (possible
-    only with unusual rate strings where a later stage is narrower than the previous one).
-    """
-    diff = out_channels - x.shape[-1]
-    before, after = diff // 2, diff - diff // 2
-    x = x[..., max(0, -before) : x.shape[-1] - max(0, -after)]
-    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (max(0, before), max(0, after))))
+from dcff_jax.models.resnet_cifar import STAGE_WIDTHS, pad_or_crop_channels
 
 
 class BasicBlock(nn.Module):

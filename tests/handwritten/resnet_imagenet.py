@@ -14,10 +14,8 @@ import jax
 from flax import linen as nn
 
 from dcff_jax.models import common
+from dcff_jax.models.resnet_imagenet import EXPANSION, STAGE_PLANES
 from dcff_jax.plans import RESNET50_BLOCKS
-
-EXPANSION = 4
-STAGE_PLANES = (64, 128, 256, 512)
 
 
 class Bottleneck(nn.Module):

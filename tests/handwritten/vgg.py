@@ -10,27 +10,7 @@ import jax
 from flax import linen as nn
 
 from dcff_jax.models import common
-
-VGG16_LAYOUT = (
-    64,
-    64,
-    "M",
-    128,
-    128,
-    "M",
-    256,
-    256,
-    256,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-)
+from dcff_jax.models.vgg import VGG16_LAYOUT
 
 
 class VGG(nn.Module):
