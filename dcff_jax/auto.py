@@ -49,8 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
-from dcff_jax import fusion, layers, trace
+from dcff_jax import flops, fusion, layers, trace
 from dcff_jax.errors import ConfigError, expect
 from dcff_jax.plans import keep_width
 
@@ -190,8 +191,14 @@ class _Traced:
     leaf_paths: list[tuple[str, ...]]
     leaf_shapes: list[tuple[int, ...]]
     trainable: list[bool]  # linen: in "params"; nnx: an nnx.Param
+    # The counted layers (dcff_jax.flops) and the tags of their input and output channels
+    # (None: a fixed width): linen's layer calls, then every conv or dense made outside them
+    # (all of an nnx model's, whose calls are not seen: conv and dense alone).
+    layers: list[flops.Layer]
+    layer_tags: list[tuple[trace.Tag | None, trace.Tag | None]]
     # Paths of the flax Conv modules (nn.Conv, nnx.Conv): the convs the rewriter can fuse.
     rewritable: frozenset[str] = frozenset()
+    layer_calls: bool = True  # whether the layers include the linen calls (thop's convention)
 
     def params(self, kept=None) -> int:
         """Trainable parameters with every group root r at kept(r) channels (None: all)."""
@@ -202,9 +209,25 @@ class _Traced:
                 shapes[tie.leaf][tie.axis] = a.width(tie.tag, kept)
         return sum(math.prod(s) for s, t in zip(shapes, self.trainable, strict=True) if t)
 
+    def counts(self, kept=None, convention: str = "thop", uncounted=()) -> flops.Counts:
+        """FLOPs (flops.count_layers) and params with every group root r at kept(r) channels
+        (None: all), at the traced example's batch."""
+        widths = None
+        if kept is not None:
+            a = self.analysis
+            widths = [
+                (
+                    layer.in_channels if t_in is None else a.width(t_in, kept),
+                    layer.out_channels if t_out is None else a.width(t_out, kept),
+                )
+                for layer, (t_in, t_out) in zip(self.layers, self.layer_tags, strict=True)
+            ]
+        return flops.count_layers(self.layers, self.params(kept), convention, uncounted, widths)
+
 
 def _trace(model, example, apply_kwargs: Mapping[str, Any]) -> _Traced:
     example = jax.ShapeDtypeStruct(tuple(example.shape), example.dtype)
+    calls: list[tuple[flops.Layer, int, int]] = []  # (layer, input rank, output rank)
     if _is_nnx(model):
         from flax import nnx
 
@@ -224,22 +247,29 @@ def _trace(model, example, apply_kwargs: Mapping[str, Any]) -> _Traced:
             if isinstance(module, nnx.Conv)
         }
     else:
+        from dcff_jax.models import intercept_layers
+
         variables = jax.eval_shape(
             lambda x: model.init(jax.random.key(0), x, **apply_kwargs), example
         )
         flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
         trainable = [_key_name(path[0]) == "params" for path, _ in flat]
-
         convs = set()
 
-        def record_convs(next_fun, args, kwargs, context):
-            module = context.module
-            if context.method_name == "__call__" and isinstance(module, nn.Conv) and module.scope:
-                convs.add("/".join(module.scope.path))
-            return next_fun(*args, **kwargs)
+        def record(module, path, call, args, kwargs):
+            if isinstance(module, nn.Conv) and path:
+                convs.add(path)
+            x = args[0]
+            if not isinstance(module, flops.COUNTED) or not hasattr(x, "shape"):
+                return call(*args, **kwargs)
+            # Probes: the analysis keeps the tags of the layer's input and output channels.
+            key = f"{trace.PROBE}{len(calls)}"
+            y = call(checkpoint_name(x, f"{key}/in"), *args[1:], **kwargs)
+            calls.append((flops.layer_of(module, path, x.shape, y.shape), x.ndim, y.ndim))
+            return checkpoint_name(y, f"{key}/out")
 
         def fn(leaves, x):
-            with nn.intercept_methods(record_convs):
+            with intercept_layers(record):
                 return model.apply(jax.tree.unflatten(treedef, leaves), x, **apply_kwargs)
 
     leaves = [leaf for _, leaf in flat]
@@ -253,8 +283,44 @@ def _trace(model, example, apply_kwargs: Mapping[str, Any]) -> _Traced:
         for path, _ in flat
     ]
     shapes = [tuple(leaf.shape) for leaf in leaves]
-    analysis = trace.analyze(fn, leaves, example)  # fills convs (linen)
-    return _Traced(analysis, paths, shapes, trainable, frozenset(convs))
+    analysis = trace.analyze(fn, leaves, example)  # fills convs and calls (linen)
+    layers, tags = _counted_layers(analysis, calls, paths, _is_nnx(model))
+    return _Traced(
+        analysis, paths, shapes, trainable, layers, tags, frozenset(convs), not _is_nnx(model)
+    )
+
+
+def _counted_layers(a: trace.Analysis, calls, leaf_paths, nnx_model: bool):
+    """The traced layer calls with their probed channel tags (a tag on another axis than the
+    channels' is a fixed width), then every conv and dense made outside them."""
+    layers, tags = [], []
+
+    def channel_tag(key: str, rank: int) -> trace.Tag | None:
+        tag = a.probes.get(key)
+        return tag if tag is not None and tag.axis == rank - 1 else None
+
+    for i, (layer, in_rank, out_rank) in enumerate(calls):
+        layers.append(layer)
+        tags.append((channel_tag(f"{i}/in", in_rank), channel_tag(f"{i}/out", out_rank)))
+    for r in a.records:
+        if r.inside is not None:
+            continue
+        leaf = r.kernel_leaf
+        path = "" if leaf is None else _module_path(leaf_paths[leaf], nnx_model)
+        layers.append(
+            flops.Layer(
+                path,
+                r.kind,
+                (r.out_width,),
+                r.in_width,
+                r.out_width,
+                0,
+                r.macs_per_channel_pair,
+                r.groups,
+            )  # fmt: skip
+        )
+        tags.append((r.in_tag, r.out_tag))
+    return layers, tags
 
 
 def _module_path(leaf_path: tuple[str, ...], nnx_model: bool) -> str:
@@ -306,15 +372,32 @@ def _check_rates_given(rates, targets) -> None:
         raise ConfigError("give rates or a target reduction, not both")
 
 
+def _conv_paths(traced: _Traced, nnx_model: bool) -> dict[int, str]:
+    """{index into the analysis' records: module path} of the convs whose kernel is a leaf."""
+    return {
+        i: _module_path(traced.leaf_paths[r.kernel_leaf], nnx_model)
+        for i, r in enumerate(traced.analysis.records)
+        if r.kind == "conv" and r.kernel_leaf is not None
+    }
+
+
+def _plan_widths(plan: Plan, traced: _Traced, nnx_model: bool):
+    """root space -> its width in the plan's compact model (the function counts take)."""
+    a = traced.analysis
+    by_path = {c.path: c for c in plan.convs}
+    kept = {}
+    for i, path in _conv_paths(traced, nnx_model).items():
+        space, planned = a.records[i].out_space, by_path.get(path)
+        if space is not None and planned is not None and (planned.fused or planned.resized):
+            kept[a.find(space)] = planned.kept
+    return lambda root: kept.get(root, a.spaces[root])
+
+
 def _plan_from_trace(
     traced, nnx_model, rates, exclude=(), targets=(None, None), unfused=()
 ) -> Plan:
     a = traced.analysis
-    path_of = {
-        i: _module_path(traced.leaf_paths[r.kernel_leaf], nnx_model)
-        for i, r in enumerate(a.records)
-        if r.kind == "conv" and r.kernel_leaf is not None
-    }
+    path_of = _conv_paths(traced, nnx_model)
     groups = a.groups()
     roots = sorted({a.find(s) for s in a.producers})
     group_id = {root: n for n, root in enumerate(roots)}
@@ -411,8 +494,8 @@ def _plan_from_trace(
     return Plan(
         tuple(convs),
         tuple(followers),
-        a.macs(),
-        a.macs(width),
+        traced.counts(None, "macs").flops,
+        traced.counts(width, "macs").flops,
         traced.params(),
         traced.params(width),
     )
@@ -431,7 +514,8 @@ def _search(traced: _Traced, roots: list[int], targets) -> dict[int, float]:
         def width(root):
             return widths.get(root, a.spaces[root])
 
-        return a.macs(width), traced.params(width)
+        counts = traced.counts(width, "macs")
+        return counts.flops, counts.params
 
     macs, params = targets
     result = search_rates(count, len(roots), flops_reduction=macs, params_reduction=params)
@@ -775,6 +859,21 @@ class DCFF:
         new = copy.copy(self)
         new.plan = _plan_from_trace(self._traced, self.is_nnx, rates, exclude, targets, unfused)
         return new
+
+    def counts(
+        self, convention: str = "thop", *, compact: bool = True, uncounted: Sequence[str] = ()
+    ):
+        """FLOPs and params (dcff_jax.flops.Counts) of the plan's compact model (compact=False:
+        of the model as given), at the example's batch, counted from the one trace: no model
+        is built. convention: "thop" (linen only: nnx layer calls are not seen) or "macs".
+        uncounted: paths of layers left out."""
+        if self.is_nnx and convention != "macs":
+            raise ConfigError(
+                f"convention {convention!r} counts layer calls, which an nnx model does not "
+                "show: count it with convention='macs'"
+            )
+        kept = _plan_widths(self.plan, self._traced, self.is_nnx) if compact else None
+        return self._traced.counts(kept, convention, tuple(uncounted))
 
     def _linen_layers(self, fused: bool) -> tuple:
         layers = [

@@ -1,7 +1,9 @@
 """FLOPs and params in the paper's convention (thop 0.0.31), counted from the model itself.
 
-The model is traced abstractly (models.trace_calls: jax.eval_shape and a Flax method
-interceptor, no FLOP spent), which records every layer call with its input and output shapes:
+The model is traced abstractly (no FLOP spent) and every layer call recorded with its input
+and output shapes (Layer); count_layers is the one counter, used by `count` (a model as it is),
+DCFF.counts and the plans (a plan's compact model at its traced widths), the plan search and the
+export metadata:
 
   conv            output elements x (c_in / groups x kh x kw + 1 if bias)
   batch norm      2 x elements
@@ -35,6 +37,93 @@ from dcff_jax.models import common
 
 
 @dataclasses.dataclass(frozen=True)
+class Layer:
+    """One counted layer call. Its count is linear in each of its channel widths (c_in, c_out;
+    the traced plans count a compact model by changing only these):
+
+      conv             pair x c_in / groups x c_out, + positions x c_out with a bias (thop)
+      dense            pair x c_in x c_out
+      batch_norm       2 x positions x c_in (thop)
+      avg_pool         positions x c_out (thop)
+      global_avg_pool  (area + 1) x positions x c_out (thop; 0 when not `counted`)
+
+    positions: elements per channel of the output (batch x H x W); pair: conv and dense
+    multiply-accumulates per (input channel of a group, output channel) pair. A depthwise conv
+    (groups == in_channels) keeps one input channel per group at any width."""
+
+    path: str
+    kind: str
+    output_shape: tuple[int, ...]
+    in_channels: int
+    out_channels: int
+    positions: int = 0
+    pair: int = 0
+    groups: int = 1
+    bias: bool = False
+    area: int = 0
+    counted: bool = True
+
+    def flops(self, c_in: int | None = None, c_out: int | None = None) -> int:
+        """Its count in the thop convention with c_in/c_out channels (None: its own)."""
+        c_in = self.in_channels if c_in is None else c_in
+        c_out = self.out_channels if c_out is None else c_out
+        if self.kind == "conv":
+            per_group = c_in if self.groups == 1 else self.in_channels // self.groups
+            return self.pair * per_group * c_out + self.bias * self.positions * c_out
+        if self.kind == "dense":
+            return self.pair * c_in * c_out
+        if self.kind == "batch_norm":
+            return 2 * self.positions * c_in
+        if self.kind == "avg_pool":
+            return self.positions * c_out
+        return (self.area + 1) * self.positions * c_out if self.counted else 0
+
+    def macs(self, c_in: int | None = None, c_out: int | None = None) -> int:
+        """Its conv or dense multiply-accumulates (0 for the other kinds)."""
+        if self.kind not in ("conv", "dense"):
+            return 0
+        return dataclasses.replace(self, bias=False).flops(c_in, c_out)
+
+
+# The module classes whose calls are counted layers (layer_of).
+COUNTED = (nn.Conv, FusedConv, nn.BatchNorm, nn.Dense, common.AvgPool, common.GlobalAvgPool)
+
+
+def layer_of(module, path: str, x_shape: Sequence[int], y_shape: Sequence[int]) -> Layer | None:
+    """The counted layer a linen module call is (None: a call that costs nothing or is made of
+    counted calls), from its input and output shapes (channels last)."""
+    x_shape, y_shape = tuple(x_shape), tuple(y_shape)
+    positions = math.prod(y_shape[:-1])
+    if isinstance(module, (nn.Conv, FusedConv)):
+        size = module.kernel_size
+        area = math.prod(size if not isinstance(size, int) else (size,) * 2)
+        return Layer(
+            path,
+            "conv",
+            y_shape,
+            x_shape[-1],
+            y_shape[-1],
+            positions,
+            positions * area,
+            getattr(module, "feature_group_count", 1),
+            bool(module.use_bias),
+        )
+    if isinstance(module, nn.BatchNorm):
+        return Layer(path, "batch_norm", y_shape, x_shape[-1], y_shape[-1], positions)
+    if isinstance(module, nn.Dense):
+        return Layer(path, "dense", y_shape, x_shape[-1], y_shape[-1], positions, positions)
+    if isinstance(module, common.AvgPool):
+        return Layer(path, "avg_pool", y_shape, x_shape[-1], y_shape[-1], positions)
+    if isinstance(module, common.GlobalAvgPool):
+        area = x_shape[1] * x_shape[2]
+        kwargs = {"area": area, "counted": module.counted}
+        return Layer(
+            path, "global_avg_pool", y_shape, x_shape[-1], y_shape[-1], positions, **kwargs
+        )
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerCount:
     path: str
     kind: str
@@ -49,31 +138,32 @@ class Counts:
     layers: tuple[LayerCount, ...]
 
 
-def _layer_flops(
-    module: nn.Module, x_shape: Sequence[int], y_shape: Sequence[int]
-) -> tuple[str, int] | None:
-    out = math.prod(y_shape)
-    if isinstance(module, (nn.Conv, FusedConv)):
-        kernel = math.prod(
-            module.kernel_size
-            if not isinstance(module.kernel_size, int)
-            else (module.kernel_size,) * 2
-        )
-        groups = getattr(module, "feature_group_count", 1)
-        return "conv", out * (x_shape[-1] // groups * kernel + int(module.use_bias))
-    if isinstance(module, nn.BatchNorm):
-        return "batch_norm", 2 * math.prod(x_shape)
-    if isinstance(module, nn.Dense):
-        return "dense", out * x_shape[-1]
-    if isinstance(module, common.AvgPool):
-        return "avg_pool", out
-    if isinstance(module, common.GlobalAvgPool):
-        area = x_shape[1] * x_shape[2]
-        return "global_avg_pool", (area + 1) * out if module.counted else 0
-    return None
-
-
 CONVENTIONS = ("thop", "macs")
+
+
+def count_layers(
+    layers: Sequence[Layer],
+    params: int,
+    convention: str = "thop",
+    uncounted: Collection[str] = (),
+    widths: Sequence[tuple[int, int]] | None = None,
+) -> Counts:
+    """The one counter: `layers` (in call order) counted in `convention` ("thop": the paper's
+    table, see the module docstring; "macs": conv and dense multiply-accumulates only), each at
+    its (c_in, c_out) of `widths` (None: their own), leaving out the paths in `uncounted`."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    records = []
+    for i, layer in enumerate(layers):
+        if layer.path in uncounted or (
+            convention == "macs" and layer.kind not in ("conv", "dense")
+        ):
+            continue
+        c_in, c_out = (None, None) if widths is None else widths[i]
+        n = layer.flops(c_in, c_out) if convention == "thop" else layer.macs(c_in, c_out)
+        shape = layer.output_shape[:-1] + (c_out or layer.out_channels,)
+        records.append(LayerCount(layer.path, layer.kind, shape, n))
+    return Counts(sum(r.flops for r in records), int(params), tuple(records))
 
 
 def count(
@@ -82,31 +172,21 @@ def count(
     convention: str = "thop",
     uncounted: Collection[str] = (),
 ) -> Counts:
-    """FLOPs and params of `model` on one input of `input_shape` (batch included), eval mode.
-
-    convention: "thop" (the paper's table, see the module docstring) or "macs" (conv and dense
-    multiply-accumulates only). uncounted: paths of layers not counted (those the published
+    """FLOPs and params of a linen `model` on one input of `input_shape` (batch included), eval
+    mode, as they are (count_layers over its layer calls; DCFF.counts counts a plan's compact
+    model without building it). uncounted: paths of layers not counted (those the published
     model computes with a function thop does not see, Architecture.original_uncounted)."""
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     calls, variables = models.trace_calls(model, input_shape)
-    records = []
-    for call in calls:
-        if call.path in uncounted:
-            continue
-        found = _layer_flops(call.module, call.input_shape, call.output_shape)
-        if found is not None and (convention == "thop" or found[0] in ("conv", "dense")):
-            records.append(LayerCount(call.path, found[0], call.output_shape, found[1]))
+    layers = [layer_of(c.module, c.path, c.input_shape, c.output_shape) for c in calls]
     params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(variables.get("params", {})))
-    return Counts(sum(r.flops for r in records), int(params), tuple(records))
+    return count_layers([x for x in layers if x is not None], params, convention, uncounted)
 
 
 def model_counts(
     architecture: str, cprate: str | Sequence[float] | None, convention: str = "thop"
 ) -> dict[str, int]:
     """Compact-model and original-model counts for a rate string, at batch 1."""
-    shape = models.input_shape(architecture, 1)
-    compact = count(models.create_model(architecture, cprate, "compact"), shape, convention)
+    compact = models.paper_dcff(architecture, cprate).counts(convention)
     base = original_counts(architecture, convention)
     return {
         "flops": compact.flops,
@@ -118,11 +198,10 @@ def model_counts(
 
 def original_counts(architecture: str, convention: str = "thop") -> Counts:
     """The original model's counts at batch 1, as thop counts the published one."""
-    return count(
-        models.create_model(architecture, None, "original"),
-        models.input_shape(architecture, 1),
+    return models.paper_dcff(architecture, None).counts(
         convention,
-        models.ARCHITECTURES[architecture].original_uncounted,
+        compact=False,
+        uncounted=models.ARCHITECTURES[architecture].original_uncounted,
     )
 
 
@@ -162,8 +241,7 @@ def main(argv: Sequence[str]) -> None:
     validate_config(config)
     counts = model_counts(config.model, config.cprate or None)
     if _LAYERS.value:
-        compact = models.create_model(config.model, config.cprate or None, "compact")
-        print(format_layers(count(compact, models.input_shape(config.model))))
+        print(format_layers(models.paper_dcff(config.model, config.cprate or None).counts()))
     print(format_summary(config.model, counts))
     print(f"cprate: {config.cprate}")
     print(json.dumps(counts))

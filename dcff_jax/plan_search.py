@@ -266,10 +266,10 @@ def architecture_counter(architecture: str, convention: str = "thop") -> tuple[C
     from dcff_jax import flops, models
 
     plans.rate_layout(architecture)
-    shape = models.input_shape(architecture, 1)
 
     def count(rates: tuple[float, ...]) -> tuple[int, int]:
-        counts = flops.count(models.create_model(architecture, rates, "compact"), shape, convention)
+        # One trace of the original model, planned again for each rates: no model is built.
+        counts = models.paper_dcff(architecture, rates).counts(convention)
         return counts.flops, counts.params
 
     original = flops.original_counts(architecture, convention)

@@ -16,7 +16,7 @@ carries a `Tag` (which of its axes holds which spaces). The rules are DCFF's:
     a model output, an op this module does not know) blocks the spaces it sees, with the reason.
 
 The analysis is abstract (no FLOP spent) and returns records that `dcff_jax.auto` turns into a
-plan, and that count MACs for any choice of widths.
+plan, and that count MACs for any choice of widths (dcff_jax.flops).
 """
 
 from __future__ import annotations
@@ -102,6 +102,11 @@ _REDUCE = {
 }
 _REDUCE_WINDOW = {"reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"}
 
+# jax.ad_checkpoint.checkpoint_name(x, PROBE + key) marks a value whose tag the analysis keeps
+# in Analysis.probes[key] (the counter reads a layer's channel widths there); every name is an
+# identity, followed like a copy.
+PROBE = "dcff_jax.probe/"
+
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
@@ -159,6 +164,8 @@ class ConvRecord:
     out_tag: Tag | None
     out_space: int | None
     macs_per_channel_pair: int
+    # The PROBE key ("<layer>/in") of the probed layer call it was made in, if any.
+    inside: str | None = None
 
 
 @dataclasses.dataclass
@@ -169,6 +176,7 @@ class Analysis:
     producers: dict[int, int]  # space -> index into records of its conv
     records: list[ConvRecord]
     ties: list[Tie]
+    probes: dict[str, Tag | None] = dataclasses.field(default_factory=dict)
 
     def find(self, space: int) -> int:
         while self.parent[space] != space:
@@ -200,19 +208,6 @@ class Analysis:
             s.size if s.space is None else kept(self.find(s.space)) for s in tag.segments
         )
 
-    def macs(self, kept: Callable[[int], int] | None = None) -> int:
-        """Conv and dense MACs with every group root r at kept(r) channels (None: all)."""
-        total = 0
-        for r in self.records:
-            if kept is None:
-                cin, cout = r.in_width, r.out_width
-            else:
-                cin = self.width(r.in_tag, kept) if r.in_tag else r.in_width
-                cout = self.width(r.out_tag, kept) if r.out_tag else r.out_width
-            groups = r.groups if r.groups == 1 or r.in_tag is None else cin
-            total += r.macs_per_channel_pair * (cin // max(groups, 1)) * cout
-        return total
-
 
 @dataclasses.dataclass(frozen=True)
 class _Param:
@@ -234,6 +229,10 @@ class _Info:
 class _Walker:
     def __init__(self):
         self.a = Analysis([], [], {}, {}, [], [])
+        self.inside: str | None = None  # the probed layer call being walked
+
+    def record(self, record: ConvRecord) -> None:
+        self.a.records.append(dataclasses.replace(record, inside=self.inside))
 
     # --- spaces -------------------------------------------------------------------------------
     def new_space(self, width: int, reason: str | None = None) -> int:
@@ -296,6 +295,13 @@ class _Walker:
         if call is not None:
             jaxpr, _, ins = call
             return self.run(jaxpr, ins, top=False)
+        if name == "name":  # checkpoint_name: an identity
+            key = eqn.params["name"]
+            if isinstance(key, str) and key.startswith(PROBE):
+                key = key.removeprefix(PROBE)
+                self.a.probes[key] = ins[0].tag
+                self.inside = key if key.endswith("/in") else None
+            return [ins[0]]
         if not any(i.tag or i.param for i in ins):
             return [self.constness(eqn, ins)] * n_out
         handler = getattr(self, f"op_{name}", None)
@@ -527,21 +533,19 @@ class _Walker:
                 out_tag = Tag(out_axis, (Segment(space, c_out),))
                 self.tie(out_tag, w.param, rhs_spec[0], "produced")
                 self.a.producers[space] = len(self.a.records)
-            self.a.records.append(
+            self.record(
                 ConvRecord("conv", leaf, k_shape, c_in, c_out, 1, in_tag, out_tag, space, pair)
             )
             return [_Info(tag=out_tag)]
         if groups == c_in and c_out == c_in and in_tag is not None and w.param is not None:
             # Depthwise, one filter per channel: follows its producer.
             self.tie(in_tag, w.param, rhs_spec[0], "out")
-            self.a.records.append(
+            self.record(
                 ConvRecord("conv", leaf, k_shape, c_in, c_out, groups, in_tag, in_tag, None, pair)
             )
             return [_Info(tag=dataclasses.replace(in_tag, axis=out_axis))]
         self.block(in_tag, f"a grouped conv ({groups} groups) fixes the channel blocks")
-        self.a.records.append(
-            ConvRecord("conv", leaf, k_shape, c_in, c_out, groups, None, None, None, pair)
-        )
+        self.record(ConvRecord("conv", leaf, k_shape, c_in, c_out, groups, None, None, None, pair))
         return [_Info()]
 
     def op_dot_general(self, eqn, ins):
@@ -584,7 +588,7 @@ class _Walker:
         if rhs.param is not None and lhs.tag is not None and r_free:
             width = r_shape[r_free[-1]]
             in_width = math.prod(l_shape[a] for a in lc)
-            self.a.records.append(
+            self.record(
                 ConvRecord(
                     "dense",
                     rhs.param.entries[0][0] if rhs.param.pure else None,

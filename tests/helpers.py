@@ -329,3 +329,12 @@ def pure_macs(model, shape) -> int:
         elif isinstance(c.module, nn.Dense):
             total += math.prod(c.output_shape) * c.input_shape[-1]
     return total
+
+
+def random_rate_string(arch: str, seed: int) -> str:
+    """A rate string of the architecture's layout with every entry drawn from [0, 0.9)."""
+    from dcff_jax import plans
+
+    rng = np.random.default_rng(seed)
+    entries = rng.uniform(0.0, 0.9, plans.LAYOUTS[arch].num_rates)
+    return "+".join(f"[{r:.3f}]" for r in entries)

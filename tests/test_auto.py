@@ -16,7 +16,9 @@ from helpers import (
     handwritten_model,
     paper_config,
     pure_macs,
+    random_rate_string,
 )
+from jax.ad_checkpoint import checkpoint_name
 
 import dcff_jax
 from dcff_jax import auto, models
@@ -223,15 +225,6 @@ def test_nnx_depthwise_separable():
     assert dcff.plan.compact_params == sum(x.size for x in params)
 
 
-def random_rate_string(arch: str, seed: int) -> str:
-    """A rate string of the architecture's layout with every entry drawn from [0, 0.9)."""
-    from dcff_jax import plans
-
-    rng = np.random.default_rng(seed)
-    entries = rng.uniform(0.0, 0.9, plans.LAYOUTS[arch].num_rates)
-    return "+".join(f"[{r:.3f}]" for r in entries)
-
-
 @pytest.mark.parametrize("arch", sorted(PAPER_CONFIGS))
 def test_our_architectures_traced_match_their_published_plans(arch):
     """The per-path mapping (plans.path_rates) on an architecture's unpruned definition, traced:
@@ -300,6 +293,39 @@ def test_convs_the_rewriter_cannot_fuse_are_planned_unfused_with_the_reason():
     fused = auto.DCFF(user.UnrewritableCNN(), IMAGES[:1], 0.5).fused()
     variables = fused.init(jax.random.key(0), IMAGES[:1])
     assert sorted(variables["fusion"]) == ["free", "last"]
+
+
+class NamedAndOwnDense(nn.Module):
+    """A conv whose output is named for remat (checkpoint_name: an identity the tracer follows)
+    and a classifier computed without a Dense module (a matmul the layer calls do not show)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3), strides=2, use_bias=False)(x))
+        x = checkpoint_name(x, "conv_out")
+        x = jnp.mean(x, axis=(1, 2))
+        return x @ self.param("head", nn.initializers.lecun_normal(), (8, 10))
+
+
+def test_counts_follow_named_values_and_matmuls_outside_layer_calls():
+    dcff = auto.DCFF(NamedAndOwnDense(), IMAGES[:1], 0.5)
+    (conv,) = dcff.plan.convs
+    assert conv.fused and conv.kept == 4
+    # The conv at 16 x 16 with 3 x 3 x 3 inputs, the matmul as it is: 8 (then 4) x 10.
+    assert dcff.plan.macs == 16 * 16 * 27 * 8 + 8 * 10
+    assert dcff.counts("macs").flops == dcff.plan.compact_macs == 16 * 16 * 27 * 4 + 4 * 10
+    layers = dcff.counts("macs", compact=False).layers
+    assert [(r.path, r.kind) for r in layers] == [("Conv_0", "conv"), ("", "dense")]
+    assert dcff.counts(compact=False).params == 27 * 8 + 8 * 10
+
+
+def test_nnx_counts_are_macs_only():
+    dcff = auto.DCFF(user.SepNet(nnx.Rngs(0)), IMAGES[:1], rates=0.5)
+    assert dcff.counts("macs").flops == dcff.plan.compact_macs
+    assert dcff.counts("macs", compact=False).flops == dcff.plan.macs
+    assert dcff.counts("macs").params == dcff.plan.compact_params
+    with pytest.raises(ConfigError, match="count it with convention='macs'"):
+        dcff.counts()
 
 
 def test_rates_by_glob_with_exclusions_and_conflicts():

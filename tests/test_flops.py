@@ -73,6 +73,60 @@ def test_resnet50_rows_reproduce_paper(preset):
     assert human(counts["base_params"]) == "25.56M"
 
 
+# Every row's exact integers (compact FLOPs, compact params, original FLOPs, original params),
+# counted at 6fff617, before the plans counted their compact models from the original's trace
+# (DCFF.counts): the two decimals of M above cannot see an off-by-a-bias-add.
+R50_BASE = (4_111_414_272, 25_557_032)
+EXACT_ROWS = {
+    ("vgg16_cifar", None): ("thop", 72_771_956, 1_071_248, 314_031_616, 14_728_266),
+    ("resnet56_cifar", None): ("thop", 55_835_840, 384_316, 126_550_656, 853_018),
+    ("resnet110_cifar", None): ("thop", 85_297_568, 555_368, 254_984_832, 1_727_962),
+    ("googlenet_cifar", None): ("thop", 457_215_424, 2_079_250, 1_529_421_824, 6_166_250),
+    ("mobilenetv2_imagenet", None): ("macs", 140_181_082, 2_626_759, 300_774_272, 3_504_872),
+    **{
+        ("resnet50_imagenet", preset): ("thop", flops_, params, *R50_BASE)
+        for preset, flops_, params in [
+            ("step-0.96B", 958_066_431, 7_403_402),
+            ("step-1.49B", 1_490_505_520, 10_581_581),
+            ("step-2.25B", 2_248_778_112, 15_163_623),
+            ("cos-1.52B", 1_522_959_872, 11_047_336),
+            ("cos-1.38B", 1_380_916_957, 11_813_898),
+            ("cos-1.02B", 1_023_260_224, 6_560_781),
+        ]
+    },
+}
+
+
+@pytest.mark.parametrize("row", sorted(EXACT_ROWS, key=str), ids=str)
+def test_every_row_exact(row):
+    convention, *want = EXACT_ROWS[row]
+    cfg = config(*row)
+    counts = flops.model_counts(cfg.model, cfg.cprate, convention)
+    got = [counts[k] for k in ("flops", "params", "base_flops", "base_params")]
+    assert got == want
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "resnet56", "googlenet", "resnet50", "mobilenetv2"])
+def test_a_plans_counts_are_its_built_compact_models(arch):
+    """DCFF.counts (the original's one trace at the plan's widths) equals counting the compact
+    model built from the plan, layer by layer, in both conventions, at a random rate string."""
+    from helpers import random_rate_string
+
+    from dcff_jax import models
+
+    cprate = random_rate_string(arch, 7)
+    dcff = models.paper_dcff(arch, cprate)
+    compact = dcff.compact_model()
+    for convention in flops.CONVENTIONS:
+        built = flops.count(compact, models.input_shape(arch), convention)
+        planned = dcff.counts(convention)
+        assert (planned.flops, planned.params) == (built.flops, built.params), convention
+        assert [(r.kind, r.output_shape, r.flops) for r in planned.layers] == [
+            (r.kind, r.output_shape, r.flops) for r in built.layers
+        ], convention
+    assert dcff.counts("macs").flops == dcff.plan.compact_macs
+
+
 def test_conv_bn_dense_pool_conventions_on_a_tiny_model():
     from flax import linen as nn
 

@@ -105,28 +105,42 @@ def trace_calls(model: nn.Module, shape: Sequence[int]) -> tuple[list[LayerCall]
 
     A module applied on its own inside another module's call (dcff_jax.DCFF's rewritten convs
     apply a detached copy of the conv they replace) is part of that call, not a layer: it has
-    no path, and is not recorded."""
+    no path, and is not recorded (intercept_layers)."""
     calls: list[LayerCall] = []
+
+    def record(module, path, call, args, kwargs):
+        y = call(*args, **kwargs)
+        if hasattr(y, "shape"):
+            calls.append(LayerCall(module, path, tuple(args[0].shape), tuple(y.shape)))
+        return y
+
+    x = jax.ShapeDtypeStruct(tuple(shape), jax.numpy.float32)
+    with intercept_layers(record):
+        variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    return calls, variables
+
+
+def intercept_layers(record: Callable):
+    """nn.intercept_methods context in which every layer's __call__ with a positional input is
+    made as record(module, path, call, args, kwargs) -> output (path: "stage1_block0/conv1").
+    Not a layer: a module applied on its own inside another module's call (no path below the
+    top); it is called as usual."""
     depth = 0
 
     def interceptor(next_fun, args, kwargs, context):
         nonlocal depth
+        module = context.module
+        path = "/".join(module.scope.path) if module.scope else ""
+        layer = context.method_name == "__call__" and args and (path or depth == 0)
         depth += 1
         try:
-            y = next_fun(*args, **kwargs)
+            if layer:
+                return record(module, path, next_fun, args, kwargs)
+            return next_fun(*args, **kwargs)
         finally:
             depth -= 1
-        if context.method_name == "__call__" and args and hasattr(y, "shape"):
-            module = context.module
-            path = "/".join(module.scope.path) if module.scope else ""
-            if path or depth == 0:
-                calls.append(LayerCall(module, path, tuple(args[0].shape), tuple(y.shape)))
-        return y
 
-    x = jax.ShapeDtypeStruct(tuple(shape), jax.numpy.float32)
-    with nn.intercept_methods(interceptor):
-        variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-    return calls, variables
+    return nn.intercept_methods(interceptor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +215,7 @@ __all__ = [
     "fused_layers",
     "conv_paths",
     "input_shape",
+    "intercept_layers",
     "paper_dcff",
     "prunable_conv",
     "trace_calls",
