@@ -14,14 +14,14 @@ FLOPs, params and export:
   count_flops, model_counts, compact_variables, load_compact (an exported compact model),
   pad_channels (any function with its conv widths rounded up by zero filters: same values,
   faster CPU convs; the StableHLO export does it)
-Any Flax model (linen or nnx), unmodified (dcff_jax.auto):
+Any Flax model (linen or nnx), unmodified (dcff_jax.any_model):
   DCFF (trace a plan; fused training model; save/load with the plan; compact export),
   Plan, make_plan, update_fusion_nnx, compact_nnx
 Compiling:
   compiler_options (pass to jax.jit: XLA:CPU settings that make conv-net steps ~2x faster)
 """
 
-from dcff_jax.auto import DCFF, Plan, compact_nnx, make_plan, update_fusion_nnx
+from dcff_jax.any_model import DCFF, Plan, compact_nnx, make_plan, update_fusion_nnx
 from dcff_jax.channel_padding import pad_channels
 from dcff_jax.export import compact_variables, load_compact
 from dcff_jax.flops import count as count_flops

@@ -15,7 +15,7 @@ carries a `Tag` (which of its axes holds which spaces). The rules are DCFF's:
   - anything else that sees the channels (slicing or padding them, a gather, a grouped conv,
     a model output, an op this module does not know) blocks the spaces it sees, with the reason.
 
-The analysis is abstract (no FLOP spent) and returns records that `dcff_jax.auto` turns into a
+The analysis is abstract (no FLOP spent) and returns records that `dcff_jax.any_model` turns into a
 plan, and that count MACs for any choice of widths (dcff_jax.flops).
 """
 

@@ -1,4 +1,4 @@
-"""Traced plans (dcff_jax.auto) for our six architectures' unpruned definitions, with the
+"""Traced plans (dcff_jax.any_model) for our six architectures' unpruned definitions, with the
 published rate strings mapped to conv paths (models.paper_dcff): how long tracing takes, how
 many convs fuse, and the compact MACs and params against our hand-written compact models'
 own counts.
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import PAPER_CONFIGS, paper_config, pure_macs  # noqa: E402
 
 import dcff_jax  # noqa: E402
-from dcff_jax import auto, models  # noqa: E402
+from dcff_jax import any_model, models  # noqa: E402
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
         compact = models.create_model(arch, cprate, "compact")
         ours = dcff_jax.count_flops(compact, models.input_shape(arch))
         macs = pure_macs(compact, models.input_shape(arch))
-        blocked = sum(not c.fused and not c.resized and c.reason != auto.NO_RATE
+        blocked = sum(not c.fused and not c.resized and c.reason != any_model.NO_RATE
                       and not c.reason.startswith("depthwise") for c in plan.convs)  # fmt: skip
         print(
             f"{arch:<12}{seconds:>8.2f}{len(plan.convs):>7}{len(plan.fused):>7}{blocked:>9}"

@@ -1,4 +1,5 @@
-"""DCFF on unmodified Flax models (dcff_jax.auto): traced plans, fused training, compact export."""
+"""DCFF on unmodified Flax models (dcff_jax.any_model): traced plans, fused training, compact
+export."""
 
 import math
 
@@ -21,7 +22,7 @@ from helpers import (
 from jax.ad_checkpoint import checkpoint_name
 
 import dcff_jax
-from dcff_jax import auto, models
+from dcff_jax import any_model, models
 from dcff_jax.errors import ConfigError, DataError, MissingFileError
 
 IMAGES = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
@@ -95,7 +96,7 @@ def linen_macs(compact_params, sizes: dict[str, int]) -> int:
 
 def check_linen_export(model, plan_kwargs, apply_kwargs=None, train_kwargs=None):
     apply_kwargs = apply_kwargs or {}
-    dcff = auto.DCFF(model, IMAGES[:1], apply_kwargs=apply_kwargs, **plan_kwargs)
+    dcff = any_model.DCFF(model, IMAGES[:1], apply_kwargs=apply_kwargs, **plan_kwargs)
     fused = dcff.fused()
     variables = fused.init(jax.random.key(0), IMAGES[:1], **apply_kwargs)
     variables, losses = train_linen(fused, variables, **(train_kwargs or apply_kwargs))
@@ -185,7 +186,7 @@ def nnx_train(model, steps=6, epochs=2):
     model.train()
     losses = []
     for epoch in range(epochs):
-        auto.update_fusion_nnx(model, epoch, epochs)
+        any_model.update_fusion_nnx(model, epoch, epochs)
         losses += [float(step(model, optimizer)) for _ in range(steps)]
     model.eval()
     return losses
@@ -193,7 +194,7 @@ def nnx_train(model, steps=6, epochs=2):
 
 def test_nnx_depthwise_separable():
     model = user.SepNet(nnx.Rngs(0))
-    dcff = auto.DCFF(model, IMAGES[:1], rates=0.5)
+    dcff = any_model.DCFF(model, IMAGES[:1], rates=0.5)
     convs = {c.path: c for c in dcff.plan.convs}
     assert [p for p, c in convs.items() if c.fused] == [
         "stem",
@@ -210,9 +211,9 @@ def test_nnx_depthwise_separable():
     assert model.stem.kernel.shape == (3, 3, 3, 16)  # the user's model is untouched
     losses = nnx_train(fused)
     assert losses[-1] < losses[0]
-    auto.update_fusion_nnx(fused, 0, 10)  # epoch 0 of 10 (T = 1): every filter mixes in
+    any_model.update_fusion_nnx(fused, 0, 10)  # epoch 0 of 10 (T = 1): every filter mixes in
     assert int(jnp.sum(fused.stem.matrix[...] > 0)) == 8 * 16
-    compact = auto.compact_nnx(fused)
+    compact = any_model.compact_nnx(fused)
     assert relative(fused(IMAGES), compact(IMAGES)) <= TOLERANCE
     assert compact.stem.kernel.shape == (3, 3, 3, 8) and compact.stem.bias.shape == (8,)
     kernels = [
@@ -270,7 +271,7 @@ def test_the_per_path_mapping_refuses_a_model_that_is_not_the_architecture():
 
 
 def test_blocked_convs_say_why():
-    plan = auto.make_plan(user.SlicingCNN(), IMAGES[:1], 0.5)
+    plan = any_model.make_plan(user.SlicingCNN(), IMAGES[:1], 0.5)
     convs = {c.path: c for c in plan.convs}
     assert convs["free"].fused and convs["free"].kept == 4
     assert not convs["sliced"].fused and "slice selects channels" in convs["sliced"].reason
@@ -282,7 +283,7 @@ def test_convs_the_rewriter_cannot_fuse_are_planned_unfused_with_the_reason():
     """A conv module that is no nn.Conv is never rewritten, so it must not be planned as fused
     (the plan's widths and MACs would be wrong); channels reduced to one value (argmax over
     classes) or read by a computed kernel cannot shrink either."""
-    plan = auto.make_plan(user.UnrewritableCNN(), IMAGES[:1], 0.5)
+    plan = any_model.make_plan(user.UnrewritableCNN(), IMAGES[:1], 0.5)
     convs = {c.path: c for c in plan.convs}
     assert convs["free"].fused and convs["free"].kept == 4
     assert convs["last"].fused  # its consumer `classes` is an nn.Conv, resized with it
@@ -290,7 +291,7 @@ def test_convs_the_rewriter_cannot_fuse_are_planned_unfused_with_the_reason():
     assert not convs["classes"].fused and "argmax over the channel axis" in convs["classes"].reason
     assert not convs["before_fixed"].fused
     assert "a conv whose kernel is not a parameter" in convs["before_fixed"].reason
-    fused = auto.DCFF(user.UnrewritableCNN(), IMAGES[:1], 0.5).fused()
+    fused = any_model.DCFF(user.UnrewritableCNN(), IMAGES[:1], 0.5).fused()
     variables = fused.init(jax.random.key(0), IMAGES[:1])
     assert sorted(variables["fusion"]) == ["free", "last"]
 
@@ -308,7 +309,7 @@ class NamedAndOwnDense(nn.Module):
 
 
 def test_counts_follow_named_values_and_matmuls_outside_layer_calls():
-    dcff = auto.DCFF(NamedAndOwnDense(), IMAGES[:1], 0.5)
+    dcff = any_model.DCFF(NamedAndOwnDense(), IMAGES[:1], 0.5)
     (conv,) = dcff.plan.convs
     assert conv.fused and conv.kept == 4
     # The conv at 16 x 16 with 3 x 3 x 3 inputs, the matmul as it is: 8 (then 4) x 10.
@@ -320,7 +321,7 @@ def test_counts_follow_named_values_and_matmuls_outside_layer_calls():
 
 
 def test_nnx_counts_are_macs_only():
-    dcff = auto.DCFF(user.SepNet(nnx.Rngs(0)), IMAGES[:1], rates=0.5)
+    dcff = any_model.DCFF(user.SepNet(nnx.Rngs(0)), IMAGES[:1], rates=0.5)
     assert dcff.counts("macs").flops == dcff.plan.compact_macs
     assert dcff.counts("macs", compact=False).flops == dcff.plan.macs
     assert dcff.counts("macs").params == dcff.plan.compact_params
@@ -331,40 +332,40 @@ def test_nnx_counts_are_macs_only():
 def test_rates_by_glob_with_exclusions_and_conflicts():
     model, kwargs = user.ResNet(), {"apply_kwargs": {"train": False}}
     rates = {"Bottleneck_0/*": 0.25, "*/Conv_0": 0.5, "Bottleneck_2/Conv_1": 0}
-    plan = auto.make_plan(model, IMAGES[:1], rates, exclude=["conv_init"], **kwargs)
+    plan = any_model.make_plan(model, IMAGES[:1], rates, exclude=["conv_init"], **kwargs)
     convs = {c.path: c for c in plan.convs}
     assert convs["Bottleneck_0/Conv_0"].kept == 6  # first matching pattern wins: 8 * 0.75
     assert convs["Bottleneck_1/Conv_0"].kept == 8  # 16 * 0.5
     unmatched = convs["Bottleneck_1/Conv_1"]
-    assert not unmatched.fused and unmatched.reason == auto.NO_RATE
+    assert not unmatched.fused and unmatched.reason == any_model.NO_RATE
     # Rate 0 fuses all 16 filters into 16, as the published code's rate-0 layers do.
     assert convs["Bottleneck_2/Conv_1"].fused and convs["Bottleneck_2/Conv_1"].kept == 16
     assert not convs["conv_init"].fused and "excluded" in convs["conv_init"].reason
     with pytest.raises(ConfigError, match="give rates"):
-        auto.make_plan(model, IMAGES[:1], **kwargs)
+        any_model.make_plan(model, IMAGES[:1], **kwargs)
     with pytest.raises(ConfigError, match="must share one rate"):
-        auto.make_plan(model, IMAGES[:1], {"*/Conv_2": 0.5, "*": 0.25}, **kwargs)
+        any_model.make_plan(model, IMAGES[:1], {"*/Conv_2": 0.5, "*": 0.25}, **kwargs)
     with pytest.raises(ConfigError, match="outside"):
-        auto.make_plan(model, IMAGES[:1], 1.0, **kwargs)
+        any_model.make_plan(model, IMAGES[:1], 1.0, **kwargs)
 
 
 def test_plan_round_trips_and_refuses_a_changed_model():
     model, kwargs = user.ResNet(), {"apply_kwargs": {"train": False}}
-    plan = auto.make_plan(model, IMAGES[:1], 0.5, **kwargs)
-    restored = auto.Plan.from_json(plan.to_json())
+    plan = any_model.make_plan(model, IMAGES[:1], 0.5, **kwargs)
+    restored = any_model.Plan.from_json(plan.to_json())
     assert restored == plan
-    assert auto.DCFF(model, IMAGES[:1], plan=restored, **kwargs).plan == plan
+    assert any_model.DCFF(model, IMAGES[:1], plan=restored, **kwargs).plan == plan
     with pytest.raises(ConfigError, match="no longer matches its plan"):
-        auto.DCFF(user.ResNet(stage_sizes=(1, 3)), IMAGES[:1], plan=restored, **kwargs)
+        any_model.DCFF(user.ResNet(stage_sizes=(1, 3)), IMAGES[:1], plan=restored, **kwargs)
     with pytest.raises(ConfigError, match="no longer matches its plan"):
-        auto.DCFF(user.ResNet(num_filters=16), IMAGES[:1], plan=restored, **kwargs)
+        any_model.DCFF(user.ResNet(num_filters=16), IMAGES[:1], plan=restored, **kwargs)
     with pytest.raises(ConfigError, match="not a dcff-jax plan"):
-        auto.Plan.from_json('{"format": "something else"}')
+        any_model.Plan.from_json('{"format": "something else"}')
 
 
 @pytest.mark.parametrize("target", ["macs", "params"])
 def test_target_reduction_is_searched_per_group(target):
-    plan = auto.make_plan(
+    plan = any_model.make_plan(
         user.ResNet(),
         IMAGES[:1],
         apply_kwargs={"train": False},
@@ -382,41 +383,43 @@ def test_target_reduction_is_searched_per_group(target):
 
 def test_linen_save_load_and_export_carry_the_plan(tmp_path):
     model, kwargs = user.ResNet(), {"apply_kwargs": {"train": False}}
-    dcff = auto.DCFF(model, IMAGES[:1], 0.5, **kwargs)
+    dcff = any_model.DCFF(model, IMAGES[:1], 0.5, **kwargs)
     fused = dcff.fused()
     variables = fused.init(jax.random.key(0), IMAGES[:1], train=False)
     fusion, _ = dcff_jax.update_fusion(variables["params"], variables["fusion"], 0, 10)
     variables = {**variables, "fusion": fusion}
     dcff.save(str(tmp_path / "ckpt"), variables)
-    loaded, restored = auto.DCFF.load(str(tmp_path / "ckpt"), model, IMAGES[:1], **kwargs)
+    loaded, restored = any_model.DCFF.load(str(tmp_path / "ckpt"), model, IMAGES[:1], **kwargs)
     assert loaded.plan == dcff.plan
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), variables, restored))
     with pytest.raises(ConfigError, match="no longer matches its plan"):
-        auto.DCFF.load(str(tmp_path / "ckpt"), user.ResNet(num_filters=4), IMAGES[:1], **kwargs)
+        any_model.DCFF.load(
+            str(tmp_path / "ckpt"), user.ResNet(num_filters=4), IMAGES[:1], **kwargs
+        )
     with pytest.raises(MissingFileError, match="not a dcff-jax save"):
-        auto.DCFF.load(str(tmp_path / "nothing"), model, IMAGES[:1], **kwargs)
+        any_model.DCFF.load(str(tmp_path / "nothing"), model, IMAGES[:1], **kwargs)
     for path in (tmp_path / "ckpt/state").rglob("*"):  # every array file of the checkpoint
         if path.is_file() and path.stat().st_size > 64 and "manifest" not in path.name:
             path.write_bytes(b"\0" * 16)
     with pytest.raises(DataError, match="corrupt or unreadable"):
-        auto.DCFF.load(str(tmp_path / "ckpt"), model, IMAGES[:1], **kwargs)
+        any_model.DCFF.load(str(tmp_path / "ckpt"), model, IMAGES[:1], **kwargs)
 
     compact, compact_vars = dcff.export(str(tmp_path / "export"), variables, IMAGES[:1])
     exported = jax.export.deserialize(bytearray((tmp_path / "export/model.stablehlo").read_bytes()))
     expected = fused.apply(variables, IMAGES, train=False)
     assert relative(expected, exported.call(IMAGES)) <= TOLERANCE
     assert relative(expected[:3], exported.call(IMAGES[:3])) <= TOLERANCE  # any batch size
-    assert auto.Plan.from_json((tmp_path / "export/plan.json").read_text()) == dcff.plan
+    assert any_model.Plan.from_json((tmp_path / "export/plan.json").read_text()) == dcff.plan
 
 
 def test_nnx_save_load_and_export(tmp_path):
     model = user.SepNet(nnx.Rngs(0))
-    dcff = auto.DCFF(model, IMAGES[:1], 0.5)
+    dcff = any_model.DCFF(model, IMAGES[:1], 0.5)
     fused = dcff.fused()
-    auto.update_fusion_nnx(fused, 0, 10)
+    any_model.update_fusion_nnx(fused, 0, 10)
     fused.eval()
     dcff.save(str(tmp_path / "ckpt"), fused)
-    loaded, restored = auto.DCFF.load(str(tmp_path / "ckpt"), model, IMAGES[:1])
+    loaded, restored = any_model.DCFF.load(str(tmp_path / "ckpt"), model, IMAGES[:1])
     restored.eval()
     assert relative(fused(IMAGES), restored(IMAGES)) == 0.0
     compact, _ = dcff.export(str(tmp_path / "export"), fused, IMAGES[:1])
@@ -429,7 +432,7 @@ def test_our_mobilenetv2_through_the_tracer_fuses_and_exports():
     """Linen depthwise convs follow their producers: our MobileNetV2's unpruned definition,
     fused by the tracer, exports a compact model with the fused model's logits."""
     model = models.create_model("mobilenetv2", None, "original", num_classes=10)
-    dcff = auto.DCFF(model, IMAGES[:1], 0.3, apply_kwargs={"train": False})
+    dcff = any_model.DCFF(model, IMAGES[:1], 0.3, apply_kwargs={"train": False})
     assert len(dcff.plan.followers) == 17  # one depthwise conv per inverted-residual block
     fused = dcff.fused()
     variables = fused.init(jax.random.key(0), IMAGES[:1], train=False)
@@ -456,16 +459,16 @@ def test_our_mobilenetv2_through_the_tracer_fuses_and_exports():
 
 def test_nnx_unfused_conv_is_resized_not_wrapped():
     model = user.SepNet(nnx.Rngs(0))
-    dcff = auto.DCFF(model, IMAGES[:1], 0.5, unfused=["stem"])
+    dcff = any_model.DCFF(model, IMAGES[:1], 0.5, unfused=["stem"])
     stem = {c.path: c for c in dcff.plan.convs}["stem"]
     assert stem.resized and not stem.fused and stem.kept == 8
     fused = dcff.fused()
     assert isinstance(fused.stem, nnx.Conv) and fused.stem.kernel.shape == (3, 3, 3, 8)
     assert fused.stem.bias.shape == (8,) and fused.bn.scale.shape == (8,)
-    assert isinstance(fused.blocks[0].pointwise, auto.FusedConvNNX)
-    auto.update_fusion_nnx(fused, 0, 10)
+    assert isinstance(fused.blocks[0].pointwise, any_model.FusedConvNNX)
+    any_model.update_fusion_nnx(fused, 0, 10)
     fused.eval()
-    assert relative(fused(IMAGES), auto.compact_nnx(fused)(IMAGES)) <= TOLERANCE
+    assert relative(fused(IMAGES), any_model.compact_nnx(fused)(IMAGES)) <= TOLERANCE
 
 
 @pytest.mark.parametrize(
@@ -476,7 +479,7 @@ def test_narrowed_layers_keep_their_values_unscaled_in_nnx_and_linen(init):
     channels' values, unscaled, so a non-fan-in initialiser (or a pretrained weight) keeps its
     scale (the old nnx path multiplied by sqrt(fan-in ratio): 0.5 became 0.707)."""
     model = user.SepNet(nnx.Rngs(0), init=init)
-    fused = auto.DCFF(model, IMAGES[:1], 0.5).fused()
+    fused = any_model.DCFF(model, IMAGES[:1], 0.5).fused()
     # The head's input 32 -> 16, the depthwise conv follows the stem (16 -> 8), the pointwise
     # conv's input 16 -> 8 (its 32 filters stay, fused).
     expected = {
@@ -494,7 +497,7 @@ def test_narrowed_layers_keep_their_values_unscaled_in_nnx_and_linen(init):
 
     linen = user.SepNetLinen(kernel_init=init)
     variables = linen.init(jax.random.key(0), IMAGES[:1])
-    dcff = auto.DCFF(linen, IMAGES[:1], 0.5, apply_kwargs={"train": False})
+    dcff = any_model.DCFF(linen, IMAGES[:1], 0.5, apply_kwargs={"train": False})
     fused_vars = dcff.fused_variables(variables)
     params, full = fused_vars["params"], variables["params"]
     assert bool(jnp.array_equal(params["head"]["kernel"], full["head"]["kernel"][:16]))
@@ -631,17 +634,17 @@ def test_readme_three_lines_run_as_written():
     assert len(code.strip().splitlines()) == 3
     namespace = {"dcff_jax": dcff_jax, "model": user.ResNet(), "images": IMAGES}
     exec(code, namespace)  # noqa: S102 (our own README)
-    assert isinstance(namespace["fused"], auto.FusedLinen)
+    assert isinstance(namespace["fused"], any_model.FusedLinen)
     assert all(c.fused for c in namespace["dcff"].plan.convs)
 
 
 def test_norms_and_gates():
-    plan = auto.make_plan(user.NormsAndGates(), IMAGES[:1], 0.5)
+    plan = any_model.make_plan(user.NormsAndGates(), IMAGES[:1], 0.5)
     convs = {c.path: c for c in plan.convs}
     assert convs["layer_norm"].fused and convs["last"].fused
     assert "reshape splits the channel axis" in convs["group_norm"].reason
     assert "dense layer" in convs["gated"].reason
-    dcff = auto.DCFF(user.NormsAndGates(), IMAGES[:1], 0.5)
+    dcff = any_model.DCFF(user.NormsAndGates(), IMAGES[:1], 0.5)
     variables = dcff.fused().init(jax.random.key(0), IMAGES[:1])
     fusion, _ = dcff_jax.update_fusion(variables["params"], variables["fusion"], 0, 10)
     variables = {**variables, "fusion": fusion}
@@ -656,7 +659,7 @@ def test_our_data_parallel_steps_train_a_users_fused_model():
     architectures do: a model that takes train= and has batch norm needs nothing else."""
     from dcff_jax import steps
 
-    dcff = auto.DCFF(user.ResNet(), IMAGES[:1], 0.5, apply_kwargs={"train": False})
+    dcff = any_model.DCFF(user.ResNet(), IMAGES[:1], 0.5, apply_kwargs={"train": False})
     model, mesh, tx = dcff.fused(), steps.make_mesh(), optax.sgd(0.01, momentum=0.9)
     state = steps.create_train_state(model, tx, 32, 0, mesh)
     fusion, _ = dcff_jax.update_fusion(state.params, state.fusion, 0, 10)
@@ -674,3 +677,10 @@ def test_our_data_parallel_steps_train_a_users_fused_model():
     # the 4 it keeps.
     change = np.abs(np.asarray(state.params["conv_init"]["kernel"]) - before["conv_init"]["kernel"])
     assert change.shape[-1] == 8 and np.all(change.max(axis=(0, 1, 2)) > 0)
+
+
+def test_the_former_module_name_still_imports():
+    from dcff_jax import auto
+
+    assert auto.DCFF is dcff_jax.DCFF is any_model.DCFF
+    assert auto.Plan is dcff_jax.Plan and auto.update_fusion_nnx is dcff_jax.update_fusion_nnx

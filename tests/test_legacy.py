@@ -21,7 +21,7 @@ from make_legacy_fixtures import (
 )
 
 import dcff_jax
-from dcff_jax import auto, export, input_pipeline
+from dcff_jax import any_model, export, input_pipeline
 
 U32 = float(np.finfo(np.float32).eps) / 2
 
@@ -43,8 +43,8 @@ def test_a_dcff_save_from_before_loads_with_its_plan(tmp_path):
     directory = str(tmp_path / "any_model")
     shutil.copytree(os.path.join(LEGACY, "any_model"), directory)
     kwargs = {"apply_kwargs": {"train": False}}
-    loaded, variables = auto.DCFF.load(directory, user.ResNet(), images[:1], **kwargs)
-    assert loaded.plan == auto.DCFF(user.ResNet(), images[:1], 0.5, **kwargs).plan
+    loaded, variables = any_model.DCFF.load(directory, user.ResNet(), images[:1], **kwargs)
+    assert loaded.plan == any_model.DCFF(user.ResNet(), images[:1], 0.5, **kwargs).plan
     fresh = loaded.fused().init(jax.random.key(0), images[:1], train=False)
     assert abstract_tree(variables) == abstract_tree(fresh)
     # The saved fusion state is the one update (epoch 0 of 3) made before saving, not the

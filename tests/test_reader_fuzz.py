@@ -14,7 +14,7 @@ import pytest
 from fuzzing import MUTATIONS, flip_bytes, fuzz, mutate_json_bytes, replace_ints, truncate
 from helpers import write_tfrecord
 
-from dcff_jax import auto, export, input_pipeline, tfrecord, train
+from dcff_jax import any_model, export, input_pipeline, tfrecord, train
 from dcff_jax.config import default_config
 from dcff_jax.errors import ConfigError, DataError
 
@@ -149,7 +149,7 @@ def plan_json():
     import flax_user_models as user
 
     images = jnp.zeros((1, 32, 32, 3))
-    return auto.make_plan(user.ConcatCNN(), images, 0.5).to_json()
+    return any_model.make_plan(user.ConcatCNN(), images, 0.5).to_json()
 
 
 @pytest.mark.parametrize("kind", ["json", "bytes", "truncate"])
@@ -163,14 +163,14 @@ def test_mutated_plans(kind, plan_json):
 
     def read(blob):
         try:
-            return auto.Plan.from_json(blob)
+            return any_model.Plan.from_json(blob)
         except ConfigError as error:
             assert "not a dcff-jax plan" in str(error)
             raise
 
     mutations = (mutate_json_bytes(plan_json, kind, rng) for _ in range(MUTATIONS))
     fuzz("plan.json", kind, mutations, read, check)
-    assert auto.Plan.from_json(plan_json).to_json() == plan_json
+    assert any_model.Plan.from_json(plan_json).to_json() == plan_json
 
 
 @pytest.mark.parametrize("kind", ["json", "bytes", "truncate"])

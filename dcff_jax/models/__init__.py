@@ -188,9 +188,9 @@ def paper_dcff(
 def _traced_original(architecture: str, num_classes: int | None, dtype):
     """(DCFF of the original model with no conv planned, the paths of its convs that a rate
     applies to in call order): the one trace that paper_dcff plans on."""
-    from dcff_jax import auto
+    from dcff_jax import any_model
 
-    dcff = auto.DCFF(
+    dcff = any_model.DCFF(
         _original(architecture, num_classes, dtype),
         jax.ShapeDtypeStruct(input_shape(architecture), jax.numpy.float32),
         {},
