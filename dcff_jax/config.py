@@ -7,7 +7,7 @@ published CIFAR-10 recipe (REFERENCE.md, "Training recipes").
 
 import ml_collections
 
-from dcff_jax import download
+from dcff_jax.data import download
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -39,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
     # ImageNet: decode JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) wherever the scaled image
     # still holds every pixel the crop is resized to (images >= 2x the needed size; never for
     # 500x375 at 224 px). Off: decode and transforms are torchvision's, pixel for pixel. On:
-    # within the tolerance stated in dcff_jax.input_pipeline.DRAFT_TOLERANCE, where it applies.
+    # within the tolerance stated in dcff_jax.data.transforms.DRAFT_TOLERANCE, where it applies.
     config.jpeg_draft = False
     # Where the training and test splits live: "device" (every device holds both; batches are
     # gathered there, no host work between steps), "host" (loaded and placed batch by batch), or
@@ -89,7 +89,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Check a config before anything is compiled; raise ConfigError naming the bad field."""
-    from dcff_jax import fusion, input_pipeline, models, plans
+    from dcff_jax import fusion, models, plans
+    from dcff_jax.data import sources
     from dcff_jax.errors import ConfigError
 
     if config.model not in models.ARCHITECTURES:
@@ -108,8 +109,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     checks = [
         (config.criterion in fusion.CRITERIA, f"config.criterion must be one of {fusion.CRITERIA}"),
         (
-            config.dataset in input_pipeline.DATASETS,
-            f"config.dataset must be one of {input_pipeline.DATASETS}",
+            config.dataset in sources.DATASETS,
+            f"config.dataset must be one of {sources.DATASETS}",
         ),
         (
             config.lr_schedule in ("multistep", "step", "cosine"),

@@ -34,7 +34,8 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from dcff_jax import export, input_pipeline, onnx_export, steps
+    from dcff_jax import export, onnx_export, steps
+    from dcff_jax.data import loader, sources, transforms
     from dcff_jax.xla_options import compiler_options
 
     stablehlo = checkpoint.endswith(export.STABLEHLO)
@@ -53,8 +54,8 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
     config = ml_collections.ConfigDict(meta["config"])
     config.data_dir = data_dir if data_dir is not None else meta["data_dir"]
     config.dataset = dataset or meta["dataset"]
-    data = input_pipeline.load_data(config)
-    input_pipeline.check_fits(config, data, config.data_dir or config.dataset)
+    data = sources.load_data(config)
+    sources.check_fits(config, data, config.data_dir or config.dataset)
     devices = mesh.devices.size
     batch = batch_size - batch_size % devices or devices
 
@@ -69,11 +70,11 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
                 images,
             )
         else:
-            x = input_pipeline.normalize(images, data.mean, data.std, jnp.float32)
+            x = transforms.normalize(images, data.mean, data.std, jnp.float32)
             logits = model.apply(variables, x, train=False)
         return steps.eval_sums(logits, labels, mask)
 
-    batches = input_pipeline.eval_batches(data.test, batch)
+    batches = loader.eval_batches(data.test, batch)
     return steps.evaluate(lambda _, *b: step(*b), None, batches, mesh)
 
 

@@ -86,7 +86,8 @@ def write_export(directory: str, variables, metadata: dict, model=None) -> None:
     import jax
     import orbax.checkpoint as ocp
 
-    from dcff_jax import checkpoints, input_pipeline, storage
+    from dcff_jax import checkpoints, storage
+    from dcff_jax.data import sources
 
     root = storage.resolve(directory)
     current = _current_version(root)
@@ -101,7 +102,7 @@ def write_export(directory: str, variables, metadata: dict, model=None) -> None:
         checkpointer.wait_until_finished()
     if primary:
         if model is not None:
-            mean, std = input_pipeline.normalization(metadata["dataset"])
+            mean, std = sources.normalization(metadata["dataset"])
             module = stablehlo_bytes(model, variables, metadata["image_size"], mean, std)
             (root / version / STABLEHLO).write_bytes(module)
             metadata = with_digest(metadata, STABLEHLO, module)
@@ -257,10 +258,10 @@ def stablehlo_bytes(
     """
     import jax.numpy as jnp
 
-    from dcff_jax import input_pipeline
+    from dcff_jax.data import transforms
 
     def logits(images):
-        x = input_pipeline.normalize(images, mean, std, jnp.float32)
+        x = transforms.normalize(images, mean, std, jnp.float32)
         return model.apply(variables, x, train=False).astype(jnp.float32)
 
     return batch_polymorphic_stablehlo(logits, (image_size, image_size, 3), jnp.uint8, pad_to)
@@ -288,10 +289,10 @@ def write_stablehlo(directory: str, pad_to: int = STABLEHLO_PAD_TO) -> str:
     for a newer jax, or to choose the padding. One process only (it reads the export with
     orbax)."""
 
-    from dcff_jax import input_pipeline
+    from dcff_jax.data import sources
 
     model, variables, metadata = load_compact(directory)
-    mean, std = input_pipeline.normalization(metadata["dataset"])
+    mean, std = sources.normalization(metadata["dataset"])
     data = stablehlo_bytes(model, variables, metadata["image_size"], mean, std, pad_to)
     version = current_version_dir(directory)
     metadata = with_digest(metadata, STABLEHLO, data)

@@ -533,10 +533,10 @@ def onnx_bytes(model, variables, image_size: int, mean, std, pad_to: int = 8) ->
     """
     import jax.numpy as jnp
 
-    from dcff_jax import input_pipeline
+    from dcff_jax.data import transforms
 
     def logits(images):
-        x = input_pipeline.normalize(images, mean, std, jnp.float32)
+        x = transforms.normalize(images, mean, std, jnp.float32)
         return model.apply(variables, x, train=False).astype(jnp.float32)
 
     proto = jaxpr_to_onnx(logits, (None, image_size, image_size, 3), np.uint8)
@@ -556,10 +556,11 @@ def onnx_bytes(model, variables, image_size: int, mean, std, pad_to: int = 8) ->
 def write_onnx(directory: str, pad_to: int = 8) -> str:
     """Write `model.onnx` (see onnx_bytes) into the current export version under `directory`
     (WORKDIR/compact), atomically; returns its path. One process only."""
-    from dcff_jax import export, input_pipeline
+    from dcff_jax import export
+    from dcff_jax.data import sources
 
     model, variables, metadata = export.load_compact(directory)
-    mean, std = input_pipeline.normalization(metadata["dataset"])
+    mean, std = sources.normalization(metadata["dataset"])
     data = onnx_bytes(model, variables, metadata["image_size"], mean, std, pad_to)
     version = export.current_version_dir(directory)
     export.write_beside_metadata(version, ONNX, data, export.with_digest(metadata, ONNX, data))

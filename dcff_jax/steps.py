@@ -28,7 +28,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dcff_jax import fusion, input_pipeline
+from dcff_jax import fusion
+from dcff_jax.data import loader, transforms
 from dcff_jax.xla_options import compiler_options
 
 
@@ -94,8 +95,8 @@ def model_input(images: jax.Array, spec: InputSpec, key: jax.Array | None = None
     """uint8 (n, H, W, 3) -> normalised (n, H, W, 3) in spec.dtype; augmented when a key is
     given and spec.augment."""
     if spec.augment and key is not None:
-        images = input_pipeline.augment_cifar(images, key)
-    return input_pipeline.normalize(images, spec.mean, spec.std, spec.dtype)
+        images = transforms.augment_cifar(images, key)
+    return transforms.normalize(images, spec.mean, spec.std, spec.dtype)
 
 
 def train_step_fn(model, tx, spec: InputSpec, seed: int = 0) -> Callable:
@@ -367,13 +368,13 @@ def evaluate(
     eval_step: Callable, state, batches: Iterable[tuple[np.ndarray, ...]], mesh: Mesh
 ) -> dict[str, float]:
     """Top-1 / top-5 (%) and mean loss over (images, labels, valid mask) batches, e.g.
-    input_pipeline.eval_batches(split, global_batch)."""
+    loader.eval_batches(split, global_batch)."""
 
     def place(batch):
         return to_global(mesh, *batch)
 
     totals = None
-    with contextlib.closing(input_pipeline.prefetch(batches, place)) as placed:
+    with contextlib.closing(loader.prefetch(batches, place)) as placed:
         for images, labels, valid in placed:
             sums = eval_step(state, images, labels, valid)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)

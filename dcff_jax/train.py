@@ -21,9 +21,7 @@ import ml_collections
 from dcff_jax import (
     checkpoints,
     export,
-    feeds,
     fusion,
-    input_pipeline,
     logs,
     models,
     optim,
@@ -32,6 +30,7 @@ from dcff_jax import (
     xla_options,
 )
 from dcff_jax.config import validate_config
+from dcff_jax.data import feeds, loader, sources
 from dcff_jax.errors import ConfigError
 
 
@@ -60,7 +59,7 @@ class Run:
 
     config: ml_collections.ConfigDict
     workdir: str
-    data: input_pipeline.Data
+    data: sources.Data
     steps_per_epoch: int
     last_batch: int  # global size of the epoch's final partial batch; 0: every batch is full
     mesh: Any
@@ -87,14 +86,12 @@ class Run:
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-    data = input_pipeline.load_data(config)
-    input_pipeline.check_fits(config, data, config.data_dir or config.dataset)
-    last = input_pipeline.last_batch_size(
+    data = sources.load_data(config)
+    sources.check_fits(config, data, config.data_dir or config.dataset)
+    last = loader.last_batch_size(
         data.train, config.batch_size, jax.device_count(), config.drop_last_batch
     )
-    spe = input_pipeline.steps_per_epoch(
-        data.train, config.batch_size, config.steps_per_epoch, last
-    )
+    spe = loader.steps_per_epoch(data.train, config.batch_size, config.steps_per_epoch, last)
     if spe * config.batch_size <= data.train.num_examples:  # capped: every step is full
         last = 0
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
@@ -137,7 +134,7 @@ def prepare(run: Run, state) -> None:
         eval_step = steps.make_eval_step(run.model, run.spec, mesh)
 
         def evaluate(state):
-            batches = input_pipeline.eval_batches(run.data.test, config.batch_size)
+            batches = loader.eval_batches(run.data.test, config.batch_size)
             return steps.evaluate(eval_step, state, batches, mesh)
 
         run.evaluate = evaluate

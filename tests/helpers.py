@@ -211,7 +211,7 @@ def write_tfds_imagenet(
 
 def write_tfrecord(path: str, records: list[bytes]) -> None:
     """records framed as TensorFlow writes them: length, its CRC, data, its CRC."""
-    from dcff_jax import tfrecord  # imports tensorflow_datasets: only where needed
+    from dcff_jax.data import tfrecord  # imports tensorflow_datasets: only where needed
 
     with open(path, "wb") as f:
         for record in records:

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from helpers import free_port, run_module, write_cifar_folder
 
-from dcff_jax import download
 from dcff_jax import input_pipeline as ip
+from dcff_jax.data import download
 from dcff_jax.errors import DataError, MissingFileError
 
 

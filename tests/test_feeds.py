@@ -1,4 +1,4 @@
-"""Device-resident data and many steps per call (dcff_jax.feeds, steps.make_train_loop)."""
+"""Device-resident data and many steps per call (dcff_jax.data.feeds, steps.make_train_loop)."""
 
 import dataclasses
 import functools
@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from helpers import tiny_config, write_cifar_folder
 
-from dcff_jax import checkpoints, feeds, input_pipeline, models, optim, steps
+from dcff_jax import checkpoints, input_pipeline, models, optim, steps
+from dcff_jax.data import feeds
 
 
 def host_split(train=40, seed=0):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (train, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, train).astype(np.int64)
-    return input_pipeline._array_split(images, labels)
+    return input_pipeline.array_split(images, labels)
 
 
 @pytest.mark.parametrize("seed,epoch", [(0, 0), (0, 5), (3, 1)])

@@ -238,3 +238,10 @@ def test_prefetch_raises_a_producer_error_where_its_batch_would_come():
     assert next(placed) == 1 and next(placed) == 2
     with pytest.raises(DataError, match="batch 3"):
         next(placed)
+
+
+def test_the_former_module_name_re_exports_the_data_package():
+    from dcff_jax import data
+
+    assert ip.__all__ == data.__all__ and len(data.__all__) > 30
+    assert ip.load_data is data.sources.load_data and ip.normalize is data.transforms.normalize

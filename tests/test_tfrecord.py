@@ -15,7 +15,7 @@ from helpers import imagenet_to_tfrecord, tiny_config, write_tfds_imagenet, writ
 from PIL import Image
 
 from dcff_jax import input_pipeline as ip
-from dcff_jax import tfrecord
+from dcff_jax.data import tfrecord
 from dcff_jax.errors import DataError, MissingFileError
 
 SPLITS = {"train": 12, "validation": 6}

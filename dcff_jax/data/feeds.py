@@ -2,7 +2,7 @@
 
 Two feeds give the train loop the same global batch for every (seed, epoch, step):
   - DeviceFeed: the whole split lives on every device (CIFAR-10: 150 MB as uint8). The epoch's
-    permutation is computed on the host exactly as input_pipeline.train_batches does and sent
+    permutation is computed on the host exactly as loader.train_batches does and sent
     once per epoch (200 KB); each call runs up to `steps_per_call` steps in one jitted loop that
     gathers its batches on the device (steps.make_train_loop). No host work between steps.
   - HostFeed: batches loaded on the host (ImageNet decodes and crops there), placed on the
@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcff_jax import input_pipeline, steps
+from dcff_jax import steps
+from dcff_jax.data import loader, sources
 
 # Data placement (config.data_placement): "auto" puts a split on the devices when it is held in
 # memory as arrays (CIFAR-10) and both splits together take at most this many bytes.
@@ -45,7 +46,7 @@ def steps_per_call(config) -> int:
     return DEFAULT_STEPS_PER_CALL.get(jax.default_backend(), ACCELERATOR_STEPS_PER_CALL)
 
 
-def on_device(config, data: input_pipeline.Data) -> bool:
+def on_device(config, data: sources.Data) -> bool:
     """Whether config.data_placement (auto, device or host) puts this data on the devices."""
     from dcff_jax.errors import ConfigError
 
@@ -93,7 +94,7 @@ class DeviceFeed:
     @contextlib.contextmanager
     def epoch(self, epoch: int, first_step: int):
         del first_step
-        order = input_pipeline.epoch_permutation(self.num_examples, self.seed, epoch)
+        order = loader.epoch_permutation(self.num_examples, self.seed, epoch)
         self.order = steps.place_replicated(self.mesh, order, np.int32)
         yield self
 
@@ -146,7 +147,7 @@ def compile_in_parallel(lowered: list) -> list:
 class HostFeed:
     """Batches loaded on the host and placed by a prefetch thread; one step per call."""
 
-    train: input_pipeline.Split
+    train: sources.Split
     batch: int
     seed: int
     steps_per_epoch: int
@@ -159,7 +160,7 @@ class HostFeed:
 
     @contextlib.contextmanager
     def epoch(self, epoch: int, first_step: int):
-        batches = input_pipeline.train_batches(
+        batches = loader.train_batches(
             self.train,
             self.batch,
             self.seed,
@@ -172,7 +173,7 @@ class HostFeed:
         def place(batch):
             return steps.to_global(self.mesh, *batch)
 
-        with contextlib.closing(input_pipeline.prefetch(batches, place)) as placed:
+        with contextlib.closing(loader.prefetch(batches, place)) as placed:
             self._placed = placed
             try:
                 yield self
