@@ -87,6 +87,7 @@ SMOKE = {
     "float64_distances.py": [
         ("--models=vgg16 --devices=1", rf"^\| 1 \| float32 \| {NUMBER} \| {NUMBER} \|$")
     ],
+    "module_map.py": [("HEAD", rf"^\| dcff_jax/flops.py \| {NUMBER} \| {NUMBER} `\w+` \|")],
     "plan_search_table.py": [("--archs=vgg16", r"^\| VGG-16 .*\| `\[.*\]` \|$")],
     "profile_forward.py": [("--arch=vgg16 --batch=1 --top=3", rf"^ +{NUMBER} +\S*conv\S*")],
     "trace_plans.py": [
