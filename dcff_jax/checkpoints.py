@@ -275,8 +275,27 @@ def read_step(mngr: ocp.CheckpointManager, step: int, args) -> Any:
         return reader.restore(step, args=args)
 
 
+class _OrphanedReads(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for orbax's array reads: when one
+    read of a checkpoint fails, its sibling reads fail too, and asyncio logs each one whose
+    error nobody awaited (with a traceback) whenever the task is collected, even after the run
+    has stopped in one line. The restore raises the first of them, which read_with_retries
+    reports; the rest say the same."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("Task exception was never retrieved")
+            and "coro=<async_deserialize()" in message
+        )
+
+
+_ORPHANED_READS = _OrphanedReads()
+
+
 def read_with_retries(mngr, step: int, args) -> tuple[Any, BaseException | None]:
     """(restored, None), or (None, the error): I/O errors retried after RETRY_DELAYS_S."""
+    logging.getLogger("asyncio").addFilter(_ORPHANED_READS)  # once: a filter is added once
     for delay in (*RETRY_DELAYS_S, None):
         try:
             return read_step(mngr, step, args), None

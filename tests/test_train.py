@@ -377,6 +377,46 @@ def test_a_missing_file_or_undecodable_data_is_damage_not_an_io_error():
     assert checkpoints.is_io_error(wrapped)
 
 
+def test_a_failed_checkpoint_read_leaves_no_orphaned_task_tracebacks(monkeypatch, caplog):
+    """When one of orbax's array reads fails, asyncio logs each sibling read's unawaited error
+    with a traceback whenever its task is collected (even after the run stopped in one line);
+    once a checkpoint has been read, those are dropped, and other unawaited errors are not."""
+    import asyncio
+    import gc
+    import logging
+
+    from dcff_jax import checkpoints
+
+    def failing(mngr, step, args):
+        raise FileNotFoundError("gone")  # damage: returned at once, not retried
+
+    monkeypatch.setattr(checkpoints, "read_step", failing)
+    _, error = checkpoints.read_with_retries(None, 8, None)
+    assert isinstance(error, FileNotFoundError)
+
+    # A coroutine as orbax defines it (module level, in its serialization module).
+    namespace = {}
+    source = "async def async_deserialize():\n    raise ValueError('PERMISSION_DENIED: Forbidden')"
+    orbax_file = "/site-packages/orbax/checkpoint/_src/serialization/serialization.py"
+    exec(compile(source, orbax_file, "exec"), namespace)  # noqa: S102
+    async_deserialize = namespace["async_deserialize"]
+
+    async def elsewhere():
+        raise ValueError("an unrelated unawaited error")
+
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            tasks = [loop.create_task(c()) for c in (async_deserialize, elsewhere)]
+            loop.run_until_complete(asyncio.sleep(0.01))
+            del tasks
+            gc.collect()
+    finally:
+        loop.close()
+    logged = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert len(logged) == 1 and "an unrelated unawaited error" in logged[0], logged
+
+
 def test_checkpoint_of_another_config_names_the_arrays_and_shapes(tmp_path):
     from dcff_jax import checkpoints
 
