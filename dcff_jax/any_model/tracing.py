@@ -167,7 +167,7 @@ def _counted_layers(a: trace.Analysis, calls, leaf_paths, nnx_model: bool):
                 0,
                 r.macs_per_channel_pair,
                 r.groups,
-            )  # fmt: skip
+            )
         )
         tags.append((r.in_tag, r.out_tag))
     return layers, tags
