@@ -14,9 +14,10 @@ the real channels through zero weights at the padded positions; channel-wise ops
 constants, ReLU, pools, spatial pads and slices, reductions over other axes, transposes, a
 flatten) carry the map; a channel pad (the option-A shortcut) is re-offset; a concat's map is its
 inputs' maps, concatenated. Any other op gets the real channels back first, so an op this module
-does not know is still computed right, only without padding after it. Equations of weights alone
-are evaluated once, at trace time. The ONNX export does the same on its graph
-(onnx_export.pad_channels).
+does not know is still computed right, only without padding after it. Which op is which is
+jaxprs.CHANNEL_RULE, the classification the channel tracer (dcff_jax.trace) uses too. Equations
+of weights alone are evaluated once, at trace time. The StableHLO and ONNX exports convert the
+padded function.
 """
 
 from __future__ import annotations
@@ -102,11 +103,12 @@ def _plain(value, aval) -> jax.Array:
 
 
 class _Walk:
+    # Of the elementwise ops (jaxprs.CHANNEL_RULE), those padded here: binary ops whose weight
+    # operands are spread to the padded positions, and unary ops that keep the finite values
+    # at the padded positions finite (not log, rsqrt, ...). Others run on the real channels.
     BINARY = {"add", "sub", "mul", "max", "min", "div"}
-    # Unary ops that keep finite values finite at the padded positions (not log, rsqrt, ...).
     SAFE_UNARY = {
-        "convert_element_type", "neg", "abs", "exp", "tanh", "logistic", "integer_pow", "sqrt",
-        "erf", "copy", "copy_p", "reduce_precision", "sign", "square",
+        "neg", "abs", "exp", "tanh", "logistic", "integer_pow", "sqrt", "erf", "sign", "square",
     }  # fmt: skip
 
     def __init__(self, multiple: int):
@@ -117,7 +119,6 @@ class _Walk:
         return jaxprs.interpret(jaxpr, consts, args, self.equation, lambda var: np.asarray(var.val))
 
     def equation(self, eqn, inputs: list) -> list:
-        name = eqn.primitive.name
         call = jaxprs.inlined(eqn, inputs)
         if call is not None:
             return self.run(*call)
@@ -125,20 +126,9 @@ class _Walk:
             folded = self.fold(eqn, inputs)
             if folded is not None:
                 return folded
-        handler = getattr(self, f"op_{name}", None)
-        out = None
-        if name in self.BINARY:
-            out = self.binary(eqn, inputs)
-        elif (
-            name in self.SAFE_UNARY
-            and len(inputs) == 1
-            and isinstance(inputs[0], _Traced)
-            and eqn.params.get("y", 0) >= 0  # integer_pow: x ** -1 of a padded 0 is inf
-        ):
-            (x,) = inputs
-            out = _Traced(eqn.primitive.bind(x.value, **eqn.params), x.map)
-        elif handler is not None:
-            out = handler(eqn, *inputs)
+        rule = jaxprs.CHANNEL_RULE.get(eqn.primitive.name)
+        handler = getattr(self, f"op_{rule}", None) if rule else None
+        out = None if handler is None else handler(eqn, *inputs)
         if out is None:
             return self.unpadded(eqn, inputs)
         return out if eqn.primitive.multiple_results else [out]
@@ -187,6 +177,26 @@ class _Walk:
             operands.append(jnp.broadcast_to(jnp.asarray(array, dtype), shape))
         return operands, m
 
+    def op_identity(self, eqn, *inputs) -> _Traced | None:
+        if len(inputs) != 1 or not isinstance(inputs[0], _Traced) or eqn.primitive.multiple_results:
+            return None
+        (x,) = inputs
+        return _Traced(eqn.primitive.bind(x.value, **eqn.params), x.map)
+
+    def op_elementwise(self, eqn, *inputs) -> _Traced | None:
+        name = eqn.primitive.name
+        if name in self.BINARY:
+            return self.binary(eqn, list(inputs))
+        if name == "clamp":
+            return self.clamp(eqn, *inputs)
+        if (
+            name in self.SAFE_UNARY
+            and len(inputs) == 1
+            and eqn.params.get("y", 0) >= 0  # integer_pow: x ** -1 of a padded 0 is inf
+        ):
+            return self.op_identity(eqn, *inputs)
+        return None
+
     def binary(self, eqn, inputs: list) -> _Traced | None:
         if eqn.primitive.name == "div" and isinstance(inputs[1], _Traced):
             return None  # padded positions of a divisor may be 0
@@ -206,7 +216,7 @@ class _Walk:
             eqn.primitive.bind(*operands, **eqn.params), dataclasses.replace(m, axis=axis)
         )
 
-    def op_conv_general_dilated(self, eqn, x, kernel) -> _Traced | None:
+    def op_conv(self, eqn, x, kernel) -> _Traced | None:
         if not isinstance(x, _Traced) or isinstance(kernel, (_Traced, _Lazy)):
             return None
         params = dict(eqn.params)
@@ -240,7 +250,7 @@ class _Walk:
             return _Traced(out, None if m is None else dataclasses.replace(m, axis=out_axis))
         return None
 
-    def op_dot_general(self, eqn, x, weight) -> _Traced | None:
+    def op_dot(self, eqn, x, weight) -> _Traced | None:
         if not isinstance(x, _Traced) or x.map is None or isinstance(weight, (_Traced, _Lazy)):
             return None
         (x_contract, w_contract), (x_batch, _) = eqn.params["dimension_numbers"]
@@ -251,32 +261,22 @@ class _Walk:
         wide = spread(weight, axis, x.map.width, x.map.index)
         return _Traced(eqn.primitive.bind(x.value, jnp.asarray(wide), **eqn.params))
 
-    def _window_keeps_channels(self, x, params) -> bool:
-        a = x.map.axis
-        return (
-            params["window_dimensions"][a] == 1
-            and params["window_strides"][a] == 1
-            and tuple(params["padding"][a]) == (0, 0)
-        )
-
-    def _reduce_window(self, eqn, x, *rest) -> _Traced | None:
+    def op_reduce_window(self, eqn, x, *rest) -> _Traced | None:
         if not isinstance(x, _Traced) or x.map is None or rest:
             return None
-        if not self._window_keeps_channels(x, eqn.params):
+        if not jaxprs.window_keeps_axis(eqn.params, x.map.axis):
             return None
         return _Traced(eqn.primitive.bind(x.value, **eqn.params), x.map)
 
-    op_reduce_window_sum = op_reduce_window_max = op_reduce_window_min = _reduce_window
-
-    def _reduce(self, eqn, x) -> _Traced | None:
-        if not isinstance(x, _Traced) or x.map is None or x.map.axis in eqn.params["axes"]:
+    def op_reduce(self, eqn, x) -> _Traced | None:
+        if not isinstance(x, _Traced) or x.map is None:
             return None
-        axis = x.map.axis - sum(a < x.map.axis for a in eqn.params["axes"])
+        axis = jaxprs.removed_axis(x.map.axis, eqn.params["axes"])
+        if axis is None:
+            return None
         return _Traced(
             eqn.primitive.bind(x.value, **eqn.params), dataclasses.replace(x.map, axis=axis)
         )
-
-    op_reduce_sum = op_reduce_max = op_reduce_min = _reduce
 
     def op_pad(self, eqn, x, padding_value) -> _Traced | None:
         if not isinstance(x, _Traced) or x.map is None or isinstance(padding_value, _Traced):
@@ -333,9 +333,11 @@ class _Walk:
         return _Traced(out, dataclasses.replace(x.map, axis=perm.index(x.map.axis)))
 
     def op_squeeze(self, eqn, x) -> _Traced | None:
-        if not isinstance(x, _Traced) or x.map is None or x.map.axis in eqn.params["dimensions"]:
+        if not isinstance(x, _Traced) or x.map is None:
             return None
-        axis = x.map.axis - sum(d < x.map.axis for d in eqn.params["dimensions"])
+        axis = jaxprs.removed_axis(x.map.axis, eqn.params["dimensions"])
+        if axis is None:
+            return None
         out = eqn.primitive.bind(x.value, **eqn.params)
         return _Traced(out, dataclasses.replace(x.map, axis=axis))
 
@@ -358,7 +360,7 @@ class _Walk:
         out = jnp.reshape(x.value, (x.value.shape[0], positions * m.width))
         return _Traced(out, ChannelMap(1, positions * m.width, index))
 
-    def op_clamp(self, eqn, low, x, high) -> _Traced | None:
+    def clamp(self, eqn, low, x, high) -> _Traced | None:
         if not isinstance(x, _Traced) or isinstance(low, _Traced) or isinstance(high, _Traced):
             return None
         if np.ndim(_static(low)) or np.ndim(_static(high)):
@@ -430,18 +432,6 @@ def _static(value: Any) -> np.ndarray:
 def conv_widths(fn: Callable, example: jax.ShapeDtypeStruct) -> list[int]:
     """The output widths of fn's convs, in order (to check what pad_channels produced; a conv
     with a CPU-only rewrite counts once, from the other platforms' branch)."""
-    closed = jax.make_jaxpr(fn)(example)
-    widths: list[int] = []
+    from dcff_jax import trace
 
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            for param in eqn.params.values():
-                for inner in param if isinstance(param, tuple) else (param,):  # cond branches
-                    if hasattr(getattr(inner, "jaxpr", None), "eqns"):
-                        walk(inner.jaxpr)
-            if eqn.primitive.name == "conv_general_dilated":
-                out_axis = eqn.params["dimension_numbers"].out_spec[1]
-                widths.append(int(eqn.outvars[0].aval.shape[out_axis]))
-
-    walk(closed.jaxpr)
-    return widths
+    return [r.out_width for r in trace.analyze_function(fn, example).records if r.kind == "conv"]

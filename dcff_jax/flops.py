@@ -26,12 +26,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import jax
 from flax import linen as nn
 
-from dcff_jax import errors, models
+from dcff_jax import errors, models, trace
 from dcff_jax.layers import FusedConv
 from dcff_jax.models import common
 
@@ -121,6 +121,30 @@ def layer_of(module, path: str, x_shape: Sequence[int], y_shape: Sequence[int]) 
             path, "global_avg_pool", y_shape, x_shape[-1], y_shape[-1], positions, **kwargs
         )
     return None
+
+
+def record_layer(record: trace.ConvRecord, path: str = "") -> Layer:
+    """The counted layer of a conv or matmul of a traced jaxpr (one made outside any counted
+    layer call: an nnx model's, a user's own matmul, a function's with its weights bound)."""
+    return Layer(
+        path,
+        record.kind,
+        (record.out_width,),
+        record.in_width,
+        record.out_width,
+        0,
+        record.macs_per_channel_pair,
+        record.groups,
+    )
+
+
+def function_macs(fn: Callable, example) -> int:
+    """Conv and matmul multiply-accumulates of `fn` (one array -> arrays, its weights bound
+    as constants) on an input shaped like `example`: a model as exported, or as
+    channel_padding.pad_channels rewrites it (a CPU-only branch counted once, as the
+    other platforms' branch)."""
+    layers = [record_layer(r) for r in trace.analyze_function(fn, example).records]
+    return count_layers(layers, 0, "macs").flops
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""What our jaxpr walkers share (trace: channel analysis; onnx_export: ONNX graphs;
-channel_padding: padded re-runs): inlining calls, the walk over equations, and folding
+"""What our jaxpr walkers share (trace: channel analysis; channel_padding: padded re-runs;
+onnx_export: ONNX graphs): the walk over equations, inlining calls (and a platform-dependent
+cond's branch for other platforms), what each primitive does to the channel axis, and folding
 weights that are broadcast to a batch-sized shape."""
 
 from __future__ import annotations
@@ -23,9 +24,67 @@ INLINE = {
 }
 
 
+# What each primitive does to the channel axis of a value: the one classification the channel
+# tracer (trace) and channel padding (channel_padding) dispatch on, rule -> their op_<rule>.
+# A primitive not listed blocks channels (trace) or is run on the real channels (padding).
+_RULES = {
+    # The value itself: cast, copied or named (checkpoint_name).
+    "identity": "convert_element_type copy copy_p reduce_precision optimization_barrier name",
+    # Each output element from the same position of every (broadcast) operand: channel-wise.
+    "elementwise": (
+        "add sub mul div max min pow atan2 rem nextafter neg exp exp2 log log1p expm1 tanh "
+        "logistic sqrt rsqrt cbrt abs sign floor ceil round integer_pow square sin cos tan erf "
+        "erfc erf_inv is_finite not and or xor eq ne lt le gt ge select_n clamp add_any "
+        "logaddexp real imag"
+    ),
+    # Reduces params["axes"]; the channel axis is kept if it is not among them.
+    "reduce": "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin",
+    # A window over every axis: channel-wise when its window is 1 on the channel axis.
+    "reduce_window": "reduce_window_sum reduce_window_max reduce_window_min reduce_window",
+    # Shape ops: each moves, merges, cuts, pads or joins the channel axis its own way.
+    "broadcast": "broadcast_in_dim",
+    "reshape": "reshape",
+    "squeeze": "squeeze",
+    "transpose": "transpose",
+    "concatenate": "concatenate",
+    "pad": "pad",
+    "slice": "slice",
+    "stack": "stack",
+    # Contractions: a conv contracts its input's channels and makes its own.
+    "conv": "conv_general_dilated",
+    "dot": "dot_general",
+}
+CHANNEL_RULE: dict[str, str] = {
+    name: rule for rule, names in _RULES.items() for name in names.split()
+}
+
+
+def removed_axis(axis: int, removed: Sequence[int]) -> int | None:
+    """Where `axis` is once the axes `removed` are dropped (None: it is one of them)."""
+    return None if axis in removed else axis - sum(a < axis for a in removed)
+
+
+def window_keeps_axis(params: dict, axis: int) -> bool:
+    """Whether a reduce_window's window leaves `axis` alone (size 1, stride 1, no padding)."""
+    return (
+        params["window_dimensions"][axis] == 1
+        and params["window_strides"][axis] == 1
+        and tuple(params["padding"][axis]) == (0, 0)
+    )
+
+
 def inlined(eqn, inputs: Sequence) -> tuple[Any, Sequence, list] | None:
     """(jaxpr, consts, inputs) of the sub-jaxpr that `eqn` only calls, or None. Custom
-    derivative rules take extra leading operands; the sub-jaxpr reads the last ones."""
+    derivative rules take extra leading operands; the sub-jaxpr reads the last ones.
+
+    A cond made by lax.platform_dependent is a call of its default branch (the one for other
+    platforms than those named: channel_padding keeps XLA:CPU's rewrite of a depthwise conv in
+    a CPU-only branch, and the walkers see the plain conv of the default branch)."""
+    if eqn.primitive.name == "cond" and eqn.params.get("branches_platforms"):
+        platforms = list(eqn.params["branches_platforms"])
+        if None in platforms:
+            branch = eqn.params["branches"][platforms.index(None)]
+            return branch.jaxpr, branch.consts, list(inputs[1:])
     key = INLINE.get(eqn.primitive.name)
     if key is None or key not in eqn.params:
         return None
@@ -41,19 +100,36 @@ def interpret(
     args: Sequence,
     equation: Callable[[Any, list], Sequence],
     literal: Callable[[Any], Any],
+    bound: Callable[[Any, Any], None] | None = None,
 ) -> list:
     """Walk `jaxpr` in order: each equation's outputs are equation(eqn, its inputs' values);
-    constvars take `consts`, invars `args`, literals literal(var). Returns the outputs' values."""
+    constvars take `consts`, invars `args`, literals literal(var); bound(var, value), if given,
+    sees each invar and equation output as it is bound. Returns the outputs' values.
+
+    A platform_index equation (lax.platform_dependent's) is not evaluated: its only reader is
+    its cond, which `inlined` turns into a call of the default branch."""
     from jax.extend.core import Literal
 
     env: dict = dict(zip(jaxpr.constvars, consts, strict=True))
-    env.update(zip(jaxpr.invars, args, strict=True))
+
+    def bind(var, value):
+        env[var] = value
+        if bound is not None:
+            bound(var, value)
+
+    for var, value in zip(jaxpr.invars, args, strict=True):
+        bind(var, value)
 
     def read(var):
         return literal(var) if isinstance(var, Literal) else env[var]
 
     for eqn in jaxpr.eqns:
-        env.update(zip(eqn.outvars, equation(eqn, [read(v) for v in eqn.invars]), strict=True))
+        if eqn.primitive.name == "platform_index":
+            env[eqn.outvars[0]] = None
+            continue
+        outputs = equation(eqn, [read(v) for v in eqn.invars])
+        for var, value in zip(eqn.outvars, outputs, strict=True):
+            bind(var, value)
     return [read(v) for v in jaxpr.outvars]
 
 

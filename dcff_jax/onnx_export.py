@@ -6,8 +6,10 @@ needs few ops, and everything that depends only on the weights (batch norm folde
 a shift, kernel reshapes) is evaluated here once, by jax, and stored as constants.
 
 How: the function (uint8 NHWC images -> float32 logits) is traced with `jax.make_jaxpr` at a
-symbolic batch size, nested jaxprs (jit, custom_jvp) are inlined, equations whose inputs are all
-known are folded, and the rest become ONNX nodes (opset 17). Convolutions and pools run in
+symbolic batch size and walked by jaxprs.interpret (jit, custom_jvp and the default branch of a
+platform-dependent cond inlined), equations whose inputs are all known are folded, and the rest
+become ONNX nodes (opset 17). The export converts the function as channel_padding pads it, so
+its conv widths are multiples of 8 (onnx_bytes). Convolutions and pools run in
 ONNX's NCHW layout: every value carries the permutation from its jax (NHWC) layout to its ONNX
 layout, and is transposed only where an op needs another layout (a reshape, a matmul), so
 a CNN's graph holds one transpose at the input and one before the classifier.
@@ -26,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from dcff_jax import jaxprs
-from dcff_jax.channel_padding import ChannelMap, round_up, spread
 from dcff_jax.errors import DataError
 
 OPSET = 17
@@ -142,37 +143,27 @@ class _Converter:
     def run(self, jaxpr, consts: Sequence, args: Sequence) -> list:
         from jax.extend.core import Literal
 
-        env: dict = {}
-
-        def read(var):
-            if isinstance(var, Literal):
-                return np.asarray(var.val)
-            return env[var]
-
         uses = collections.Counter(
             v for e in jaxpr.eqns for v in e.invars if not isinstance(v, Literal)
         )
         for var in jaxpr.outvars:
             if not isinstance(var, Literal):
                 uses[var] += 2  # read outside this jaxpr too: never folded into its producer
+        inputs = set(jaxpr.invars)
 
-        def bind(var, value):
-            env[var] = value
-            if isinstance(value, _Tensor) and uses[var] != 1:
-                self.single_use.discard(value.name)
-
-        for var, value in zip(jaxpr.constvars, consts, strict=True):
-            env[var] = np.asarray(value)
-        for var, value in zip(jaxpr.invars, args, strict=True):
-            bind(var, value)
-        for eqn in jaxpr.eqns:
-            inputs = [read(v) for v in eqn.invars]
-            outputs = self.equation(eqn, inputs)
-            for var, value in zip(eqn.outvars, outputs, strict=True):
-                if isinstance(value, _Tensor) and uses[var] == 1:
+        def bound(var, value):
+            # Only a value read once may be folded into its producer (an input's producer is
+            # outside: it is single-use only if read once there and once here).
+            if isinstance(value, _Tensor):
+                if uses[var] != 1:
+                    self.single_use.discard(value.name)
+                elif var not in inputs:
                     self.single_use.add(value.name)
-                bind(var, value)
-        return [read(v) for v in jaxpr.outvars]
+
+        consts = [np.asarray(c) for c in consts]
+        return jaxprs.interpret(
+            jaxpr, consts, args, self.equation, lambda var: np.asarray(var.val), bound
+        )
 
     def equation(self, eqn, inputs: list) -> list:
         name = eqn.primitive.name
@@ -274,7 +265,7 @@ class _Converter:
     def op_copy(self, eqn, x: _Tensor) -> _Tensor:
         return x
 
-    op_copy_p = op_copy
+    op_copy_p = op_name = op_copy  # name: jax.ad_checkpoint.checkpoint_name, an identity
 
     def op_integer_pow(self, eqn, x: _Tensor) -> _Tensor:
         if eqn.params["y"] != 2:
@@ -320,7 +311,7 @@ class _Converter:
         rank = len(windows)
         kept = [0, rank - 1]  # batch and channels (NHWC); the axes between are pooled
         pooled = list(range(1, rank - 1))
-        if any(windows[a] != 1 or strides[a] != 1 or tuple(padding[a]) != (0, 0) for a in kept):
+        if not all(jaxprs.window_keeps_axis(p, a) for a in kept):
             raise UnsupportedOp(f"pooling over the batch or channel axis: windows {windows}")
         x = self.in_layout(x, kept + pooled)  # (batch, channels, spatial...) as ONNX pools
         y = self.node(
@@ -431,12 +422,23 @@ class _Converter:
         config = eqn.params["padding_config"]
         if isinstance(value, _Tensor) or any(interior for *_, interior in config):
             raise UnsupportedOp("interior padding or a computed padding value")
-        if any(lo < 0 or hi < 0 for lo, hi, _ in config):
-            raise UnsupportedOp("negative padding (cropping)")
         ordered = [config[a] for a in x.perm]
-        pads = self.int64s([lo for lo, _, _ in ordered] + [hi for _, hi, _ in ordered])
-        fill = self.constant(np.asarray(value, eqn.outvars[0].aval.dtype).reshape(()))
-        return _Tensor(self.node("Pad", [x.name, pads, fill], mode="constant"), x.perm)
+        if any(lo > 0 or hi > 0 for lo, hi, _ in ordered):
+            grow = [max(lo, 0) for lo, _, _ in ordered] + [max(hi, 0) for _, hi, _ in ordered]
+            fill = self.constant(np.asarray(value, eqn.outvars[0].aval.dtype).reshape(()))
+            pad = self.node("Pad", [x.name, self.int64s(grow), fill], mode="constant")
+            x = _Tensor(pad, x.perm)
+        # Negative padding crops (channel_padding cuts padded positions so): a Slice, its
+        # ends counted from the end of the axis.
+        crops = [(a, -lo, hi) for a, (lo, hi, _) in enumerate(ordered) if lo < 0 or hi < 0]
+        if not crops:
+            return x
+        big = np.iinfo(np.int64).max
+        starts = [max(start, 0) for _, start, _ in crops]
+        ends = [hi if hi < 0 else big for _, _, hi in crops]
+        axes = [a for a, _, _ in crops]
+        inputs = [x.name, *(self.int64s(v) for v in (starts, ends, axes))]
+        return _Tensor(self.node("Slice", inputs), x.perm)
 
     def op_slice(self, eqn, x: _Tensor) -> _Tensor:
         p = eqn.params
@@ -523,33 +525,39 @@ def onnx_bytes(model, variables, image_size: int, mean, std, pad_to: int = 8) ->
     batch -> logits float32 (batch, classes), eval mode, the weights and the normalisation
     ((x / 255 - mean) / std) inside: the same contract as export.stablehlo_bytes.
 
-    pad_to > 1: conv widths rounded up to a multiple of it (pad_channels; 8 by default: on the
-    CPU this measured up to 1.5x faster and never slower than 5%, experiments/RESULTS.md). The
-    file's metadata then records both MAC counts (dcff_jax.macs_paper_widths, .macs_padded).
+    pad_to > 1: the function converted is channel_padding.pad_channels's, with conv widths
+    rounded up to a multiple of pad_to (8 by default: on the CPU this measured up to 1.5x
+    faster and never slower than 5%, experiments/RESULTS.md). The file's metadata then records
+    both MAC counts (dcff_jax.macs_paper_widths, .macs_padded; flops.function_macs).
 
     Run it with onnxruntime alone:
         session = onnxruntime.InferenceSession(path)
         logits = session.run(None, {"images": images})[0]
     """
+    import jax
     import jax.numpy as jnp
 
+    from dcff_jax import flops
+    from dcff_jax.channel_padding import pad_channels
     from dcff_jax.data import transforms
 
     def logits(images):
         x = transforms.normalize(images, mean, std, jnp.float32)
         return model.apply(variables, x, train=False).astype(jnp.float32)
 
-    proto = jaxpr_to_onnx(logits, (None, image_size, image_size, 3), np.uint8)
-    if pad_to > 1:
-        paper_macs = conv_macs(proto)
-        proto = pad_channels(proto, pad_to)
-        for key, value in (
-            ("dcff_jax.pad_channels_to", pad_to),
-            ("dcff_jax.macs_paper_widths", paper_macs),
-            ("dcff_jax.macs_padded", conv_macs(proto)),
-        ):
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, str(value)
+    shape = (None, image_size, image_size, 3)
+    if pad_to <= 1:
+        return jaxpr_to_onnx(logits, shape, np.uint8).SerializeToString()
+    padded = pad_channels(logits, pad_to)
+    proto = jaxpr_to_onnx(padded, shape, np.uint8)
+    example = jax.ShapeDtypeStruct((1, *shape[1:]), np.uint8)
+    for key, value in (
+        ("dcff_jax.pad_channels_to", pad_to),
+        ("dcff_jax.macs_paper_widths", flops.function_macs(logits, example)),
+        ("dcff_jax.macs_padded", flops.function_macs(padded, example)),
+    ):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
     return proto.SerializeToString()
 
 
@@ -610,198 +618,6 @@ def run_session(session, images: np.ndarray) -> np.ndarray:
     return session.run(None, {"images": np.ascontiguousarray(images, np.uint8)})[0]
 
 
-# --- Channel padding ------------------------------------------------------------------------
-
-
-_CHANNELWISE = {"Relu", "Clip", "MaxPool", "AveragePool", "Identity", "Cast"}
-_BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min"}
-
-
-def pad_channels(model, multiple: int = 8):
-    """The same function with every conv's output channels rounded up to `multiple` (zero
-    filters), for engines whose fast convolutions need such widths (onnxruntime's NCHWc
-    kernels: 8 with AVX2, 16 with AVX-512). Returns a new onnx.ModelProto.
-
-    Padded positions are zero and stay zero through Relu, pools, adds and per-channel
-    constants (padded with 0, or 1 for a divisor). Consumers see the real channels where they
-    expect them: a conv or matmul reads them through zero weights at the padded positions, a
-    channel Pad (the ResNet-CIFAR shortcut) is re-offset, a Concat's map is the concatenation of
-    its inputs'. Any other consumer of a padded tensor gets the real channels back (Gather).
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    shapes = _inferred_shapes(model)
-    arrays = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
-    maps: dict[str, ChannelMap] = {}
-    nodes = []
-    names = (f"pad{i}" for i in itertools.count())
-
-    def new_constant(value) -> str:
-        name = next(names)
-        arrays[name] = np.asarray(value)
-        return name
-
-    def unpad(name: str) -> str:
-        m = maps.get(name)
-        if m is None:
-            return name
-        out = next(names)
-        indices = new_constant(m.index.astype(np.int64))
-        nodes.append(helper.make_node("Gather", [name, indices], [out], axis=m.axis))
-        return out
-
-    def channels(name: str) -> int:
-        return maps[name].width if name in maps else shapes[name][1]
-
-    outputs = {o.name for o in model.graph.output}
-    for original in model.graph.node:
-        node = onnx.NodeProto()
-        node.CopyFrom(original)
-        op, ins, out = node.op_type, list(node.input), node.output[0]
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        m = maps.get(ins[0]) if ins else None
-        if out in outputs:  # read by the user: the real channels only
-            for k, name in enumerate(ins):
-                node.input[k] = unpad(name)
-        elif op == "Conv":
-            weight = arrays[ins[1]]
-            filters, per_group = weight.shape[:2]
-            group = attrs.get("group", 1)
-            if group == 1:
-                width = round_up(filters, multiple)
-                if m is not None or width != filters:
-                    weight = spread(weight, 0, width, np.arange(filters))
-                    arrays[ins[1]] = weight if m is None else spread(weight, 1, m.width, m.index)
-                    if len(ins) > 2:
-                        arrays[ins[2]] = spread(arrays[ins[2]], 0, width, np.arange(filters))
-                    if width != filters:
-                        maps[out] = ChannelMap(1, width, np.arange(filters))
-            elif m is not None and group == filters and per_group == 1:  # depthwise
-                arrays[ins[1]] = spread(weight, 0, m.width, m.index)
-                if len(ins) > 2:
-                    arrays[ins[2]] = spread(arrays[ins[2]], 0, m.width, m.index)
-                for a in node.attribute:
-                    if a.name == "group":
-                        a.i = m.width
-                maps[out] = m
-            else:
-                node.input[0] = unpad(ins[0])
-        elif op in _CHANNELWISE and m is not None:
-            maps[out] = m
-        elif op in _BINARY:
-            data = [i for i in ins if i not in arrays]
-            padded = [maps.get(i) for i in data]
-            first = next((p for p in padded if p is not None), None)
-            same = all(first is not None and first.same_as(p) for p in padded)
-            if first is not None and same:
-                for k, name in enumerate(ins):
-                    if name in arrays and arrays[name].ndim > first.axis:
-                        c = arrays[name]
-                        if c.shape[first.axis] > 1:
-                            fill = 1 if op == "Div" and k == 1 else 0
-                            wide = spread(c, first.axis, first.width, first.index, fill)
-                            node.input[k] = new_constant(wide)
-                maps[out] = first
-            else:
-                for k, name in enumerate(ins):
-                    node.input[k] = unpad(name)
-        elif op == "Pad" and m is not None and m.axis == 1:
-            pads = arrays[ins[1]].copy()
-            rank = len(pads) // 2
-            before, after = int(pads[1]), int(pads[1 + rank])
-            real = len(m.index)
-            wanted = real + before + after
-            width = round_up(wanted, multiple)
-            if np.array_equal(m.index, np.arange(real)) and width - before - m.width >= 0:
-                pads[1 + rank] = width - before - m.width
-                node.input[1] = new_constant(pads)
-                maps[out] = ChannelMap(1, width, np.arange(wanted))
-            else:
-                node.input[0] = unpad(ins[0])
-        elif op == "Concat" and attrs["axis"] == 1 and any(i in maps for i in ins):
-            index, offset = [], 0
-            for name in ins:
-                part = maps[name].index if name in maps else np.arange(channels(name))
-                index.append(part + offset)
-                offset += channels(name)
-            maps[out] = ChannelMap(1, offset, np.concatenate(index))
-        elif op == "Transpose" and m is not None:
-            maps[out] = dataclasses.replace(m, axis=list(attrs["perm"]).index(m.axis))
-        elif op in ("ReduceSum", "ReduceMax") and m is not None and not attrs.get("keepdims", 1):
-            axes = attrs["axes"] if "axes" in attrs else arrays[ins[1]].tolist()
-            if m.axis in axes:
-                node.input[0] = unpad(ins[0])
-            else:
-                maps[out] = dataclasses.replace(m, axis=m.axis - sum(a < m.axis for a in axes))
-        elif op == "Slice" and m is not None and m.axis not in arrays[ins[3]].tolist():
-            maps[out] = m
-        elif op == "Reshape" and m is not None and _is_flatten_of_channels(shapes, ins[0], out, m):
-            node.input[1] = new_constant(np.asarray([0, -1], np.int64))  # (batch, padded width)
-            maps[out] = dataclasses.replace(m, axis=1)
-        elif (
-            op == "MatMul"
-            and m is not None
-            and ins[1] in arrays
-            and m.axis == len(shapes[ins[0]]) - 1
-        ):
-            node.input[1] = new_constant(spread(arrays[ins[1]], 0, m.width, m.index))
-        else:
-            for k, name in enumerate(ins):
-                node.input[k] = unpad(name)
-        nodes.append(node)
-    read = _read_names(nodes)
-    graph = helper.make_graph(
-        nodes,
-        model.graph.name,
-        list(model.graph.input),
-        list(model.graph.output),
-        [numpy_helper.from_array(a, n) for n, a in arrays.items() if n in read],
-    )
-    padded = helper.make_model(graph, opset_imports=list(model.opset_import))
-    padded.ir_version = model.ir_version
-    padded.producer_name = model.producer_name
-    onnx.checker.check_model(padded)
-    return padded
-
-
 def _read_names(nodes) -> set[str]:
     """The value names the nodes read."""
     return {name for node in nodes for name in node.input}
-
-
-def _inferred_shapes(model) -> dict[str, list]:
-    """{value name: dims (ints, or a name for the symbolic batch)} by ONNX shape inference."""
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {}
-    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
-    return shapes
-
-
-def _is_flatten_of_channels(shapes: dict, source: str, out: str, m: ChannelMap) -> bool:
-    """A reshape to (batch, channels) of a tensor whose other axes are all 1."""
-    before, after = shapes.get(source), shapes.get(out)
-    if before is None or after is None or len(after) != 2:
-        return False
-    return all(d == 1 for i, d in enumerate(before) if i not in (0, m.axis))
-
-
-def conv_macs(model) -> int:
-    """Multiply-accumulates of the Conv and MatMul nodes of a model, per image."""
-    from onnx import numpy_helper
-
-    shapes = _inferred_shapes(model)
-    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    total = 0
-    for node in model.graph.node:
-        if node.op_type == "Conv":
-            weight = arrays[node.input[1]]
-            spatial = int(np.prod(shapes[node.output[0]][2:]))
-            total += int(np.prod(weight.shape)) * spatial
-        elif node.op_type == "MatMul" and node.input[1] in arrays:
-            total += int(np.prod(arrays[node.input[1]].shape))
-    return total

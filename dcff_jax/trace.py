@@ -15,6 +15,8 @@ carries a `Tag` (which of its axes holds which spaces). The rules are DCFF's:
   - anything else that sees the channels (slicing or padding them, a gather, a grouped conv,
     a model output, an op this module does not know) blocks the spaces it sees, with the reason.
 
+Which primitive is which is jaxprs.CHANNEL_RULE, shared with channel_padding.
+
 The analysis is abstract (no FLOP spent) and returns records that `dcff_jax.any_model` turns into a
 plan, and that count MACs for any choice of widths (dcff_jax.flops).
 """
@@ -27,80 +29,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from dcff_jax import jaxprs
-
-_PASS_THROUGH = {
-    "convert_element_type",
-    "copy",
-    "copy_p",
-    "reduce_precision",
-    "optimization_barrier",
-}
-_ELEMENTWISE = {
-    "add",
-    "sub",
-    "mul",
-    "div",
-    "max",
-    "min",
-    "pow",
-    "atan2",
-    "rem",
-    "nextafter",
-    "neg",
-    "exp",
-    "exp2",
-    "log",
-    "log1p",
-    "expm1",
-    "tanh",
-    "logistic",
-    "sqrt",
-    "rsqrt",
-    "cbrt",
-    "abs",
-    "sign",
-    "floor",
-    "ceil",
-    "round",
-    "integer_pow",
-    "square",
-    "sin",
-    "cos",
-    "tan",
-    "erf",
-    "erfc",
-    "erf_inv",
-    "is_finite",
-    "not",
-    "and",
-    "or",
-    "xor",
-    "eq",
-    "ne",
-    "lt",
-    "le",
-    "gt",
-    "ge",
-    "select_n",
-    "clamp",
-    "add_any",
-    "logaddexp",
-    "real",
-    "imag",
-}
-_REDUCE = {
-    "reduce_sum",
-    "reduce_max",
-    "reduce_min",
-    "reduce_prod",
-    "reduce_and",
-    "reduce_or",
-    "argmax",
-    "argmin",
-}
-_REDUCE_WINDOW = {"reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"}
 
 # jax.ad_checkpoint.checkpoint_name(x, PROBE + key) marks a value whose tag the analysis keeps
 # in Analysis.probes[key] (the counter reads a layer's channel widths there); every name is an
@@ -275,13 +206,15 @@ class _Walker:
                     self.a.ties.append(Tie(leaf, leaf_axis, tag, kind))
 
     # --- walking ------------------------------------------------------------------------------
-    def run(self, jaxpr, infos: Sequence[_Info], top: bool) -> list[_Info]:
+    def run(
+        self, jaxpr, infos: Sequence[_Info], top: bool, consts: Sequence[_Info] | None = None
+    ) -> list[_Info]:
         def literal(v) -> _Info:
             shape = getattr(v.aval, "shape", ())
             scalar = float(v.val) if shape == () else None
             return _Info(const_axes=frozenset(range(len(shape))), scalar=scalar)
 
-        consts = [_Info()] * len(jaxpr.constvars)
+        consts = [_Info()] * len(jaxpr.constvars) if consts is None else consts
         results = jaxprs.interpret(jaxpr, consts, infos, self.equation, literal)
         if top:
             for info in results:
@@ -304,34 +237,39 @@ class _Walker:
             return [ins[0]]
         if not any(i.tag or i.param for i in ins):
             return [self.constness(eqn, ins)] * n_out
-        handler = getattr(self, f"op_{name}", None)
-        if name in _PASS_THROUGH:
-            return [ins[0]]
-        if name in _ELEMENTWISE:
-            return [self.elementwise(eqn, ins)] * n_out
-        if name in _REDUCE:
-            return [self.reduce(eqn, ins[0], tuple(eqn.params["axes"]))]
-        if name in _REDUCE_WINDOW:
-            return [self.reduce_window(eqn, ins)] * n_out
+        rule = jaxprs.CHANNEL_RULE.get(name)
+        handler = getattr(self, f"op_{rule}", None) if rule else None
         if handler is not None:
             return handler(eqn, ins)
         for i in ins:
             self.block(i.tag, f"reaches {name}, which dcff-jax does not follow")
         return [_Info()] * n_out
 
+    def op_identity(self, eqn, ins: list[_Info]) -> list[_Info]:
+        return [ins[0]]
+
+    def op_elementwise(self, eqn, ins: list[_Info]) -> list[_Info]:
+        return [self.elementwise(eqn, ins)] * len(eqn.outvars)
+
+    def op_reduce(self, eqn, ins: list[_Info]) -> list[_Info]:
+        return [self.reduce(eqn, ins[0], tuple(eqn.params["axes"]))]
+
+    def op_reduce_window(self, eqn, ins: list[_Info]) -> list[_Info]:
+        return [self.reduce_window(eqn, ins)] * len(eqn.outvars)
+
     def constness(self, eqn, ins: list[_Info]) -> _Info:
         """Untagged, parameter-free values: only which axes stay constant matters."""
-        name = eqn.primitive.name
+        rule = jaxprs.CHANNEL_RULE.get(eqn.primitive.name)
         shape = eqn.outvars[0].aval.shape if hasattr(eqn.outvars[0].aval, "shape") else ()
-        if name in _PASS_THROUGH:
+        if rule == "identity":
             return ins[0]
-        if name == "broadcast_in_dim":
+        if rule == "broadcast":
             dims = eqn.params["broadcast_dimensions"]
             in_shape = eqn.invars[0].aval.shape
             kept = {dims[i] for i in ins[0].const_axes}
             kept |= {dims[i] for i, n in enumerate(in_shape) if n == 1}
             return _Info(const_axes=frozenset(set(range(len(shape))) - set(dims)) | kept)
-        if name in _ELEMENTWISE:
+        if rule == "elementwise":
             axes = frozenset(range(len(shape)))
             for i, v in zip(ins, eqn.invars, strict=True):
                 if len(getattr(v.aval, "shape", ())) == len(shape):
@@ -362,7 +300,7 @@ class _Walker:
 
     def reduce(self, eqn, x: _Info, axes: tuple[int, ...]) -> _Info:
         def remap(axis):
-            return None if axis in axes else axis - sum(a < axis for a in axes)
+            return jaxprs.removed_axis(axis, axes)
 
         if x.tag is not None:
             axis = remap(x.tag.axis)
@@ -389,16 +327,13 @@ class _Walker:
         x = next((i for i in ins if i.tag is not None), None)
         if x is None:
             return _Info()
-        dims = eqn.params["window_dimensions"]
-        strides = eqn.params["window_strides"]
-        pad = eqn.params["padding"][x.tag.axis]
-        if dims[x.tag.axis] != 1 or strides[x.tag.axis] != 1 or tuple(pad) != (0, 0):
+        if not jaxprs.window_keeps_axis(eqn.params, x.tag.axis):
             self.block(x.tag, f"{eqn.primitive.name} pools across channels")
             return _Info()
         return _Info(tag=x.tag)
 
     # --- shape ops ----------------------------------------------------------------------------
-    def op_broadcast_in_dim(self, eqn, ins):
+    def op_broadcast(self, eqn, ins):
         (x, *_) = ins
         dims = eqn.params["broadcast_dimensions"]
         if x.tag is not None:
@@ -503,7 +438,7 @@ class _Walker:
         return [self.elementwise(eqn, shifted, eqn.outvars[0].aval.shape)]
 
     # --- contractions -------------------------------------------------------------------------
-    def op_conv_general_dilated(self, eqn, ins):
+    def op_conv(self, eqn, ins):
         x, w = ins
         p = eqn.params
         lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
@@ -548,7 +483,7 @@ class _Walker:
         self.record(ConvRecord("conv", leaf, k_shape, c_in, c_out, groups, None, None, None, pair))
         return [_Info()]
 
-    def op_dot_general(self, eqn, ins):
+    def op_dot(self, eqn, ins):
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         lhs, rhs = ins
         l_shape, r_shape = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
@@ -584,10 +519,12 @@ class _Walker:
                 self.union(tags[0], t, "dot_general")
         if tags:
             return [_Info(tag=tags[0])]
-        # A dense layer: its outputs are channels of fixed width (not fused).
-        if rhs.param is not None and lhs.tag is not None and r_free:
+        # A dense layer (data times weights): its outputs are channels of fixed width (not
+        # fused). Recorded for the counter also when its input carries no conv's channels.
+        if rhs.param is not None and lhs.param is None and r_free:
             width = r_shape[r_free[-1]]
             in_width = math.prod(l_shape[a] for a in lc)
+            per_pass = in_width if lhs.tag is None else max(lhs.tag.width, 1)
             self.record(
                 ConvRecord(
                     "dense",
@@ -599,9 +536,11 @@ class _Walker:
                     lhs.tag,
                     None,
                     None,
-                    math.prod(out_shape) // width * in_width // max(lhs.tag.width, 1),
+                    math.prod(out_shape) // width * in_width // per_pass,
                 )
             )
+            if lhs.tag is None:
+                return [_Info()]
             space = self.new_space(width, "the output of a dense layer (not fused)")
             return [_Info(tag=Tag(len(out_shape) - 1, (Segment(space, width),)))]
         return [_Info()]
@@ -636,11 +575,25 @@ def analyze(fn: Callable, leaves: Sequence[Any], example: Any) -> Analysis:
     leaves = [jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) for x in leaves]
     closed = jax.make_jaxpr(fn)(leaves, example)
     walker = _Walker()
-    n_leaves = len(leaves)
-    infos = [
-        _Info(param=_Param(((i, tuple((a, a) for a in range(len(leaf.shape)))),), pure=True))
-        for i, leaf in enumerate(leaves)
-    ]
-    n_inputs = len(closed.jaxpr.invars) - n_leaves
+    infos = [_leaf_info(i, len(leaf.shape)) for i, leaf in enumerate(leaves)]
+    n_inputs = len(closed.jaxpr.invars) - len(leaves)
     walker.run(closed.jaxpr, infos + [_Info()] * n_inputs, top=True)
     return walker.a
+
+
+def analyze_function(fn: Callable, example: Any) -> Analysis:
+    """analyze() for a function of one input whose weights are constants it closes over (a
+    model with its variables bound, as exported, or as channel_padding rewrites it): constant
+    i of its jaxpr is parameter leaf i. Its records give every conv's and matmul's widths and
+    MACs (dcff_jax.flops.function_macs)."""
+    example = jax.ShapeDtypeStruct(tuple(example.shape), example.dtype)
+    closed = jax.make_jaxpr(fn)(example)
+    consts = [_leaf_info(i, np.ndim(c)) for i, c in enumerate(closed.consts)]
+    walker = _Walker()
+    walker.run(closed.jaxpr, [_Info()] * len(closed.jaxpr.invars), top=True, consts=consts)
+    return walker.a
+
+
+def _leaf_info(index: int, rank: int) -> _Info:
+    """Parameter leaf `index` itself: each of its axes is the leaf's own."""
+    return _Info(param=_Param(((index, tuple((a, a) for a in range(rank))),), pure=True))

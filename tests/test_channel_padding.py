@@ -166,3 +166,20 @@ def test_depthwise_convs_run_as_shifted_multiply_adds_on_cpu(stride):
     assert bool(jnp.all(jnp.abs(got - want) <= bound))
     assert "convolution" not in jax.jit(padded).lower(x).as_text()
     assert "convolution" in jax.jit(fn).lower(x).as_text()
+
+
+def test_a_named_value_keeps_its_padding():
+    """checkpoint_name is an identity (jaxprs.CHANNEL_RULE): the conv after a named value reads
+    it padded, and no real channels are taken back for it."""
+    from jax.ad_checkpoint import checkpoint_name
+
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 6, 6, 3)), jnp.float32)
+    conv1, conv2 = nn.Conv(5, (3, 3)), nn.Conv(8, (3, 3))  # the output needs no slice back
+    v1 = conv1.init(jax.random.key(0), x)
+    v2 = conv2.init(jax.random.key(1), jnp.zeros((1, 6, 6, 5)))
+
+    def fn(images):
+        return conv2.apply(v2, checkpoint_name(jax.nn.relu(conv1.apply(v1, images)), "h"))
+
+    plain, padded = check_padded(fn, x)
+    assert (plain, padded) == ([5, 8], [8, 8])

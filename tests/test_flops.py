@@ -222,3 +222,36 @@ def test_mobilenetv2_original_counts():
     macs = flops.model_counts("mobilenetv2", None, convention="macs")
     assert (macs["base_flops"], macs["base_params"]) == mobilenetv2_counts_by_hand(batch_norm=False)
     assert round(macs["base_flops"] / 1e6) == 301
+
+
+def test_function_macs_counts_a_functions_convs_and_matmuls_once():
+    """flops.function_macs: the counter on a function with its weights bound (an export, a
+    padded function). A conv and a matmul on the input itself (no conv's channels before it)
+    are both counted; a CPU-only rewrite in a platform-dependent branch is counted once, as the
+    other platforms' conv."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dcff_jax.channel_padding import pad_channels
+
+    rng = np.random.default_rng(0)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 5)), jnp.float32)
+    depthwise = jnp.asarray(rng.normal(size=(3, 3, 1, 5)), jnp.float32)
+    dense = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+    side = jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)
+    nhwc = ("NHWC", "HWIO", "NHWC")
+
+    def fn(x):
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=nhwc)
+        y = jax.lax.conv_general_dilated(
+            y, depthwise, (1, 1), "SAME", dimension_numbers=nhwc, feature_group_count=5
+        )
+        return jnp.mean(y, axis=(1, 2)) @ dense, jnp.mean(x, axis=(1, 2)) @ side
+
+    example = jax.ShapeDtypeStruct((1, 6, 6, 2), jnp.float32)
+    positions = 6 * 6
+    want = positions * 9 * 2 * 5 + positions * 9 * 5 + 5 * 3 + 2 * 4
+    assert flops.function_macs(fn, example) == want
+    padded = positions * 9 * 2 * 8 + positions * 9 * 8 + 8 * 3 + 2 * 4  # widths 5 -> 8
+    assert flops.function_macs(pad_channels(fn, 8), example) == padded

@@ -146,7 +146,7 @@ def test_a_file_that_is_not_onnx_is_a_clear_error(tmp_path):
 
 def resnet56_graph(cprate: str):
     """(model, variables, uint8 images (4, 32, 32, 3), their normalised copy, the ONNX graph of
-    the compact ResNet-56 at cprate before padding)."""
+    the compact ResNet-56 at cprate, unpadded)."""
     model = models.create_model("resnet56", cprate, "compact")
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
@@ -195,20 +195,42 @@ def test_a_conv_output_read_twice_is_not_folded():
     assert "Mul" in [node.op_type for node in proto.graph.node]
 
 
+def conv_widths_of(proto) -> list[int]:
+    arrays = {t.name: t.dims for t in proto.graph.initializer}
+    return [arrays[n.input[1]][0] for n in proto.graph.node if n.op_type == "Conv"]
+
+
 def test_padded_widths_are_multiples_of_8_with_the_same_logits():
-    """ResNet-56's compact widths are odd (e.g. 11, 22); padded, every conv is a multiple of 8
-    wide, the option-A shortcut pads still line the real channels up, and the logits are the
-    unpadded graph's."""
-    model, variables, images, x, proto = resnet56_graph("[0.3]*27+[0.3]*3")
-    padded = onnx_export.pad_channels(proto, 8)
-    arrays = {t.name: t.dims for t in padded.graph.initializer}
-    widths = [arrays[n.input[1]][0] for n in padded.graph.node if n.op_type == "Conv"]
-    assert len(widths) == 55 and all(w % 8 == 0 for w in widths)
-    original = {t.name: t.dims for t in proto.graph.initializer}
-    assert any(original[n.input[1]][0] % 8 for n in proto.graph.node if n.op_type == "Conv")
-    assert onnx_export.conv_macs(padded) > onnx_export.conv_macs(proto)
+    """ResNet-56's compact widths are odd (e.g. 11, 22); the export converts the padded
+    function (channel_padding), so every conv is a multiple of 8 wide, the option-A shortcut
+    pads still line the real channels up, the logits are the unpadded model's, and the file's
+    MAC counts are the counter's: the model's own at the plan's widths, more when padded."""
+    import onnx
+
+    from dcff_jax import flops
+
+    model = models.create_model("resnet56", "[0.3]*27+[0.3]*3", "compact")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    mean, std = input_pipeline.normalization("cifar10")
+    x = input_pipeline.normalize(jnp.asarray(images), mean, std, jnp.float32)
+    variables = trained_looking(model, dict(variables), x)
+    graphs = {
+        pad_to: onnx.load_from_string(
+            onnx_export.onnx_bytes(model, variables, 32, mean, std, pad_to)
+        )
+        for pad_to in (1, 8)
+    }
+    plain, padded = conv_widths_of(graphs[1]), conv_widths_of(graphs[8])
+    assert len(plain) == len(padded) == 55
+    assert any(w % 8 for w in plain) and all(w % 8 == 0 for w in padded)
+    meta = {p.key: int(p.value) for p in graphs[8].metadata_props}
+    assert meta["dcff_jax.pad_channels_to"] == 8
+    assert meta["dcff_jax.macs_paper_widths"] == flops.count(model, (1, 32, 32, 3), "macs").flops
+    assert meta["dcff_jax.macs_padded"] > meta["dcff_jax.macs_paper_widths"]
+    assert not graphs[1].metadata_props
     want = np.asarray(model.apply(variables, x, train=False))
-    for graph in (proto, padded):
+    for graph in graphs.values():
         got = onnx_export.run_session(
             onnxruntime.InferenceSession(graph.SerializeToString()), images
         )
@@ -216,10 +238,14 @@ def test_padded_widths_are_multiples_of_8_with_the_same_logits():
 
 
 def test_padding_places_divisors_depthwise_kernels_and_matmul_rows_by_the_channel_map():
-    """A hand-made graph that reaches the padding rules the six models do not all reach: a
-    per-channel divisor (padded with 1, or 0/0 would put NaN in the padded channels and, through
-    the zero weights after them, in the logits), a depthwise conv that follows its producer's
-    padded width, and a matmul whose rows follow the map."""
+    """A hand-made function that reaches the padding rules the six models do not all reach,
+    converted padded: a per-channel divisor (padded with 1, or 0/0 would put NaN in the padded
+    channels and, through the zero weights after them, in the logits), a depthwise conv that
+    follows its producer's padded width (the padded function holds a CPU-only rewrite of it in a
+    platform-dependent branch: the file holds the plain grouped Conv), and a matmul whose rows
+    follow the map."""
+    from dcff_jax.channel_padding import pad_channels
+
     rng = np.random.default_rng(0)
     kernel = rng.normal(size=(3, 3, 2, 5)).astype(np.float32)
     divisor = rng.uniform(0.5, 2.0, 5).astype(np.float32)
@@ -235,12 +261,30 @@ def test_padding_places_divisors_depthwise_kernels_and_matmul_rows_by_the_channe
         )
         return jnp.mean(y, axis=(1, 2)) @ dense
 
-    proto = onnx_export.jaxpr_to_onnx(fn, (None, 6, 6, 2), np.float32)
-    padded = onnx_export.pad_channels(proto, 8)
-    assert "Div" in [node.op_type for node in padded.graph.node]
-    arrays = {t.name: t.dims for t in padded.graph.initializer}
-    assert [arrays[n.input[1]][0] for n in padded.graph.node if n.op_type == "Conv"] == [8, 8]
+    padded = onnx_export.jaxpr_to_onnx(pad_channels(fn, 8), (None, 6, 6, 2), np.float32)
+    ops = [node.op_type for node in padded.graph.node]
+    assert "Div" in ops and "Squeeze" not in ops  # no trace of the CPU-only shifted form
+    assert conv_widths_of(padded) == [8, 8]
+    groups = [a.i for n in padded.graph.node if n.op_type == "Conv" for a in n.attribute
+              if a.name == "group"]  # fmt: skip
+    assert groups == [1, 8]
     x = rng.normal(size=(2, 6, 6, 2)).astype(np.float32)
     want = np.asarray(fn(x))
     got = onnxruntime.InferenceSession(padded.SerializeToString()).run(None, {"images": x})[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_negative_padding_crops_and_a_checkpoint_name_is_an_identity():
+    """lax.pad with negative widths (channel_padding cuts padded positions so) is a Pad of the
+    positive parts, then a Slice; checkpoint_name converts to nothing."""
+    from jax.ad_checkpoint import checkpoint_name
+
+    def fn(x):
+        x = checkpoint_name(x, "named")
+        return jax.lax.pad(x, 0.5, ((0, 0, 0), (-1, 2, 0), (2, -3, 0)))
+
+    proto = onnx_export.jaxpr_to_onnx(fn, (None, 4, 6), np.float32)
+    x = np.random.default_rng(0).normal(size=(3, 4, 6)).astype(np.float32)
+    got = onnxruntime.InferenceSession(proto.SerializeToString()).run(None, {"images": x})[0]
+    np.testing.assert_array_equal(got, fn(x))
+    assert [n.op_type for n in proto.graph.node] == ["Pad", "Slice", "Identity"]

@@ -157,18 +157,7 @@ def _counted_layers(a: trace.Analysis, calls, leaf_paths, nnx_model: bool):
             continue
         leaf = r.kernel_leaf
         path = "" if leaf is None else module_path(leaf_paths[leaf], nnx_model)
-        layers.append(
-            flops.Layer(
-                path,
-                r.kind,
-                (r.out_width,),
-                r.in_width,
-                r.out_width,
-                0,
-                r.macs_per_channel_pair,
-                r.groups,
-            )
-        )
+        layers.append(flops.record_layer(r, path))
         tags.append((r.in_tag, r.out_tag))
     return layers, tags
 
