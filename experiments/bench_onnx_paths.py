@@ -3,7 +3,7 @@ with one checkout of dcff_jax, then time the files of two checkouts in one run.
 
   # the files, one directory per checkout (PYTHONPATH picks the dcff_jax that writes them)
   PYTHONPATH=OLD_CHECKOUT python experiments/bench_onnx_paths.py write --out /tmp/onnx_old
-  PYTHONPATH=. python experiments/bench_onnx_paths.py write --out /tmp/onnx_new
+  PYTHONPATH=. python experiments/bench_onnx_paths.py write --out /tmp/onnx_new [--archs vgg16]
   # onnxruntime, CPU provider, both sets interleaved call by call
   python experiments/bench_onnx_paths.py time /tmp/onnx_old /tmp/onnx_new [--steps 20]
 
@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LARGE_BATCH = {"cifar10": 256, "imagenet2012": 16}
 
 
-def write(out: str) -> None:
+def write(out: str, archs: list[str] | None = None) -> None:
     import jax
     import jax.numpy as jnp
     import onnx
@@ -45,7 +45,7 @@ def write(out: str) -> None:
 
     os.makedirs(out, exist_ok=True)
     summary = {}
-    for arch in PAPER_CONFIGS:
+    for arch in archs or PAPER_CONFIGS:
         config = paper_config(arch)
         model = models.create_model(arch, config.cprate, "compact")
         size = config.image_size
@@ -117,12 +117,13 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write")
     w.add_argument("--out", required=True)
+    w.add_argument("--archs", default="", help="e.g. vgg16,resnet56 (default: all six)")
     t = sub.add_parser("time")
     t.add_argument("directories", nargs="+")
     t.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     if args.command == "write":
-        write(args.out)
+        write(args.out, [a for a in args.archs.split(",") if a])
     else:
         time_files(args.directories, args.steps)
 

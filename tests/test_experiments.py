@@ -98,7 +98,11 @@ SMOKE = {
     ],
 }
 # Scripts with tests of their own, and the ones that need torch (not a dependency).
-OWN_TESTS = {"gpu_row.py": "test_gpu_row.py", "learning_curves.py": "test_learning_curves.py"}
+OWN_TESTS = {
+    "bench_onnx_paths.py": "test_onnx.py",
+    "gpu_row.py": "test_gpu_row.py",
+    "learning_curves.py": "test_learning_curves.py",
+}
 NEEDS_TORCH = {"parity_torch.py", "make_torch_import_fixture.py"}
 
 

@@ -6,6 +6,7 @@ import collections
 import hashlib
 import json
 import os
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -288,3 +289,37 @@ def test_negative_padding_crops_and_a_checkpoint_name_is_an_identity():
     got = onnxruntime.InferenceSession(proto.SerializeToString()).run(None, {"images": x})[0]
     np.testing.assert_array_equal(got, fn(x))
     assert [n.op_type for n in proto.graph.node] == ["Pad", "Slice", "Identity"]
+
+
+@pytest.mark.slow
+def test_bench_onnx_paths_writes_files_and_times_two_sets(tmp_path):
+    """experiments/bench_onnx_paths.py (the before/after of the export path): `write` records
+    the file's MACs and its logits' difference; `time` prints each set's median and the ratio."""
+    import sys
+
+    from helpers import ROOT
+
+    script = os.path.join(ROOT, "experiments", "bench_onnx_paths.py")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+
+    def run(*args):
+        proc = subprocess.run(
+            [sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    run("write", "--archs=vgg16", f"--out={tmp_path}/a")
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())["vgg16"]
+    assert int(summary["metadata"]["dcff_jax.macs_padded"]) > int(
+        summary["metadata"]["dcff_jax.macs_paper_widths"]
+    )
+    assert summary["max_logit_difference_relative"] < 1e-4
+    rows = run("time", f"{tmp_path}/a", f"{tmp_path}/a", "--steps=2").splitlines()[1:]
+    assert [row.split()[:2] for row in rows] == [["vgg16", "1"], ["vgg16", "256"]]
+    for row in rows:
+        a, b, ratio = map(float, row.split()[2:])
+        # Each figure is printed to 2 decimals (+-0.005): b / a of the printed medians is off
+        # by at most ratio * 0.005 * (1/a + 1/b), the printed ratio by 0.005 more.
+        assert a > 0 and b > 0
+        assert abs(ratio - b / a) <= 0.005 + ratio * 0.005 * (1 / a + 1 / b) + 1e-9
