@@ -22,8 +22,7 @@ Compiling:
 """
 
 from dcff_jax.any_model import DCFF, Plan, compact_nnx, make_plan, update_fusion_nnx
-from dcff_jax.channel_padding import pad_channels
-from dcff_jax.export import compact_variables, load_compact
+from dcff_jax.deploy import compact_variables, load_compact, pad_channels
 from dcff_jax.flops import count as count_flops
 from dcff_jax.flops import model_counts
 from dcff_jax.fusion import (

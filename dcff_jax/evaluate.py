@@ -34,21 +34,22 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from dcff_jax import export, onnx_export, steps
+    from dcff_jax import steps
     from dcff_jax.data import loader, sources, transforms
+    from dcff_jax.deploy import compact, onnx_file, stablehlo
     from dcff_jax.xla_options import compiler_options
 
-    stablehlo = checkpoint.endswith(export.STABLEHLO)
+    is_stablehlo = checkpoint.endswith(stablehlo.STABLEHLO)
     onnx = checkpoint.endswith(".onnx")
-    if stablehlo or onnx:  # a deployable file, run as any user would: on one device
+    if is_stablehlo or onnx:  # a deployable file, run as any user would: on one device
         mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    if stablehlo:  # jax alone
-        exported, meta = export.load_stablehlo(checkpoint)
+    if is_stablehlo:  # jax alone
+        exported, meta = stablehlo.load_stablehlo(checkpoint)
     elif onnx:  # onnxruntime on the host, called from the jitted step
-        session, meta = onnx_export.load_onnx(checkpoint)
+        session, meta = onnx_file.load_onnx(checkpoint)
         classes = session.get_outputs()[0].shape[-1]
     else:
-        model, variables, meta = export.load_compact(checkpoint)
+        model, variables, meta = compact.load_compact(checkpoint)
         mesh = steps.make_mesh()
         variables = jax.device_put(variables, NamedSharding(mesh, P()))
     config = ml_collections.ConfigDict(meta["config"])
@@ -61,11 +62,11 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
 
     @functools.partial(jax.jit, compiler_options=compiler_options())
     def step(images, labels, mask):
-        if stablehlo:
+        if is_stablehlo:
             logits = exported.call(images)
         elif onnx:
             logits = jax.pure_callback(
-                functools.partial(onnx_export.run_session, session),
+                functools.partial(onnx_file.run_session, session),
                 jax.ShapeDtypeStruct((images.shape[0], classes), jnp.float32),
                 images,
             )

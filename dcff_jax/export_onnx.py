@@ -32,10 +32,10 @@ def main(argv):
         ) from None
     if _PAD_TO.value < 1:
         raise errors.ConfigError(f"--pad_channels_to must be >= 1, got {_PAD_TO.value}")
-    from dcff_jax import onnx_export
+    from dcff_jax.deploy import onnx_file
 
-    path = onnx_export.write_onnx(_CHECKPOINT.value, _PAD_TO.value)
-    print(onnx_export.describe(path))
+    path = onnx_file.write_onnx(_CHECKPOINT.value, _PAD_TO.value)
+    print(onnx_file.describe(path))
     print(path)
 
 

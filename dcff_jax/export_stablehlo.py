@@ -24,9 +24,9 @@ def main(argv):
     errors.no_positional_arguments(argv)
     if _PAD_TO.value < 1:
         raise errors.ConfigError(f"--pad_channels_to must be >= 1, got {_PAD_TO.value}")
-    from dcff_jax import export
+    from dcff_jax.deploy import stablehlo
 
-    print(export.write_stablehlo(_CHECKPOINT.value, _PAD_TO.value))
+    print(stablehlo.write_stablehlo(_CHECKPOINT.value, _PAD_TO.value))
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ def record_layer(record: trace.ConvRecord, path: str = "") -> Layer:
 def function_macs(fn: Callable, example) -> int:
     """Conv and matmul multiply-accumulates of `fn` (one array -> arrays, its weights bound
     as constants) on an input shaped like `example`: a model as exported, or as
-    channel_padding.pad_channels rewrites it (a CPU-only branch counted once, as the
+    deploy.channel_padding.pad_channels rewrites it (a CPU-only branch counted once, as the
     other platforms' branch)."""
     layers = [record_layer(r) for r in trace.analyze_function(fn, example).records]
     return count_layers(layers, 0, "macs").flops

@@ -6,7 +6,7 @@
 The config names the architecture, the plan the checkpoint was trained with (the published
 rate string), the dataset and image size; the result is read by `load_compact` and `evaluate`
 like any export of ours. torch is not needed, and nothing in the file is run (see
-dcff_jax.torch_import).
+dcff_jax.deploy.torch_import).
 """
 
 from absl import app, flags, logging
@@ -24,8 +24,9 @@ flags.mark_flags_as_required(["config", "state_dict", "out"])
 
 def main(argv):
     errors.no_positional_arguments(argv)
-    from dcff_jax import export, models, torch_import
+    from dcff_jax import models
     from dcff_jax.config import validate_config
+    from dcff_jax.deploy import compact, torch_import
 
     config = _CONFIG.value
     validate_config(config)
@@ -35,8 +36,8 @@ def main(argv):
     state = torch_import.read_state_dict(_STATE_DICT.value)
     variables = torch_import.variables_from_torch(model, state, config.image_size)
     record = {"epoch": None, "test_top1": None, "test_top5": None}
-    metadata = export.metadata_of(config, record) | {"imported_from": _STATE_DICT.value}
-    export.write_export(_OUT.value, variables, metadata, model)
+    metadata = compact.metadata_of(config, record) | {"imported_from": _STATE_DICT.value}
+    compact.write_export(_OUT.value, variables, metadata, model)
     logging.info("imported %s into %s", _STATE_DICT.value, _OUT.value)
     print(_OUT.value)
 

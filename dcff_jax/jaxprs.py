@@ -1,5 +1,5 @@
 """What our jaxpr walkers share (trace: channel analysis; channel_padding: padded re-runs;
-onnx_export: ONNX graphs): the walk over equations, inlining calls (and a platform-dependent
+deploy.onnx_graph: ONNX graphs): the walk over equations, inlining calls (and a platform-dependent
 cond's branch for other platforms), what each primitive does to the channel axis, and folding
 weights that are broadcast to a batch-sized shape."""
 

@@ -8,7 +8,7 @@ tensorstore's own GCS driver.
 Object stores have no atomic rename (a rename is a copy, then a delete) and no directories
 (a "directory" exists while an object has its prefix). So nothing here relies on renaming a
 directory into place: new versions are written beside the old and a small pointer object,
-written last, says which one is current (see dcff_jax.export).
+written last, says which one is current (see dcff_jax.deploy.versions).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The pieces live by role: dcff_jax.steps (train state, jitted steps, data parallelism),
 dcff_jax.optim (optimizer and schedules), dcff_jax.logs (metrics, log lines, TensorBoard),
-dcff_jax.checkpoints (orbax) and dcff_jax.export (the compact model). This module is the loop.
+dcff_jax.checkpoints (orbax) and dcff_jax.deploy.compact (the compact model). This module is
+the loop.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import ml_collections
 
 from dcff_jax import (
     checkpoints,
-    export,
     fusion,
     logs,
     models,
@@ -31,6 +31,7 @@ from dcff_jax import (
 )
 from dcff_jax.config import validate_config
 from dcff_jax.data import feeds, loader, sources
+from dcff_jax.deploy import compact
 from dcff_jax.errors import ConfigError
 
 
@@ -237,7 +238,7 @@ def export_best(run: Run, progress: Progress, best) -> None:
         logging.info("the best epoch's compact model was exported before this run resumed")
         return
     record = next(r for r in reversed(progress.history) if r["new_best"])
-    export.save_compact(os.path.join(run.workdir, "compact"), best, run.config, record)
+    compact.save_compact(os.path.join(run.workdir, "compact"), best, run.config, record)
 
 
 def initial_or_restored_state(run: Run):

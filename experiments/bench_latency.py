@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcff_jax import compiler_options, export, flops, input_pipeline, models, onnx_export
-from dcff_jax.channel_padding import pad_channels
 from dcff_jax.config import load_config
+from dcff_jax.deploy.channel_padding import pad_channels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {

@@ -129,7 +129,7 @@ def torch_state(model, param_value=None) -> dict[str, np.ndarray]:
 
 def copy_torch_to_flax(model, jax_model, shape, param_value=None) -> tuple[dict, dict]:
     """Our (params, batch_stats) holding the torch model's current weights (or param_value's)."""
-    from dcff_jax import torch_import
+    from dcff_jax.deploy import torch_import
 
     variables = torch_import.variables_from_torch(
         jax_model, torch_state(model, param_value), shape[1]

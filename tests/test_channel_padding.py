@@ -10,7 +10,7 @@ from flax import linen as nn
 from helpers import paper_config
 
 from dcff_jax import models
-from dcff_jax.channel_padding import conv_widths, pad_channels
+from dcff_jax.deploy.channel_padding import conv_widths, pad_channels
 
 # Padding adds exact zero products; what differs is the order in which a conv kernel blocks and
 # sums the channels, i.e. float32 rounding (2^-24 relative) of each conv's sums, carried through

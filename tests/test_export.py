@@ -236,3 +236,18 @@ def test_native_parsed_files_are_checked_against_their_sha256_before_parsing(tmp
     os.remove(version / "metadata.json")
     with pytest.raises(MissingFileError, match="metadata.json does not exist"):
         export.load_stablehlo(path)
+
+
+def test_the_former_module_names_re_export_the_deploy_package():
+    """dcff_jax.export, .onnx_export, .channel_padding and .torch_import keep the names users
+    had; each is the one object in dcff_jax.deploy."""
+    from dcff_jax import channel_padding, deploy, export, onnx_export, torch_import
+    from dcff_jax.deploy import compact, onnx_file, onnx_graph, stablehlo, versions
+
+    assert export.load_compact is deploy.load_compact is compact.load_compact
+    assert export.write_stablehlo is stablehlo.write_stablehlo
+    assert export.read_verified is versions.read_verified and export.POINTER == "LATEST"
+    assert onnx_export.jaxpr_to_onnx is onnx_graph.jaxpr_to_onnx
+    assert onnx_export.onnx_bytes is onnx_file.onnx_bytes and onnx_export.ONNX == "model.onnx"
+    assert channel_padding.pad_channels is deploy.pad_channels
+    assert torch_import.read_state_dict is deploy.torch_import.read_state_dict

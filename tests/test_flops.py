@@ -233,7 +233,7 @@ def test_function_macs_counts_a_functions_convs_and_matmuls_once():
     import jax.numpy as jnp
     import numpy as np
 
-    from dcff_jax.channel_padding import pad_channels
+    from dcff_jax.deploy.channel_padding import pad_channels
 
     rng = np.random.default_rng(0)
     kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 5)), jnp.float32)

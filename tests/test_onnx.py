@@ -245,7 +245,7 @@ def test_padding_places_divisors_depthwise_kernels_and_matmul_rows_by_the_channe
     follows its producer's padded width (the padded function holds a CPU-only rewrite of it in a
     platform-dependent branch: the file holds the plain grouped Conv), and a matmul whose rows
     follow the map."""
-    from dcff_jax.channel_padding import pad_channels
+    from dcff_jax.deploy.channel_padding import pad_channels
 
     rng = np.random.default_rng(0)
     kernel = rng.normal(size=(3, 3, 2, 5)).astype(np.float32)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from helpers import run_module
 
-from dcff_jax import create_model, export, input_pipeline, torch_import
+from dcff_jax import create_model, export, input_pipeline
+from dcff_jax.deploy import torch_import
 from dcff_jax.errors import DataError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "published_resnet56_compact")

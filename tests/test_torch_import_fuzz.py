@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fuzzing import MUTATIONS, flip_bytes, fuzz, ops, replace_ints, str_op, truncate
 
-from dcff_jax import torch_import
+from dcff_jax.deploy import torch_import
 from dcff_jax.errors import DataError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "published_resnet56_compact.pt")

@@ -140,7 +140,7 @@ class DCFF:
         compact model. Eval-mode logits are the fused model's."""
         if self.is_nnx:
             return compact_nnx(fused)
-        from dcff_jax.export import compact_variables
+        from dcff_jax.deploy.compact import compact_variables
 
         return self.compact_model(), compact_variables(fused)
 
@@ -166,7 +166,8 @@ class DCFF:
         `directory`: its variables (orbax, "variables"), the plan, and `model.stablehlo`, the
         eval-mode function images -> logits with the variables inside and any batch size,
         loadable with jax alone (jax.export.deserialize(...).call(images)), its conv widths
-        padded to multiples of 8 (export.STABLEHLO_PAD_TO; the same logits, faster on a CPU).
+        padded to multiples of 8 (deploy.stablehlo.STABLEHLO_PAD_TO; the same logits, faster on
+        a CPU).
         Returns the compact (model, variables) for linen, (model, None) for nnx."""
         return saving.export(self, directory, fused, example)
 

@@ -38,7 +38,7 @@ def load_state(dcff, directory: str, example):
 def export(dcff, directory: str, fused, example) -> tuple[Any, Any]:
     """DCFF.export."""
     from dcff_jax import storage
-    from dcff_jax.export import STABLEHLO, batch_polymorphic_stablehlo
+    from dcff_jax.deploy.stablehlo import STABLEHLO, batch_polymorphic_stablehlo
 
     if dcff.is_nnx:
         from flax import nnx

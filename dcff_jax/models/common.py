@@ -7,7 +7,7 @@ models, `prunable_conv(variant, ...)` gives one layer in any of three variants:
   - "fused":    a FusedConv holding c_out filters and computing m = keep_width(c_out, rate),
   - "compact":  a plain nn.Conv with m filters (the exported network).
 The module name is the same in every variant, so a fused model's variables map one to one onto
-the compact model's (see dcff_jax.export).
+the compact model's (see dcff_jax.deploy.compact).
 
 The pooling modules below exist so that FLOPs can be counted from the model itself: thop, which
 the paper used, counts a pool by how the published model wrote it (see dcff_jax.flops).
