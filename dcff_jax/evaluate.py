@@ -34,9 +34,9 @@ def evaluate_compact(checkpoint: str, data_dir=None, dataset=None, batch_size: i
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from dcff_jax import steps
     from dcff_jax.data import loader, sources, transforms
     from dcff_jax.deploy import compact, onnx_file, stablehlo
+    from dcff_jax.training import steps
     from dcff_jax.xla_options import compiler_options
 
     is_stablehlo = checkpoint.endswith(stablehlo.STABLEHLO)

@@ -72,7 +72,8 @@ def main(argv):
                 process_id=config.process_id,
             )
         jax.distributed.initialize(**kwargs)
-    from dcff_jax import preemption, train, xla_options
+    from dcff_jax import xla_options
+    from dcff_jax.training import preemption, train
 
     xla_options.enable_compilation_cache(_CACHE.value)
 

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import PAPER_CONFIGS, paper_config  # noqa: E402
 
-from dcff_jax import models, optim, steps  # noqa: E402
+from dcff_jax import models  # noqa: E402
+from dcff_jax.training import optim, steps
 
 
 def build_times(arch: str, batch: int) -> tuple[float, float, float, str]:

@@ -86,7 +86,8 @@ def bench_loop(
     Per K: median seconds per call over `calls` calls after one warm-up call, each call blocking
     on its metrics (as the train loop reads them), and the train images/s that gives.
     """
-    from dcff_jax import input_pipeline, optim, steps
+    from dcff_jax import input_pipeline
+    from dcff_jax.training import optim, steps
 
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
     model = models.create_model(config.model, config.cprate or None, "fused", dtype=dtype)
@@ -246,7 +247,8 @@ def bench_step(
 
     Median over `num_steps` steps after compilation; every step blocks on its result.
     """
-    from dcff_jax import input_pipeline, optim, steps
+    from dcff_jax import input_pipeline
+    from dcff_jax.training import optim, steps
 
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
     model = models.create_model(config.model, config.cprate or None, variant, dtype=dtype)

@@ -146,7 +146,7 @@ def unpack(resume: str, workdir: str) -> bool:
 def pack(workdir: str, out: str, name: str) -> list[str]:
     """The newest checkpoint, config.json and (when everything fits) the compilation cache, as a
     tar in parts of PART_BYTES under out/; the part paths."""
-    from dcff_jax import checkpoints
+    from dcff_jax.training import checkpoints
 
     step = checkpoints.latest_step(os.path.join(workdir, "checkpoints"))
     if step is None:
@@ -187,7 +187,7 @@ def read_progress(workdir: str) -> dict:
     """The newest checkpoint's progress record (epoch history), {} when there is none."""
     import orbax.checkpoint as ocp
 
-    from dcff_jax import checkpoints
+    from dcff_jax.training import checkpoints
 
     directory = os.path.join(workdir, "checkpoints")
     step = checkpoints.latest_step(directory)

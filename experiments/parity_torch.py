@@ -211,9 +211,10 @@ def run(
     from flax import traverse_util
 
     import dcff_jax
-    from dcff_jax import input_pipeline, optim
-    from dcff_jax import steps as steps_lib
+    from dcff_jax import input_pipeline
     from dcff_jax.config import default_config
+    from dcff_jax.training import optim
+    from dcff_jax.training import steps as steps_lib
 
     if threads:
         torch.set_num_threads(threads)

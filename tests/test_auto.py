@@ -657,7 +657,7 @@ def test_norms_and_gates():
 def test_our_data_parallel_steps_train_a_users_fused_model():
     """The fused linen model plugs into dcff_jax.steps (the mesh, the sharded step), as our
     architectures do: a model that takes train= and has batch norm needs nothing else."""
-    from dcff_jax import steps
+    from dcff_jax.training import steps
 
     dcff = any_model.DCFF(user.ResNet(), IMAGES[:1], 0.5, apply_kwargs={"train": False})
     model, mesh, tx = dcff.fused(), steps.make_mesh(), optax.sgd(0.01, momentum=0.9)

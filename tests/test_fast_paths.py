@@ -14,9 +14,10 @@ import optax
 import pytest
 from flax import linen as nn
 
-from dcff_jax import compiler_options, create_model, steps
+from dcff_jax import compiler_options, create_model
 from dcff_jax.input_pipeline import CIFAR_MEAN, CIFAR_STD
 from dcff_jax.models import common, resnet_cifar
+from dcff_jax.training import steps
 from dcff_jax.xla_options import CPU_OPTIONS, LIBRARY_FUSION_OPTION
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from helpers import tiny_config, write_cifar_folder
 
-from dcff_jax import checkpoints, input_pipeline, models, optim, steps
+from dcff_jax import input_pipeline, models
 from dcff_jax.data import feeds
+from dcff_jax.training import checkpoints, optim, steps
 
 
 def host_split(train=40, seed=0):

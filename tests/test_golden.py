@@ -29,7 +29,8 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import paper_config, read_scalars, tiny_config, write_cifar_folder
 
-from dcff_jax import fusion, input_pipeline, models, optim, steps, train
+from dcff_jax import fusion, input_pipeline, models
+from dcff_jax.training import optim, steps, train
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 RUNS = {"vgg16": "[0.5]*7+[0.8]*6", "resnet56": "[0.5]*27+[0.3]*3"}

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import pytest
 from helpers import ROOT, write_cifar_folder
 
-from dcff_jax import checkpoints, flops
+from dcff_jax import flops
+from dcff_jax.training import checkpoints
 
 SCRIPT = os.path.join(ROOT, "experiments", "gpu_row.py")
 

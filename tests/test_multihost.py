@@ -222,7 +222,7 @@ address, pid, directory, fault = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys
 jax.distributed.initialize(address, 2, pid)
 import jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from dcff_jax import checkpoints
+from dcff_jax.training import checkpoints
 from dcff_jax.errors import CheckpointError
 
 replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P())

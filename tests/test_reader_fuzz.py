@@ -14,10 +14,11 @@ import pytest
 from fuzzing import MUTATIONS, flip_bytes, fuzz, mutate_json_bytes, replace_ints, truncate
 from helpers import write_tfrecord
 
-from dcff_jax import any_model, export, input_pipeline, train
+from dcff_jax import any_model, export, input_pipeline
 from dcff_jax.config import default_config
 from dcff_jax.data import tfrecord
 from dcff_jax.errors import ConfigError, DataError
+from dcff_jax.training import train
 
 # --- CIFAR-10 batch files ----------------------------------------------------------------------
 

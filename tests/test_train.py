@@ -22,8 +22,9 @@ from helpers import (
     write_cifar_folder,
 )
 
-from dcff_jax import export, optim, steps, train
+from dcff_jax import export
 from dcff_jax.config import default_config, validate_config
+from dcff_jax.training import optim, steps, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -286,7 +287,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(data_dir, tm
 
 
 def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, caplog):
-    from dcff_jax import checkpoints
+    from dcff_jax.training import checkpoints
 
     mngr = checkpoints.manager(str(tmp_path / "ckpt"))
     state = {"w": jnp.arange(4.0)}
@@ -328,7 +329,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, caplog):
 def test_an_io_error_is_retried_then_stops_the_run_and_moves_nothing(tmp_path, monkeypatch, error):
     """A failure to reach the newest checkpoint is not damage: it is retried with backoff and,
     when it persists, the run stops naming the checkpoint; nothing is moved aside."""
-    from dcff_jax import checkpoints
+    from dcff_jax.training import checkpoints
 
     real_read = checkpoints.read_step
     mngr = checkpoints.manager(str(tmp_path / "ckpt"))
@@ -367,7 +368,7 @@ def test_an_io_error_is_retried_then_stops_the_run_and_moves_nothing(tmp_path, m
 
 
 def test_a_missing_file_or_undecodable_data_is_damage_not_an_io_error():
-    from dcff_jax import checkpoints
+    from dcff_jax.training import checkpoints
 
     assert not checkpoints.is_io_error(FileNotFoundError("gone"))
     assert not checkpoints.is_io_error(ValueError("Expecting value: line 1 column 1"))
@@ -385,7 +386,7 @@ def test_a_failed_checkpoint_read_leaves_no_orphaned_task_tracebacks(monkeypatch
     import gc
     import logging
 
-    from dcff_jax import checkpoints
+    from dcff_jax.training import checkpoints
 
     def failing(mngr, step, args):
         raise FileNotFoundError("gone")  # damage: returned at once, not retried
@@ -418,7 +419,7 @@ def test_a_failed_checkpoint_read_leaves_no_orphaned_task_tracebacks(monkeypatch
 
 
 def test_checkpoint_of_another_config_names_the_arrays_and_shapes(tmp_path):
-    from dcff_jax import checkpoints
+    from dcff_jax.training import checkpoints
 
     mngr = checkpoints.manager(str(tmp_path / "ckpt"))
     checkpoints.save(mngr, 1, {"w": jnp.zeros((3, 4)), "b": jnp.zeros(2)}, {})
@@ -433,7 +434,7 @@ def test_checkpoint_of_another_config_names_the_arrays_and_shapes(tmp_path):
 
 
 def test_no_readable_checkpoint_moves_nothing_and_says_so(tmp_path):
-    from dcff_jax import checkpoints
+    from dcff_jax.training import checkpoints
 
     mngr = checkpoints.manager(str(tmp_path / "ckpt"))
     for step in (1, 2):
@@ -473,7 +474,7 @@ def test_changed_run_fields_lists_each_field_and_allows_only_the_allow_list():
 
 
 def test_time_based_checkpoints_are_due_once_the_interval_has_passed(monkeypatch):
-    from dcff_jax import checkpoints
+    from dcff_jax.training import checkpoints
 
     now = [1000.0]
     monkeypatch.setattr(checkpoints.time, "monotonic", lambda: now[0])
@@ -610,7 +611,8 @@ def device_env(devices: int) -> dict[str, str]:
 
 RESTORE_ELSEWHERE = """
 import sys, jax, numpy as np
-from dcff_jax import checkpoints, models, optim, steps
+from dcff_jax import models
+from dcff_jax.training import checkpoints, optim, steps
 from helpers import tiny_config
 from jax.sharding import Mesh
 directory, saver, restorer = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -712,3 +714,17 @@ def test_the_last_partial_batch_is_trained_as_one_more_step(tmp_path):
         assert all(np.isfinite(loss) for _, loss in losses)
         step, _ = checkpoint_params(workdir)
         assert step == 2 * steps_per_epoch
+
+
+def test_the_former_module_names_re_export_the_training_package():
+    """dcff_jax.steps, .optim and .train (the README's custom loop imported the first two) keep
+    the names users had; each is the one object in dcff_jax.training."""
+    import dcff_jax.optim
+    import dcff_jax.steps
+    import dcff_jax.train
+    from dcff_jax import training
+
+    assert dcff_jax.steps.make_train_step is training.steps.make_train_step
+    assert dcff_jax.steps.InputSpec is training.steps.InputSpec
+    assert dcff_jax.optim.make_optimizer is training.optim.make_optimizer
+    assert dcff_jax.train.train_and_evaluate is training.train.train_and_evaluate

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcff_jax import steps
 from dcff_jax.data import loader, sources
+from dcff_jax.training import steps
 
 # Data placement (config.data_placement): "auto" puts a split on the devices when it is held in
 # memory as arrays (CIFAR-10) and both splits together take at most this many bytes.

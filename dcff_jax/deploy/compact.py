@@ -82,9 +82,10 @@ def write_export(directory: str, variables, metadata: dict, model=None) -> None:
     import jax
     import orbax.checkpoint as ocp
 
-    from dcff_jax import checkpoints, storage
+    from dcff_jax import storage
     from dcff_jax.data import sources
     from dcff_jax.deploy.stablehlo import STABLEHLO, STABLEHLO_PAD_TO, stablehlo_bytes
+    from dcff_jax.training import checkpoints
 
     root = storage.resolve(directory)
     current = versions.latest_version(root)
