@@ -25,7 +25,7 @@ from dcff_jax.any_model import DCFF, Plan, compact_nnx, make_plan, update_fusion
 from dcff_jax.deploy import compact_variables, load_compact, pad_channels
 from dcff_jax.flops import count as count_flops
 from dcff_jax.flops import model_counts
-from dcff_jax.fusion import (
+from dcff_jax.method.fusion import (
     FUSION_COLLECTION,
     fuse_kernel,
     fusion_matrix,
@@ -38,10 +38,10 @@ from dcff_jax.fusion import (
     update_fusion,
     update_layer,
 )
-from dcff_jax.layers import FusedConv
+from dcff_jax.method.layers import FusedConv
+from dcff_jax.method.rate_strings import keep_width, layer_rates, parse_rates
 from dcff_jax.models import ARCHITECTURES, VARIANTS, create_model, input_shape, prunable_conv
 from dcff_jax.plan_search import SearchResult, rate_string, search_plan, search_rates
-from dcff_jax.plans import keep_width, layer_rates, parse_rates
 from dcff_jax.xla_options import compiler_options
 
 __version__ = "0.1.0"

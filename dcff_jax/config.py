@@ -89,9 +89,10 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Check a config before anything is compiled; raise ConfigError naming the bad field."""
-    from dcff_jax import fusion, models, plans
+    from dcff_jax import models
     from dcff_jax.data import sources
     from dcff_jax.errors import ConfigError
+    from dcff_jax.method import fusion, rate_strings
 
     if config.model not in models.ARCHITECTURES:
         raise ConfigError(
@@ -99,7 +100,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"expected one of {sorted(models.ARCHITECTURES)}"
         )
     if config.cprate:
-        plans.layer_rates(config.model, config.cprate)
+        rate_strings.layer_rates(config.model, config.cprate)
     arch = models.ARCHITECTURES[config.model]
     if arch.fixed_input_size and config.image_size != arch.image_size:
         raise ConfigError(

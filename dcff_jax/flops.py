@@ -32,7 +32,7 @@ import jax
 from flax import linen as nn
 
 from dcff_jax import errors, models, trace
-from dcff_jax.layers import FusedConv
+from dcff_jax.method.layers import FusedConv
 from dcff_jax.models import common
 
 

@@ -29,8 +29,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from dcff_jax import plans
 from dcff_jax.errors import ConfigError
+from dcff_jax.method import rate_strings
 
 CountFn = Callable[[tuple[float, ...]], tuple[int, int]]
 
@@ -242,13 +242,13 @@ def search_plan(
     max_rate: float = 0.95,
     decimals: int = 2,
 ) -> SearchResult:
-    """search_rates over one of our architectures' rate strings (dcff_jax.plans layouts),
-    counted in the given FLOPs convention (dcff_jax.flops), relative to the original model as
-    flops.model_counts counts it."""
+    """search_rates over one of our architectures' rate strings (dcff_jax.method.rate_strings
+    layouts), counted in the given FLOPs convention (dcff_jax.flops), relative to the original model
+    as flops.model_counts counts it."""
     count, base = architecture_counter(architecture, convention)
     return search_rates(
         count,
-        plans.rate_layout(architecture).num_rates,
+        rate_strings.rate_layout(architecture).num_rates,
         flops_reduction=flops_reduction,
         params_reduction=params_reduction,
         max_rate=max_rate,
@@ -265,7 +265,7 @@ def architecture_counter(architecture: str, convention: str = "thop") -> tuple[C
     call a function it does not, and the paper's reductions are relative to the original."""
     from dcff_jax import flops, models
 
-    plans.rate_layout(architecture)
+    rate_strings.rate_layout(architecture)
 
     def count(rates: tuple[float, ...]) -> tuple[int, int]:
         # One trace of the original model, planned again for each rates: no model is built.

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from bench_latency import CONFIGS, ROOT, engines, median_ms
 
-from dcff_jax import flops, input_pipeline, models, plans
+from dcff_jax import flops, input_pipeline, models
 from dcff_jax.config import load_config
+from dcff_jax.method import rate_strings
 
 
 def entry_filters(arch: str, num_rates: int) -> list[int]:
@@ -44,7 +45,7 @@ def padded_rates(arch: str, rates: list[float], multiple: int = 8) -> list[float
     """Rates whose kept widths are the given ones rounded up to a multiple (capped at c_out)."""
     out = []
     for filters, rate in zip(entry_filters(arch, len(rates)), rates, strict=True):
-        width = -(-plans.keep_width(filters, rate) // multiple) * multiple
+        width = -(-rate_strings.keep_width(filters, rate) // multiple) * multiple
         out.append(0.0 if width >= filters else 1 - (width + 0.5) / filters)
     return out
 
@@ -63,7 +64,7 @@ def main() -> None:
         config_name, batches = CONFIGS[arch]
         batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
         config = load_config(os.path.join(ROOT, "configs", f"{config_name}.py"))
-        paper = list(plans.parse_rates(config.cprate))
+        paper = list(rate_strings.parse_rates(config.cprate))
         size = config.image_size
         mean, std = input_pipeline.normalization(config.dataset)
         for name, rates in (("paper", paper), ("widths to x8", padded_rates(arch, paper))):

@@ -37,7 +37,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dcff_jax import compiler_options, fusion, models
+from dcff_jax import compiler_options, models
+from dcff_jax.method import fusion
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/resnet50_imagenet.py", "Model config.")
 _MODE = flags.DEFINE_enum(

@@ -291,10 +291,13 @@ def handwritten_model(arch: str, cprate, variant: str, num_classes: int | None =
     the definition): the oracle that create_model's traced fused and compact models match."""
     import handwritten
 
-    from dcff_jax import models, plans
+    from dcff_jax import models
+    from dcff_jax.method import rate_strings
 
     return handwritten.BUILD[arch](
-        plans.layer_rates(arch, cprate) if cprate is not None else plans.uniform_rates(arch),
+        rate_strings.layer_rates(arch, cprate)
+        if cprate is not None
+        else rate_strings.uniform_rates(arch),
         variant=variant,
         num_classes=num_classes or models.ARCHITECTURES[arch].num_classes,
     )
@@ -303,7 +306,7 @@ def handwritten_model(arch: str, cprate, variant: str, num_classes: int | None =
 def handwritten_fused_layers(arch: str, cprate) -> dict[str, int]:
     """{path: kept} of the hand-written fused model's FusedConv layers."""
     from dcff_jax import models
-    from dcff_jax.layers import FusedConv
+    from dcff_jax.method.layers import FusedConv
 
     calls, _ = models.trace_calls(
         handwritten_model(arch, cprate, "fused"), models.input_shape(arch)
@@ -333,8 +336,8 @@ def pure_macs(model, shape) -> int:
 
 def random_rate_string(arch: str, seed: int) -> str:
     """A rate string of the architecture's layout with every entry drawn from [0, 0.9)."""
-    from dcff_jax import plans
+    from dcff_jax.method import rate_strings
 
     rng = np.random.default_rng(seed)
-    entries = rng.uniform(0.0, 0.9, plans.LAYOUTS[arch].num_rates)
+    entries = rng.uniform(0.0, 0.9, rate_strings.LAYOUTS[arch].num_rates)
     return "+".join(f"[{r:.3f}]" for r in entries)

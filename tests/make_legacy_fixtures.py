@@ -30,7 +30,8 @@ import flax_user_models as user  # noqa: E402
 from helpers import paper_config, tiny_config  # noqa: E402
 
 import dcff_jax  # noqa: E402
-from dcff_jax import auto, export, fusion, input_pipeline, models  # noqa: E402
+from dcff_jax import auto, export, input_pipeline, models  # noqa: E402
+from dcff_jax.method import fusion
 from dcff_jax.training import optim, steps
 
 LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "legacy")

@@ -37,7 +37,8 @@ from helpers import tiny_config  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from dcff_jax import fusion, input_pipeline, models  # noqa: E402
+from dcff_jax import input_pipeline, models  # noqa: E402
+from dcff_jax.method import fusion  # noqa: E402
 from dcff_jax.training import optim, steps  # noqa: E402
 
 

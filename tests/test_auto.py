@@ -228,8 +228,8 @@ def test_nnx_depthwise_separable():
 
 @pytest.mark.parametrize("arch", sorted(PAPER_CONFIGS))
 def test_our_architectures_traced_match_their_published_plans(arch):
-    """The per-path mapping (plans.path_rates) on an architecture's unpruned definition, traced:
-    the plan fuses exactly the convs the hand-written fused model fuses, at its widths, and
+    """The per-path mapping (rate_strings.path_rates) on an architecture's unpruned definition,
+    traced: the plan fuses exactly the convs the hand-written fused model fuses, at its widths, and
     resizes the published unfused convs (ResNet-50's downsamples) to their group's width, for
     the paper's rate string and a random one; its compact MACs and params are exactly the
     hand-written compact model's."""
@@ -261,13 +261,13 @@ def test_our_architectures_traced_match_their_published_plans(arch):
 
 
 def test_the_per_path_mapping_refuses_a_model_that_is_not_the_architecture():
-    from dcff_jax import plans
+    from dcff_jax.method import rate_strings
 
     paths = models.conv_paths("resnet56")
     with pytest.raises(ValueError, match="resnet56's layout has 55 fused convs, the model 54"):
-        plans.path_rates("resnet56", None, paths[:-1])
+        rate_strings.path_rates("resnet56", None, paths[:-1])
     with pytest.raises(ConfigError, match="resnet56 needs 30 pruning rates, got 2"):
-        plans.path_rates("resnet56", "[0.5]*2", paths)
+        rate_strings.path_rates("resnet56", "[0.5]*2", paths)
 
 
 def test_blocked_convs_say_why():

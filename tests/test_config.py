@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from dcff_jax import plans
 from dcff_jax.config import default_config, load_config
+from dcff_jax.method import rate_strings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = [
@@ -23,7 +23,9 @@ def test_every_config_loads_and_its_rates_fit_its_model(name):
     # Exactly the default fields: a misspelt override (config.lr_milestone = ...) would otherwise
     # add a field that nothing reads, and the recipe would silently keep the default.
     assert sorted(config.keys()) == sorted(default_config().keys())
-    plans.layer_rates(config.model, config.cprate or [0.0] * plans.LAYOUTS[config.model].num_rates)
+    rate_strings.layer_rates(
+        config.model, config.cprate or [0.0] * rate_strings.LAYOUTS[config.model].num_rates
+    )
 
 
 def test_published_cifar_recipe():

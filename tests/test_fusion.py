@@ -5,7 +5,7 @@ import pytest
 import reference_numpy as ref
 from helpers import U32, U64, gamma
 
-from dcff_jax import fusion
+from dcff_jax.method import fusion
 
 
 def kaiming_filters(seed, c, d):
@@ -334,3 +334,19 @@ def test_update_fusion_names_a_layer_without_kernel():
     _, tree = toy_model_trees(np.random.default_rng(5))
     with pytest.raises(ValueError, match="conv0"):
         fusion.update_fusion({"block": {"conv1": {"kernel": jnp.ones((1, 1, 16, 24))}}}, tree, 0, 3)
+
+
+def test_the_former_module_names_re_export_the_method_package():
+    """dcff_jax.fusion, .layers and .plans (rate_strings' former name) keep the public names
+    users had; each is the one object in dcff_jax.method."""
+    import dcff_jax.fusion
+    import dcff_jax.layers
+    import dcff_jax.plans
+    from dcff_jax import method
+
+    assert dcff_jax.fusion.fuse_kernel is method.fusion.fuse_kernel
+    assert dcff_jax.fusion.FUSION_COLLECTION == method.fusion.FUSION_COLLECTION
+    assert dcff_jax.layers.FusedConv is method.layers.FusedConv
+    assert dcff_jax.layers.torch_default_bias is method.layers.torch_default_bias
+    assert dcff_jax.plans.parse_rates is method.rate_strings.parse_rates
+    assert dcff_jax.plans.LAYOUTS is method.rate_strings.LAYOUTS

@@ -29,7 +29,8 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import paper_config, read_scalars, tiny_config, write_cifar_folder
 
-from dcff_jax import fusion, input_pipeline, models
+from dcff_jax import input_pipeline, models
+from dcff_jax.method import fusion
 from dcff_jax.training import optim, steps, train
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")

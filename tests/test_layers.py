@@ -5,7 +5,8 @@ import pytest
 from flax import linen as nn
 from helpers import U32, gamma
 
-from dcff_jax import FusedConv, fusion
+from dcff_jax import FusedConv
+from dcff_jax.method import fusion
 
 
 def init(layer, x):

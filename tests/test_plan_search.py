@@ -1,7 +1,8 @@
 import pytest
 
-from dcff_jax import plan_search, plans
+from dcff_jax import plan_search
 from dcff_jax.errors import ConfigError
+from dcff_jax.method import rate_strings
 
 # A toy chain of 4 convs (3x3, no bias) on shrinking images, counted exactly like a compact CNN:
 # FLOPs = sum of out_pixels * c_out * c_in * 9, params = sum of c_out * c_in * 9.
@@ -12,7 +13,7 @@ PIXELS = (32 * 32, 16 * 16, 8 * 8, 4 * 4)
 def toy_count(rates):
     c_in, flops, params = 3, 0, 0
     for width, pixels, rate in zip(WIDTHS, PIXELS, rates, strict=True):
-        c_out = plans.keep_width(width, rate)
+        c_out = rate_strings.keep_width(width, rate)
         flops += pixels * c_out * c_in * 9
         params += c_out * c_in * 9
         c_in = c_out
@@ -29,7 +30,7 @@ def test_rate_string_round_trips_through_the_parser():
     rates = (0.3, 0.3, 0.5, 0.0, 0.0, 0.0, 0.25)
     text = plan_search.rate_string(rates)
     assert text == "[0.3]*2+[0.5]+[0]*3+[0.25]"
-    assert plans.parse_rates(text) == rates
+    assert rate_strings.parse_rates(text) == rates
 
 
 @pytest.mark.parametrize("plan", [(0.3, 0.5, 0.1, 0.7), (0.6, 0.2, 0.5, 0.1), (0.0, 0.0, 0.4, 0.9)])
@@ -105,4 +106,4 @@ def test_the_search_and_the_flops_counter_share_one_base():
         count, base = plan_search.architecture_counter(architecture)
         counts = flops.model_counts(architecture, None)
         assert base == (counts["base_flops"], counts["base_params"])
-        assert count((0.0,) * plans.LAYOUTS[architecture].num_rates)[1] == base[1]
+        assert count((0.0,) * rate_strings.LAYOUTS[architecture].num_rates)[1] == base[1]

@@ -1,6 +1,6 @@
 import pytest
 
-from dcff_jax import plans
+from dcff_jax.method import rate_strings
 from dcff_jax.models import resnet_cifar
 
 PAPER = {
@@ -11,8 +11,11 @@ PAPER = {
 
 
 def test_parse_published_strings():
-    assert plans.parse_rates(PAPER["vgg16"]) == (0.5,) * 2 + (0.4,) * 2 + (0.35,) * 3 + (0.85,) * 6
-    googlenet = plans.parse_rates(PAPER["googlenet"])
+    assert (
+        rate_strings.parse_rates(PAPER["vgg16"])
+        == (0.5,) * 2 + (0.4,) * 2 + (0.35,) * 3 + (0.85,) * 6
+    )
+    googlenet = rate_strings.parse_rates(PAPER["googlenet"])
     assert len(googlenet) == 64
     assert googlenet[:8] == (0.0, 0.0, 0.8, 0.0, 0.8, 0.8, 0.0, 0.0)
     assert googlenet[8:15] == (0.0, 0.9, 0.0, 0.9, 0.9, 0.0, 0.0)
@@ -31,7 +34,7 @@ def test_parse_published_strings():
     ],
 )
 def test_grammar(text, want):
-    assert plans.parse_rates(text) == want
+    assert rate_strings.parse_rates(text) == want
 
 
 @pytest.mark.parametrize(
@@ -56,25 +59,25 @@ def test_grammar(text, want):
 )
 def test_parser_rejections_name_the_problem(text, message):
     with pytest.raises(ValueError, match=message):
-        plans.parse_rates(text)
+        rate_strings.parse_rates(text)
 
 
 def test_parser_error_points_at_the_position():
     with pytest.raises(ValueError) as err:
-        plans.parse_rates("[0.5]*2+[0.4]*x")
+        rate_strings.parse_rates("[0.5]*2+[0.4]*x")
     assert "character 14" in str(err.value)
 
 
 def test_parser_never_evaluates_python():
     with pytest.raises(ValueError):
-        plans.parse_rates("[0.1]*__import__('sys').exit(1)")
+        rate_strings.parse_rates("[0.1]*__import__('sys').exit(1)")
 
 
 def test_keep_width_truncates_like_python_int():
-    assert plans.keep_width(64, 0.7) == int(64 * (1 - 0.7)) == 19
-    assert plans.keep_width(512, 0.85) == 76
-    assert plans.keep_width(16, 0.0) == 16
-    assert plans.keep_width(4, 0.9) == 1  # at least one filter
+    assert rate_strings.keep_width(64, 0.7) == int(64 * (1 - 0.7)) == 19
+    assert rate_strings.keep_width(512, 0.85) == 76
+    assert rate_strings.keep_width(16, 0.0) == 16
+    assert rate_strings.keep_width(4, 0.9) == 1  # at least one filter
 
 
 @pytest.mark.parametrize(
@@ -89,20 +92,20 @@ def test_keep_width_truncates_like_python_int():
     ],
 )
 def test_wrong_number_of_entries_is_explained(arch, count, layers):
-    assert len(plans.layer_rates(arch, [0.1] * count)) == layers
+    assert len(rate_strings.layer_rates(arch, [0.1] * count)) == layers
     with pytest.raises(ValueError, match=f"{arch} needs {count} pruning rates, got {count + 1}"):
-        plans.layer_rates(arch, [0.1] * (count + 1))
+        rate_strings.layer_rates(arch, [0.1] * (count + 1))
 
 
 def test_unknown_architecture():
     with pytest.raises(ValueError, match="unknown architecture 'vgg19'"):
-        plans.layer_rates("vgg19", "[0.1]")
+        rate_strings.layer_rates("vgg19", "[0.1]")
 
 
 def test_resnet_cifar_expansion_matches_published_rule():
     conv1 = [i / 100 for i in range(27)]
     stages = [0.5, 0.6, 0.7]
-    got = plans.layer_rates("resnet56", conv1 + stages)
+    got = rate_strings.layer_rates("resnet56", conv1 + stages)
     # Published: [stage1] + interleave(conv1 rates, each stage rate repeated per block).
     want = [0.5]
     for i, r in enumerate(conv1):
@@ -118,7 +121,7 @@ def test_resnet50_expansion_matches_published_rule():
         + [0.2 + i / 1000 for i in range(16)]
         + [0.3, 0.4, 0.5, 0.6]
     )
-    got = plans.layer_rates("resnet50", rates)
+    got = rate_strings.layer_rates("resnet50", rates)
     assert got[0] == 0.01
     blocks = [got[1 + 3 * b : 4 + 3 * b] for b in range(16)]
     stage_of_block = [0] * 3 + [1] * 4 + [2] * 6 + [3] * 3
@@ -128,6 +131,6 @@ def test_resnet50_expansion_matches_published_rule():
 
 def test_mobilenetv2_expansion_order():
     rates = [0.01] + [0.1 + i / 100 for i in range(16)] + [0.5 + i / 100 for i in range(7)] + [0.9]
-    got = plans.layer_rates("mobilenetv2", rates)
+    got = rate_strings.layer_rates("mobilenetv2", rates)
     assert got[:4] == (0.01, 0.5, 0.1, 0.51)  # stem, block0.project, block1.expand, block1.project
     assert got[-3:] == (0.25, 0.56, 0.9)  # block16.expand, block16.project (stage 7), last

@@ -500,7 +500,8 @@ def all_equations(jaxpr):
 
 
 def test_half_precision_step_computes_in_bfloat16_and_keeps_float32_state(data_dir):
-    from dcff_jax import fusion, input_pipeline, models
+    from dcff_jax import input_pipeline, models
+    from dcff_jax.method import fusion
 
     config = tiny_config(data_dir, model="vgg16", cprate="[0.75]*13", half_precision=True)
     data = input_pipeline.load_data(config)

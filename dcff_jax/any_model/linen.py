@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from dcff_jax import layers
 from dcff_jax.any_model.tracing import key_name, narrowed_leaves
 from dcff_jax.errors import ConfigError
+from dcff_jax.method import layers
 
 # --- linen ------------------------------------------------------------------------------------
 

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 import jax
 
-from dcff_jax import fusion, layers
 from dcff_jax.any_model.plan import Plan
 from dcff_jax.any_model.tracing import Traced, narrowed_leaves
+from dcff_jax.method import fusion, layers
 
 # --- nnx --------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from dcff_jax.any_model.tracing import Traced, module_path
 from dcff_jax.errors import ConfigError, expect
-from dcff_jax.plans import keep_width
+from dcff_jax.method.rate_strings import keep_width
 
 PLAN_FORMAT = "dcff_jax.plan/1"
 PLAN_FILE = "plan.json"

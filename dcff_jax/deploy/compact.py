@@ -18,7 +18,7 @@ from flax.core import unfreeze
 
 from dcff_jax.deploy import versions
 from dcff_jax.errors import DataError
-from dcff_jax.fusion import FUSION_COLLECTION, fuse_kernel
+from dcff_jax.method.fusion import FUSION_COLLECTION, fuse_kernel
 
 
 def compact_variables(fused_variables: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import jax
 from flax import linen as nn
 
-from dcff_jax import plans
+from dcff_jax.method import rate_strings
 from dcff_jax.models.common import VARIANTS, check_variant, prunable_conv
 from dcff_jax.models.googlenet import GoogLeNet
 from dcff_jax.models.mobilenetv2 import MobileNetV2
@@ -44,7 +44,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             False,
             original_uncounted=("GlobalAvgPool_0",),
         )
-        for name, blocks in plans.RESNET_CIFAR_BLOCKS.items()
+        for name, blocks in rate_strings.RESNET_CIFAR_BLOCKS.items()
     },
     "googlenet": Architecture(GoogLeNet, 32, 10, True),
     "resnet50": Architecture(ImageNetResNet, 224, 1000, True),
@@ -177,11 +177,11 @@ def paper_dcff(
     dtype: jax.typing.DTypeLike | None = None,
 ):
     """dcff_jax.DCFF on the architecture's original model with its rate string mapped to conv
-    paths (plans.path_rates): the any-model API applied to the paper's architectures. The
+    paths (rate_strings.path_rates): the any-model API applied to the paper's architectures. The
     original model is traced once per (architecture, num_classes, dtype) in a process."""
     traced, paths = _traced_original(architecture, num_classes, dtype)
-    rates = plans.path_rates(architecture, cprate, paths)
-    return traced.replanned(rates, unfused=list(plans.LAYOUTS[architecture].unfused))
+    rates = rate_strings.path_rates(architecture, cprate, paths)
+    return traced.replanned(rates, unfused=list(rate_strings.LAYOUTS[architecture].unfused))
 
 
 @functools.lru_cache(maxsize=32)

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from dcff_jax.layers import Conv, Dense, FusedConv, torch_default_bias, uniform
-from dcff_jax.plans import keep_width
+from dcff_jax.method.layers import Conv, Dense, FusedConv, torch_default_bias, uniform
+from dcff_jax.method.rate_strings import keep_width
 
 VARIANTS = ("original", "fused", "compact")
 

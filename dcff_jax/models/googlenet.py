@@ -1,7 +1,7 @@
 """GoogLeNet for CIFAR-10 (published models/cifar/googlenet.py): pre-layer + 9 Inception blocks.
 
-Its rate string (dcff_jax.plans): 64 rates, one per conv in call order: pre-layer, then per
-Inception [b1 1x1, b2 1x1, b2 3x3, b3 1x1, b3 3x3, b3 3x3, b4 1x1]. Convs have bias.
+Its rate string (dcff_jax.method.rate_strings): 64 rates, one per conv in call order: pre-layer,
+then per Inception [b1 1x1, b2 1x1, b2 3x3, b3 1x1, b3 3x3, b3 3x3, b4 1x1]. Convs have bias.
 """
 
 from __future__ import annotations

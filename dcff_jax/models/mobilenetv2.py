@@ -3,10 +3,11 @@
 As torchvision: every conv Kaiming-normal (fan_out), BN scale 1 and bias 0, Dropout(0.2) before
 the classifier, classifier weights N(0, 0.01) and bias 0.
 
-Its rate string (dcff_jax.plans, 25 rates): the 3x3 stem conv, each block's 1x1 expansion conv,
-one rate per stage for the 1x1 projection convs (a stage's blocks are chained by residual adds,
-so their outputs keep one width, as ResNet-50's conv3s), and the last 1x1 conv (1280). Depthwise
-3x3 convs are never fused: each follows the compact width of the expansion conv before it.
+Its rate string (dcff_jax.method.rate_strings, 25 rates): the 3x3 stem conv, each block's 1x1
+expansion conv, one rate per stage for the 1x1 projection convs (a stage's blocks are chained by
+residual adds, so their outputs keep one width, as ResNet-50's conv3s), and the last 1x1 conv
+(1280). Depthwise 3x3 convs are never fused: each follows the compact width of the expansion conv
+before it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from __future__ import annotations
 import jax
 from flax import linen as nn
 
+from dcff_jax.method.rate_strings import MOBILENETV2_STAGES
 from dcff_jax.models import common
-from dcff_jax.plans import MOBILENETV2_STAGES
 
 LAST_FILTERS = 1280
 DROPOUT_RATE = 0.2

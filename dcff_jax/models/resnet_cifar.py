@@ -3,8 +3,9 @@
 Init as published: convs and the classifier's weights Kaiming-normal (fan_in); the classifier's
 bias keeps PyTorch's default, BN scale 1 and bias 0.
 
-Its rate string (dcff_jax.plans): one rate per block's conv1, then one per stage shared by the
-stage's conv2s (and, for the first stage, the stem), which residual adds tie to one width.
+Its rate string (dcff_jax.method.rate_strings): one rate per block's conv1, then one per stage
+shared by the stage's conv2s (and, for the first stage, the stem), which residual adds tie to one
+width.
 """
 
 from __future__ import annotations

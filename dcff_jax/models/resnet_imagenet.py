@@ -1,8 +1,8 @@
 """ResNet-50 for ImageNet (published models/imagenet/resnet.py): Bottlenecks, stride on conv2.
 
-Its rate string (dcff_jax.plans): the stem, each block's conv1 and conv2, then one rate per stage
-shared by its conv3s and its downsample, a 1x1 conv + BN that is never fused but trained at its
-stage's compact width (plans.LAYOUTS["resnet50"].unfused).
+Its rate string (dcff_jax.method.rate_strings): the stem, each block's conv1 and conv2, then one
+rate per stage shared by its conv3s and its downsample, a 1x1 conv + BN that is never fused but
+trained at its stage's compact width (rate_strings.LAYOUTS["resnet50"].unfused).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import jax
 from flax import linen as nn
 
+from dcff_jax.method.rate_strings import RESNET50_BLOCKS
 from dcff_jax.models import common
-from dcff_jax.plans import RESNET50_BLOCKS
 
 EXPANSION = 4
 STAGE_PLANES = (64, 128, 256, 512)

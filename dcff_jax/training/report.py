@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dcff_jax import fusion
+from dcff_jax.method import fusion
 
 
 def write_plots(

@@ -28,8 +28,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dcff_jax import fusion
 from dcff_jax.data import loader, transforms
+from dcff_jax.method import fusion
 from dcff_jax.xla_options import compiler_options
 
 

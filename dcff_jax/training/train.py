@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dcff_jax import fusion, models, storage, xla_options
+from dcff_jax import models, storage, xla_options
 from dcff_jax.config import validate_config
 from dcff_jax.data import feeds, loader, sources
 from dcff_jax.deploy import compact
 from dcff_jax.errors import ConfigError
+from dcff_jax.method import fusion
 from dcff_jax.training import checkpoints, logs, optim, steps
 
 

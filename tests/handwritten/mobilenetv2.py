@@ -5,12 +5,12 @@ MobileNetV2 for ImageNet, as torchvision defines it (width 1.0). The published c
 As torchvision: every conv Kaiming-normal (fan_out), BN scale 1 and bias 0, Dropout(0.2) before
 the classifier, classifier weights N(0, 0.01) and bias 0.
 
-Plan rules (dcff_jax.plans, 25 rates): the 3x3 stem conv, each block's 1x1 expansion conv, one
-rate per stage for the 1x1 projection convs (a stage's blocks are chained by residual adds, so
-their outputs must keep one width, as ResNet-50's conv3s), and the last 1x1 conv (1280).
-Depthwise 3x3 convs are never fused (FusedConv is groups = 1): each follows the compact width of
-the expansion conv before it, as ResNet-50's downsample follows its stage.
-Layer-wise order: [stem, block0.project, block1.expand, block1.project, ..., last].
+Plan rules (dcff_jax.method.rate_strings, 25 rates): the 3x3 stem conv, each block's 1x1 expansion
+conv, one rate per stage for the 1x1 projection convs (a stage's blocks are chained by residual
+adds, so their outputs must keep one width, as ResNet-50's conv3s), and the last 1x1 conv (1280).
+Depthwise 3x3 convs are never fused (FusedConv is groups = 1): each follows the compact width of the
+expansion conv before it, as ResNet-50's downsample follows its stage. Layer-wise order: [stem,
+block0.project, block1.expand, block1.project, ..., last].
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import jax
 from flax import linen as nn
 
+from dcff_jax.method.rate_strings import MOBILENETV2_STAGES
 from dcff_jax.models import common
 from dcff_jax.models.mobilenetv2 import DROPOUT_RATE, LAST_FILTERS
-from dcff_jax.plans import MOBILENETV2_STAGES
 
 
 class InvertedResidual(nn.Module):

@@ -5,7 +5,8 @@ ResNet-56/110 for CIFAR-10 (published models/cifar/resnet.py): BasicBlocks, opti
 Init as published: convs and the classifier's weights Kaiming-normal (fan_in); the classifier's
 bias keeps PyTorch's default, BN scale 1 and bias 0.
 
-Layer-wise rates (see dcff_jax.plans): [stem, block0.conv1, block0.conv2, block1.conv1, ...].
+Layer-wise rates (see dcff_jax.method.rate_strings): [stem, block0.conv1, block0.conv2,
+block1.conv1, ...].
 A block's input width is whatever the previous layer produced; its output width is its conv2's.
 """
 

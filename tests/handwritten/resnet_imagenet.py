@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import jax
 from flax import linen as nn
 
+from dcff_jax.method.rate_strings import RESNET50_BLOCKS
 from dcff_jax.models import common
 from dcff_jax.models.resnet_imagenet import EXPANSION, STAGE_PLANES
-from dcff_jax.plans import RESNET50_BLOCKS
 
 
 class Bottleneck(nn.Module):
