@@ -31,7 +31,8 @@ from collections.abc import Callable, Collection, Sequence
 import jax
 from flax import linen as nn
 
-from dcff_jax import errors, models, trace
+from dcff_jax import errors, models
+from dcff_jax.jaxpr import channels
 from dcff_jax.method.layers import FusedConv
 from dcff_jax.models import common
 
@@ -123,7 +124,7 @@ def layer_of(module, path: str, x_shape: Sequence[int], y_shape: Sequence[int]) 
     return None
 
 
-def record_layer(record: trace.ConvRecord, path: str = "") -> Layer:
+def record_layer(record: channels.ConvRecord, path: str = "") -> Layer:
     """The counted layer of a conv or matmul of a traced jaxpr (one made outside any counted
     layer call: an nnx model's, a user's own matmul, a function's with its weights bound)."""
     return Layer(
@@ -143,7 +144,7 @@ def function_macs(fn: Callable, example) -> int:
     as constants) on an input shaped like `example`: a model as exported, or as
     deploy.channel_padding.pad_channels rewrites it (a CPU-only branch counted once, as the
     other platforms' branch)."""
-    layers = [record_layer(r) for r in trace.analyze_function(fn, example).records]
+    layers = [record_layer(r) for r in channels.analyze_function(fn, example).records]
     return count_layers(layers, 0, "macs").flops
 
 

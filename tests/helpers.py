@@ -316,7 +316,7 @@ def handwritten_fused_layers(arch: str, cprate) -> dict[str, int]:
 
 def pure_macs(model, shape) -> int:
     """Conv and dense multiply-accumulates of a linen model's own layer calls (no bias adds),
-    counted independently of dcff_jax.trace."""
+    counted independently of dcff_jax.jaxpr.channels."""
     import math
 
     from flax import linen as nn

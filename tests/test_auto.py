@@ -82,7 +82,7 @@ def spatial_sizes(model, x, **kwargs) -> dict[str, int]:
 
 def linen_macs(compact_params, sizes: dict[str, int]) -> int:
     """Conv + dense MACs of batch 1 from the compact kernels' shapes alone (kernel elements x
-    output pixels; a dense kernel's elements): independent of dcff_jax.trace."""
+    output pixels; a dense kernel's elements): independent of dcff_jax.jaxpr.channels."""
     flat = jax.tree_util.tree_flatten_with_path(compact_params)[0]
     total = 0
     for path, leaf in flat:

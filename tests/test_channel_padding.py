@@ -169,7 +169,7 @@ def test_depthwise_convs_run_as_shifted_multiply_adds_on_cpu(stride):
 
 
 def test_a_named_value_keeps_its_padding():
-    """checkpoint_name is an identity (jaxprs.CHANNEL_RULE): the conv after a named value reads
+    """checkpoint_name is an identity (jaxpr.walk.CHANNEL_RULE): the conv after a named value reads
     it padded, and no real channels are taken back for it."""
     from jax.ad_checkpoint import checkpoint_name
 

@@ -6,12 +6,12 @@ compact export.
     fused = dcff.fused()              # train this (linen: a Module; nnx: a resized copy)
     compact, compact_vars = dcff.compact(fused_variables)   # nnx: dcff.compact(fused_model)
 
-Which convs fuse, and how their widths couple, comes from tracing the model (dcff_jax.trace):
-a conv whose outputs only reach channel-wise ops and then convs or dense layers fuses freely;
-outputs that meet at a residual add form a group that shares one rate and one kept width (each
-conv fusing independently into the same slots); concat branches fuse independently; a flatten
-into a dense layer shrinks its input; a depthwise conv follows its producer; a zero pad of the
-channels meeting an add (an option-A shortcut) follows the widths. Everything else is reported
+Which convs fuse, and how their widths couple, comes from tracing the model
+(dcff_jax.jaxpr.channels): a conv whose outputs only reach channel-wise ops and then convs or dense
+layers fuses freely; outputs that meet at a residual add form a group that shares one rate and one
+kept width (each conv fusing independently into the same slots); concat branches fuse independently;
+a flatten into a dense layer shrinks its input; a depthwise conv follows its producer; a zero pad of
+the channels meeting an add (an option-A shortcut) follows the widths. Everything else is reported
 with the reason.
 
 Rates: a number for every fusable conv, or a mapping from glob patterns over layer paths

@@ -1,5 +1,5 @@
-"""The model traced once (linen or nnx): its channel analysis (dcff_jax.trace), its parameter
-leaves, its counted layers (dcff_jax.flops) and the leaves narrowed to a plan."""
+"""The model traced once (linen or nnx): its channel analysis (dcff_jax.jaxpr.channels), its
+parameter leaves, its counted layers (dcff_jax.flops) and the leaves narrowed to a plan."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import numpy as np
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from dcff_jax import flops, trace
+from dcff_jax import flops
+from dcff_jax.jaxpr import channels
 
 if TYPE_CHECKING:
     from dcff_jax.any_model.plan import Plan
@@ -37,7 +38,7 @@ def key_name(key) -> str:
 
 @dataclasses.dataclass
 class Traced:
-    analysis: trace.Analysis
+    analysis: channels.Analysis
     leaf_paths: list[tuple[str, ...]]
     leaf_shapes: list[tuple[int, ...]]
     trainable: list[bool]  # linen: in "params"; nnx: an nnx.Param
@@ -45,7 +46,7 @@ class Traced:
     # (None: a fixed width): linen's layer calls, then every conv or dense made outside them
     # (all of an nnx model's, whose calls are not seen: conv and dense alone).
     layers: list[flops.Layer]
-    layer_tags: list[tuple[trace.Tag | None, trace.Tag | None]]
+    layer_tags: list[tuple[channels.Tag | None, channels.Tag | None]]
     # Paths of the flax Conv modules (nn.Conv, nnx.Conv): the convs the rewriter can fuse.
     rewritable: frozenset[str] = frozenset()
     layer_calls: bool = True  # whether the layers include the linen calls (thop's convention)
@@ -113,7 +114,7 @@ def trace_model(model, example, apply_kwargs: Mapping[str, Any]) -> Traced:
             if not isinstance(module, flops.COUNTED) or not hasattr(x, "shape"):
                 return call(*args, **kwargs)
             # Probes: the analysis keeps the tags of the layer's input and output channels.
-            key = f"{trace.PROBE}{len(calls)}"
+            key = f"{channels.PROBE}{len(calls)}"
             y = call(checkpoint_name(x, f"{key}/in"), *args[1:], **kwargs)
             calls.append((flops.layer_of(module, path, x.shape, y.shape), x.ndim, y.ndim))
             return checkpoint_name(y, f"{key}/out")
@@ -133,19 +134,19 @@ def trace_model(model, example, apply_kwargs: Mapping[str, Any]) -> Traced:
         for path, _ in flat
     ]
     shapes = [tuple(leaf.shape) for leaf in leaves]
-    analysis = trace.analyze(fn, leaves, example)  # fills convs and calls (linen)
+    analysis = channels.analyze(fn, leaves, example)  # fills convs and calls (linen)
     layers, tags = _counted_layers(analysis, calls, paths, is_nnx(model))
     return Traced(
         analysis, paths, shapes, trainable, layers, tags, frozenset(convs), not is_nnx(model)
     )
 
 
-def _counted_layers(a: trace.Analysis, calls, leaf_paths, nnx_model: bool):
+def _counted_layers(a: channels.Analysis, calls, leaf_paths, nnx_model: bool):
     """The traced layer calls with their probed channel tags (a tag on another axis than the
     channels' is a fixed width), then every conv and dense made outside them."""
     layers, tags = [], []
 
-    def channel_tag(key: str, rank: int) -> trace.Tag | None:
+    def channel_tag(key: str, rank: int) -> channels.Tag | None:
         tag = a.probes.get(key)
         return tag if tag is not None and tag.axis == rank - 1 else None
 
@@ -170,7 +171,7 @@ def module_path(leaf_path: tuple[str, ...], nnx_model: bool) -> str:
     return "/".join(parts[:-1])
 
 
-def _tie_indices(a: trace.Analysis, tag: trace.Tag, kept) -> np.ndarray:
+def _tie_indices(a: channels.Analysis, tag: channels.Tag, kept) -> np.ndarray:
     """Indices along a tied axis that the first kept(root) channels of each space occupy."""
     index, offset = [], 0
     per_copy = sum(s.size for s in tag.segments)

@@ -8,16 +8,15 @@ conv's output channels rounded up to a multiple of 8 by zero filters; the logits
 (up to float32 rounding), the MACs higher, the time lower where the kernels need it.
 
 How: `fn` is traced to a jaxpr at its input's shape and re-run equation by equation. Each value
-computed from the input may carry a channel map (its channel axis is `width` wide, real channel k
-at position index[k]; other positions hold finite values nobody reads). A conv or matmul reads
-the real channels through zero weights at the padded positions; channel-wise ops (per-channel
-constants, ReLU, pools, spatial pads and slices, reductions over other axes, transposes, a
-flatten) carry the map; a channel pad (the option-A shortcut) is re-offset; a concat's map is its
-inputs' maps, concatenated. Any other op gets the real channels back first, so an op this module
-does not know is still computed right, only without padding after it. Which op is which is
-jaxprs.CHANNEL_RULE, the classification the channel tracer (dcff_jax.trace) uses too. Equations
-of weights alone are evaluated once, at trace time. The StableHLO and ONNX exports convert the
-padded function.
+computed from the input may carry a channel map (its channel axis is `width` wide, real channel k at
+position index[k]; other positions hold finite values nobody reads). A conv or matmul reads the real
+channels through zero weights at the padded positions; channel-wise ops (per-channel constants,
+ReLU, pools, spatial pads and slices, reductions over other axes, transposes, a flatten) carry the
+map; a channel pad (the option-A shortcut) is re-offset; a concat's map is its inputs' maps,
+concatenated. Any other op gets the real channels back first, so an op this module does not know is
+still computed right, only without padding after it. Which op is which is jaxpr.walk.CHANNEL_RULE,
+the classification the channel analysis (jaxpr.channels) uses too. Equations of weights alone are
+evaluated once, at trace time. The StableHLO and ONNX exports convert the padded function.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dcff_jax import jaxprs
+from dcff_jax.jaxpr import walk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +102,7 @@ def _plain(value, aval) -> jax.Array:
 
 
 class _Walk:
-    # Of the elementwise ops (jaxprs.CHANNEL_RULE), those padded here: binary ops whose weight
+    # Of the elementwise ops (walk.CHANNEL_RULE), those padded here: binary ops whose weight
     # operands are spread to the padded positions, and unary ops that keep the finite values
     # at the padded positions finite (not log, rsqrt, ...). Others run on the real channels.
     BINARY = {"add", "sub", "mul", "max", "min", "div"}
@@ -116,17 +115,17 @@ class _Walk:
 
     def run(self, jaxpr, consts, args) -> list:
         consts = [np.asarray(c) for c in consts]
-        return jaxprs.interpret(jaxpr, consts, args, self.equation, lambda var: np.asarray(var.val))
+        return walk.interpret(jaxpr, consts, args, self.equation, lambda var: np.asarray(var.val))
 
     def equation(self, eqn, inputs: list) -> list:
-        call = jaxprs.inlined(eqn, inputs)
+        call = walk.inlined(eqn, inputs)
         if call is not None:
             return self.run(*call)
         if not any(isinstance(x, _Traced) for x in inputs):
             folded = self.fold(eqn, inputs)
             if folded is not None:
                 return folded
-        rule = jaxprs.CHANNEL_RULE.get(eqn.primitive.name)
+        rule = walk.CHANNEL_RULE.get(eqn.primitive.name)
         handler = getattr(self, f"op_{rule}", None) if rule else None
         out = None if handler is None else handler(eqn, *inputs)
         if out is None:
@@ -135,10 +134,10 @@ class _Walk:
 
     def fold(self, eqn, inputs: list) -> list | None:
         """Evaluate an equation of weights alone, now; None when its result is batch-sized."""
-        if not all(jaxprs.has_static_shape(v.aval) for v in eqn.outvars):
+        if not all(walk.has_static_shape(v.aval) for v in eqn.outvars):
             if eqn.primitive.name != "broadcast_in_dim" or isinstance(inputs[0], _Lazy):
                 return None
-            return [_Lazy(jaxprs.broadcast_with_ones(inputs[0], eqn.params))]
+            return [_Lazy(walk.broadcast_with_ones(inputs[0], eqn.params))]
         if any(isinstance(x, _Lazy) for x in inputs):
             return None
         with jax.ensure_compile_time_eval():
@@ -264,14 +263,14 @@ class _Walk:
     def op_reduce_window(self, eqn, x, *rest) -> _Traced | None:
         if not isinstance(x, _Traced) or x.map is None or rest:
             return None
-        if not jaxprs.window_keeps_axis(eqn.params, x.map.axis):
+        if not walk.window_keeps_axis(eqn.params, x.map.axis):
             return None
         return _Traced(eqn.primitive.bind(x.value, **eqn.params), x.map)
 
     def op_reduce(self, eqn, x) -> _Traced | None:
         if not isinstance(x, _Traced) or x.map is None:
             return None
-        axis = jaxprs.removed_axis(x.map.axis, eqn.params["axes"])
+        axis = walk.removed_axis(x.map.axis, eqn.params["axes"])
         if axis is None:
             return None
         return _Traced(
@@ -335,7 +334,7 @@ class _Walk:
     def op_squeeze(self, eqn, x) -> _Traced | None:
         if not isinstance(x, _Traced) or x.map is None:
             return None
-        axis = jaxprs.removed_axis(x.map.axis, eqn.params["dimensions"])
+        axis = walk.removed_axis(x.map.axis, eqn.params["dimensions"])
         if axis is None:
             return None
         out = eqn.primitive.bind(x.value, **eqn.params)
@@ -432,6 +431,6 @@ def _static(value: Any) -> np.ndarray:
 def conv_widths(fn: Callable, example: jax.ShapeDtypeStruct) -> list[int]:
     """The output widths of fn's convs, in order (to check what pad_channels produced; a conv
     with a CPU-only rewrite counts once, from the other platforms' branch)."""
-    from dcff_jax import trace
+    from dcff_jax.jaxpr import channels
 
-    return [r.out_width for r in trace.analyze_function(fn, example).records if r.kind == "conv"]
+    return [r.out_width for r in channels.analyze_function(fn, example).records if r.kind == "conv"]

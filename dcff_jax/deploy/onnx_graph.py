@@ -6,7 +6,7 @@ needs few ops, and everything that depends only on the weights (batch norm folde
 a shift, kernel reshapes) is evaluated here once, by jax, and stored as constants.
 
 How: the function (uint8 NHWC images -> float32 logits) is traced with `jax.make_jaxpr` at a
-symbolic batch size and walked by jaxprs.interpret (jit, custom_jvp and the default branch of a
+symbolic batch size and walked by walk.interpret (jit, custom_jvp and the default branch of a
 platform-dependent cond inlined), equations whose inputs are all known are folded, and the rest
 become ONNX nodes (opset 17). The export converts the function as channel_padding pads it, so
 its conv widths are multiples of 8 (onnx_file.onnx_bytes). Convolutions and pools run in
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dcff_jax import jaxprs
+from dcff_jax.jaxpr import walk
 
 OPSET = 17
 _BATCH = "batch"
@@ -159,13 +159,13 @@ class _Converter:
                     self.single_use.add(value.name)
 
         consts = [np.asarray(c) for c in consts]
-        return jaxprs.interpret(
+        return walk.interpret(
             jaxpr, consts, args, self.equation, lambda var: np.asarray(var.val), bound
         )
 
     def equation(self, eqn, inputs: list) -> list:
         name = eqn.primitive.name
-        call = jaxprs.inlined(eqn, inputs)
+        call = walk.inlined(eqn, inputs)
         if call is not None:
             return self.run(*call)
         if not any(isinstance(x, _Tensor) for x in inputs):
@@ -186,10 +186,10 @@ class _Converter:
         """Evaluate an equation whose inputs are all known (weights, literals) with jax."""
         import jax.numpy as jnp
 
-        if not all(jaxprs.has_static_shape(v.aval) for v in eqn.outvars):
+        if not all(walk.has_static_shape(v.aval) for v in eqn.outvars):
             if eqn.primitive.name != "broadcast_in_dim":
                 raise UnsupportedOp(f"{eqn.primitive.name} of constants to a batch-sized shape")
-            return [jaxprs.broadcast_with_ones(inputs[0], eqn.params)]
+            return [walk.broadcast_with_ones(inputs[0], eqn.params)]
         outs = eqn.primitive.bind(*[jnp.asarray(x) for x in inputs], **eqn.params)
         outs = outs if eqn.primitive.multiple_results else [outs]
         return [np.asarray(o) for o in outs]
@@ -309,7 +309,7 @@ class _Converter:
         rank = len(windows)
         kept = [0, rank - 1]  # batch and channels (NHWC); the axes between are pooled
         pooled = list(range(1, rank - 1))
-        if not all(jaxprs.window_keeps_axis(p, a) for a in kept):
+        if not all(walk.window_keeps_axis(p, a) for a in kept):
             raise UnsupportedOp(f"pooling over the batch or channel axis: windows {windows}")
         x = self.in_layout(x, kept + pooled)  # (batch, channels, spatial...) as ONNX pools
         y = self.node(
