@@ -129,3 +129,54 @@ class Info:
     param: Param | None = None
     const_axes: frozenset = frozenset()  # axes along which the value is constant (broadcast)
     scalar: float | None = None  # the value of a known scalar constant
+
+
+class Spaces:
+    """The analysis being built, and its bookkeeping: new spaces, blocks (with reasons), unions
+    of spaces that must keep one width, ties of parameter axes, records of convs and matmuls."""
+
+    def __init__(self):
+        self.a = Analysis([], [], {}, {}, [], [])
+        self.inside: str | None = None  # the probed layer call being walked
+
+    def record(self, record: ConvRecord) -> None:
+        self.a.records.append(dataclasses.replace(record, inside=self.inside))
+
+    def new_space(self, width: int, reason: str | None = None) -> int:
+        self.a.spaces.append(width)
+        self.a.parent.append(len(self.a.parent))
+        space = len(self.a.spaces) - 1
+        if reason:
+            self.block_space(space, reason)
+        return space
+
+    def block_space(self, space: int, reason: str) -> None:
+        reasons = self.a.blocked.setdefault(space, [])
+        if reason not in reasons:
+            reasons.append(reason)
+
+    def block(self, tag: Tag | None, reason: str) -> None:
+        if tag is not None:
+            for s in tag.segments:
+                if s.space is not None:
+                    self.block_space(s.space, reason)
+
+    def union(self, a: Tag, b: Tag, where: str) -> None:
+        if a.axis != b.axis or a.repeat != b.repeat or len(a.segments) != len(b.segments):
+            self.block(a, f"{where}: channels meet a differently laid out value")
+            self.block(b, f"{where}: channels meet a differently laid out value")
+            return
+        for x, y in zip(a.segments, b.segments, strict=True):
+            if x.size != y.size or (x.space is None) != (y.space is None):
+                self.block(a, f"{where}: channels meet fixed channels")
+                self.block(b, f"{where}: channels meet fixed channels")
+            elif x.space is not None:
+                rx, ry = self.a.find(x.space), self.a.find(y.space)
+                if rx != ry:
+                    self.a.parent[max(rx, ry)] = min(rx, ry)
+
+    def tie(self, tag: Tag, param: Param, value_axis: int, kind: str) -> None:
+        for leaf, axes in param.entries:
+            for v, leaf_axis in axes:
+                if v == value_axis:
+                    self.a.ties.append(Tie(leaf, leaf_axis, tag, kind))
