@@ -18,7 +18,7 @@ from dcff_jax import any_model, export, input_pipeline
 from dcff_jax.config import default_config
 from dcff_jax.data import tfrecord
 from dcff_jax.errors import ConfigError, DataError
-from dcff_jax.training import train
+from dcff_jax.training import run_config
 
 # --- CIFAR-10 batch files ----------------------------------------------------------------------
 
@@ -185,9 +185,9 @@ def test_mutated_run_configs(kind, tmp_path):
 
     def read(blob):
         (tmp_path / "config.json").write_bytes(blob)
-        return train._check_config(config, str(tmp_path))
+        return run_config.check_resumable(config, str(tmp_path))
 
     mutations = (mutate_json_bytes(text, kind, rng) for _ in range(MUTATIONS))
     fuzz("config.json", kind, mutations, read)
     (tmp_path / "config.json").write_text(text)
-    assert train._check_config(config, str(tmp_path)) is None
+    assert run_config.check_resumable(config, str(tmp_path)) is None

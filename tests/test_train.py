@@ -24,7 +24,7 @@ from helpers import (
 
 from dcff_jax import export
 from dcff_jax.config import default_config, validate_config
-from dcff_jax.training import optim, steps, train
+from dcff_jax.training import optim, run_config, steps, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -455,22 +455,22 @@ def test_changed_run_fields_lists_each_field_and_allows_only_the_allow_list():
     saved = json.loads(json.dumps(config))
     now = dict(config, learning_rate=0.05, weight_decay=1e-3, data_dir="/elsewhere")
     now.update(log_every_steps=7, checkpoint_every_minutes=5.0, lr_milestones=(150, 200))
-    assert train.changed_run_fields(saved, now) == {
+    assert run_config.changed_run_fields(saved, now) == {
         "learning_rate": (0.1, 0.05),
         "lr_milestones": ([150, 225], [150, 200]),
         "weight_decay": (5e-4, 1e-3),
     }
     # Tuples saved as JSON lists are not changes; fields an older run lacked are not either.
-    assert train.changed_run_fields(saved, config) == {}
+    assert run_config.changed_run_fields(saved, config) == {}
     del saved["t_k"]
-    assert train.changed_run_fields(saved, dict(config, t_k=2.0)) == {}
+    assert run_config.changed_run_fields(saved, dict(config, t_k=2.0)) == {}
     # Runs saved before drop_last_batch existed dropped the last batch: resuming them keeping it
     # would change the steps per epoch.
     del saved["drop_last_batch"]
-    assert train.changed_run_fields(saved, dict(config, drop_last_batch=False)) == {
+    assert run_config.changed_run_fields(saved, dict(config, drop_last_batch=False)) == {
         "drop_last_batch": (True, False)
     }
-    assert train.changed_run_fields(saved, dict(config, drop_last_batch=True)) == {}
+    assert run_config.changed_run_fields(saved, dict(config, drop_last_batch=True)) == {}
 
 
 def test_time_based_checkpoints_are_due_once_the_interval_has_passed(monkeypatch):

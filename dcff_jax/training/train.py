@@ -9,7 +9,6 @@ compact model). This module is the loop.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -23,9 +22,8 @@ from dcff_jax import models, storage, xla_options
 from dcff_jax.config import validate_config
 from dcff_jax.data import feeds, loader, sources
 from dcff_jax.deploy import compact
-from dcff_jax.errors import ConfigError
 from dcff_jax.method import fusion
-from dcff_jax.training import checkpoints, logs, optim, steps
+from dcff_jax.training import checkpoints, logs, optim, run_config, steps
 
 
 @dataclasses.dataclass
@@ -193,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop=Non
     exported to WORKDIR/compact when the last epoch ends.
     """
     validate_config(config)
-    _check_config(config, workdir)
+    run_config.check_resumable(config, workdir)
     run = setup(config, workdir)
     state, progress, best = initial_or_restored_state(run)
     prepare(run, state)
@@ -265,7 +263,7 @@ def save_checkpoint(run: Run, step: int, state, progress: Progress, best) -> Non
     checkpoints.save(run.checkpoints, step, state, progress.to_json(), best, wait=False)
     run.timer.reset()
     if not run.config_saved:
-        _save_config(run.config, run.workdir)
+        run_config.save_config(run.config, run.workdir)
         run.config_saved = True
 
 
@@ -369,73 +367,6 @@ def end_of_epoch(run: Run, state, epoch: int, progress: Progress, window, clock)
 
 def _abstract(x):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-
-
-# Fields that may differ when a run resumes: where things are read and written, how often, and
-# how processes find each other. Every other field defines the run (model, plan, data, schedule,
-# temperature, optimizer, seed, precision): a resumed run must keep it.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "data_dir",
-        "download",
-        "cifar10_url",
-        "cifar10_md5",
-        "val_labels",
-        "data_workers",
-        "data_placement",
-        "steps_per_call",
-        "log_every_steps",
-        "checkpoint_every_steps",
-        "checkpoint_every_minutes",
-        "distributed",
-        "coordinator_address",
-        "num_processes",
-        "process_id",
-        "heartbeat_timeout_s",
-    }
-)
-
-
-# Run-defining fields added after runs were saved without them: the value those runs had.
-LEGACY_VALUES = {"drop_last_batch": True}
-
-
-def changed_run_fields(saved: dict, config: dict) -> dict[str, tuple[Any, Any]]:
-    """{field: (saved, now)} for every run-defining field that differs (JSON values compared, so
-    a tuple equals its saved list). A field the saved run did not have is not a change, except
-    those of LEGACY_VALUES, which had a fixed value then."""
-    now = json.loads(json.dumps(config))
-    saved = {**LEGACY_VALUES, **saved}
-    return {
-        key: (saved[key], now[key])
-        for key in sorted(now)
-        if key not in RESUMABLE_CHANGES and key in saved and saved[key] != now[key]
-    }
-
-
-def _check_config(config, workdir: str) -> None:
-    """Refuse to resume a workdir whose saved run differs in a run-defining field."""
-    path = storage.resolve(workdir) / "config.json"
-    if not path.exists():
-        return
-    remedy = "restore it from the run's first start, or use a new --workdir"
-    saved = storage.read_json_object(path, "a run's config", remedy)
-    changed = changed_run_fields(saved, config.to_dict())
-    if changed:
-        listed = "; ".join(f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items())
-        raise ConfigError(
-            f"{workdir} holds a run with different settings ({listed}); resume with the saved "
-            "values or use a new --workdir"
-        )
-
-
-def _save_config(config, workdir: str) -> None:
-    """config.json, written by process 0 with the first checkpoint of each start (so a run that
-    failed before saving anything can be retried with other values)."""
-    if jax.process_index() == 0:
-        storage.write_text_atomic(
-            storage.resolve(workdir) / "config.json", config.to_json(indent=2)
-        )
 
 
 def _final_report(config, workdir: str, progress: Progress) -> None:
