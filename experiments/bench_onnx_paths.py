@@ -32,28 +32,20 @@ LARGE_BATCH = {"cifar10": 256, "imagenet2012": 16}
 
 
 def write(out: str, archs: list[str] | None = None) -> None:
-    import jax
-    import jax.numpy as jnp
     import onnx
     import onnxruntime
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from helpers import PAPER_CONFIGS, paper_config
-    from test_onnx import trained_looking
+    from helpers import PAPER_CONFIGS
+    from test_onnx import trained_looking_compact
 
-    from dcff_jax import input_pipeline, models, onnx_export
+    from dcff_jax import onnx_export
 
     os.makedirs(out, exist_ok=True)
     summary = {}
     for arch in archs or PAPER_CONFIGS:
-        config = paper_config(arch)
-        model = models.create_model(arch, config.cprate, "compact")
+        config, model, variables, images, x, mean, std = trained_looking_compact(arch)
         size = config.image_size
-        variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
-        mean, std = input_pipeline.normalization(config.dataset)
-        images = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
-        x = input_pipeline.normalize(jnp.asarray(images), mean, std, jnp.float32)
-        variables = trained_looking(model, dict(variables), x)
         start = time.perf_counter()
         data = onnx_export.onnx_bytes(model, variables, size, mean, std)
         seconds = time.perf_counter() - start

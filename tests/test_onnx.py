@@ -49,9 +49,10 @@ def trained_looking(model, variables: dict, images: jax.Array, seed: int = 1) ->
     return {**variables, "batch_stats": batch_stats}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", list(PAPER_CONFIGS))
-def test_onnxruntime_gives_the_compact_models_logits_at_any_batch(arch):
+def trained_looking_compact(arch: str):
+    """(config, model, variables, uint8 images (3, s, s, 3), their normalised copy, mean, std):
+    the paper plan's compact model of `arch` with trained-looking variables (also
+    experiments/bench_onnx_paths.py's)."""
     config = paper_config(arch)
     model = models.create_model(arch, config.cprate, "compact")  # the paper's plan
     size = config.image_size
@@ -59,7 +60,14 @@ def test_onnxruntime_gives_the_compact_models_logits_at_any_batch(arch):
     mean, std = input_pipeline.normalization(config.dataset)
     images = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
     x = input_pipeline.normalize(jnp.asarray(images), mean, std, jnp.float32)
-    variables = trained_looking(model, dict(variables), x)
+    return config, model, trained_looking(model, dict(variables), x), images, x, mean, std
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(PAPER_CONFIGS))
+def test_onnxruntime_gives_the_compact_models_logits_at_any_batch(arch):
+    config, model, variables, images, x, mean, std = trained_looking_compact(arch)
+    size = config.image_size
     session = onnxruntime.InferenceSession(
         onnx_export.onnx_bytes(model, variables, size, mean, std),
         providers=["CPUExecutionProvider"],
