@@ -30,7 +30,7 @@ import numpy as np
 
 from dcff_jax.deploy.channel_maps import ChannelMap, Lazy, Traced, plain, spread, static
 from dcff_jax.deploy.padding_rules import ContractionRules, ShapeRules
-from dcff_jax.jaxpr import walk
+from dcff_jax.jaxpr import channels, walk
 
 
 def pad_channels(fn: Callable[[jax.Array], jax.Array], multiple: int = 8) -> Callable:
@@ -175,6 +175,4 @@ class Walk(ContractionRules, ShapeRules):
 def conv_widths(fn: Callable, example: jax.ShapeDtypeStruct) -> list[int]:
     """The output widths of fn's convs, in order (to check what pad_channels produced; a conv
     with a CPU-only rewrite counts once, from the other platforms' branch)."""
-    from dcff_jax.jaxpr import channels
-
     return [r.out_width for r in channels.analyze_function(fn, example).records if r.kind == "conv"]

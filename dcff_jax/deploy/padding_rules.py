@@ -84,14 +84,18 @@ class ShapeRules:
         return Traced(eqn.primitive.bind(x.value, **eqn.params), x.map)
 
     def op_reduce(self, eqn, x) -> Traced | None:
+        return self.without_axes(eqn, x, eqn.params["axes"])
+
+    def without_axes(self, eqn, x, removed) -> Traced | None:
+        """An op that drops the axes `removed` (a reduction, a squeeze): the map follows its
+        channel axis, unless that axis is dropped."""
         if not isinstance(x, Traced) or x.map is None:
             return None
-        axis = walk.removed_axis(x.map.axis, eqn.params["axes"])
+        axis = walk.removed_axis(x.map.axis, removed)
         if axis is None:
             return None
-        return Traced(
-            eqn.primitive.bind(x.value, **eqn.params), dataclasses.replace(x.map, axis=axis)
-        )
+        out = eqn.primitive.bind(x.value, **eqn.params)
+        return Traced(out, dataclasses.replace(x.map, axis=axis))
 
     def op_pad(self, eqn, x, padding_value) -> Traced | None:
         if not isinstance(x, Traced) or x.map is None or isinstance(padding_value, Traced):
@@ -148,13 +152,7 @@ class ShapeRules:
         return Traced(out, dataclasses.replace(x.map, axis=perm.index(x.map.axis)))
 
     def op_squeeze(self, eqn, x) -> Traced | None:
-        if not isinstance(x, Traced) or x.map is None:
-            return None
-        axis = walk.removed_axis(x.map.axis, eqn.params["dimensions"])
-        if axis is None:
-            return None
-        out = eqn.primitive.bind(x.value, **eqn.params)
-        return Traced(out, dataclasses.replace(x.map, axis=axis))
+        return self.without_axes(eqn, x, eqn.params["dimensions"])
 
     def op_reshape(self, eqn, x, *dynamic_shape) -> Traced | None:
         """A flatten (batch, ..., channels) -> (batch, features) of a channels-last value:

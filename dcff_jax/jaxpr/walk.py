@@ -1,7 +1,7 @@
-"""What our jaxpr walkers share (trace: channel analysis; channel_padding: padded re-runs;
-deploy.onnx_graph: ONNX graphs): the walk over equations, inlining calls (and a platform-dependent
-cond's branch for other platforms), what each primitive does to the channel axis, and folding
-weights that are broadcast to a batch-sized shape."""
+"""What our jaxpr walkers share (jaxpr.channels: channel analysis; deploy.channel_padding: padded
+re-runs; deploy.onnx_graph: ONNX graphs): the walk over equations, inlining calls (and a
+platform-dependent cond's branch for other platforms), what each primitive does to the channel
+axis, and folding weights that are broadcast to a batch-sized shape."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ INLINE = {
 
 
 # What each primitive does to the channel axis of a value: the one classification the channel
-# tracer (trace) and channel padding (channel_padding) dispatch on, rule -> their op_<rule>.
-# A primitive not listed blocks channels (trace) or is run on the real channels (padding).
+# analysis (jaxpr.channels) and channel padding (deploy.channel_padding) dispatch on, rule -> their
+# op_<rule>. A primitive not listed blocks channels (analysis) or runs on the real channels
+# (padding).
 _RULES = {
     # The value itself: cast, copied or named (checkpoint_name).
     "identity": "convert_element_type copy copy_p reduce_precision optimization_barrier name",
