@@ -8,18 +8,14 @@ NHWC images of any batch size ("images") and gives float32 logits ("logits"), wi
 and the normalisation inside; run it with onnxruntime, or with dcff_jax.evaluate.
 """
 
-from absl import app, flags
+from absl import app
 
 from dcff_jax import errors
+from dcff_jax.deploy.cli_flags import define_export_flags, pad_multiple
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A compact export (WORKDIR/compact).")
-_PAD_TO = flags.DEFINE_integer(
-    "pad_channels_to",
-    8,
-    "Round conv widths up to a multiple of this with zero filters (onnxruntime's fast CPU convs "
-    "want multiples of 8, or 16 on AVX-512); 1: the plan's widths exactly.",
+_CHECKPOINT, _PAD_TO = define_export_flags(
+    "onnxruntime's fast CPU convs want multiples of 8, or 16 on AVX-512"
 )
-flags.mark_flags_as_required(["checkpoint"])
 
 
 def main(argv):
@@ -30,11 +26,10 @@ def main(argv):
         raise errors.ConfigError(
             "ONNX export needs the onnx package: pip install 'dcff-jax[onnx]'"
         ) from None
-    if _PAD_TO.value < 1:
-        raise errors.ConfigError(f"--pad_channels_to must be >= 1, got {_PAD_TO.value}")
+    pad_to = pad_multiple(_PAD_TO)
     from dcff_jax.deploy import onnx_file
 
-    path = onnx_file.write_onnx(_CHECKPOINT.value, _PAD_TO.value)
+    path = onnx_file.write_onnx(_CHECKPOINT.value, pad_to)
     print(onnx_file.describe(path))
     print(path)
 

@@ -6,27 +6,22 @@ for exports written before that, to re-lower for a newer jax, or to choose the p
 Prints the written path (WORKDIR/compact/vN/model.stablehlo) as the last line.
 """
 
-from absl import app, flags
+from absl import app
 
 from dcff_jax import errors
+from dcff_jax.deploy.cli_flags import define_export_flags, pad_multiple
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A compact export (WORKDIR/compact).")
-_PAD_TO = flags.DEFINE_integer(
-    "pad_channels_to",
-    8,
-    "Round conv widths up to a multiple of this with zero filters (the same logits; XLA:CPU's "
-    "convs run the plan's odd widths slowly); 1: the plan's widths exactly.",
+_CHECKPOINT, _PAD_TO = define_export_flags(
+    "the same logits; XLA:CPU's convs run the plan's odd widths slowly"
 )
-flags.mark_flags_as_required(["checkpoint"])
 
 
 def main(argv):
     errors.no_positional_arguments(argv)
-    if _PAD_TO.value < 1:
-        raise errors.ConfigError(f"--pad_channels_to must be >= 1, got {_PAD_TO.value}")
+    pad_to = pad_multiple(_PAD_TO)
     from dcff_jax.deploy import stablehlo
 
-    print(stablehlo.write_stablehlo(_CHECKPOINT.value, _PAD_TO.value))
+    print(stablehlo.write_stablehlo(_CHECKPOINT.value, pad_to))
 
 
 if __name__ == "__main__":

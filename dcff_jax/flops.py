@@ -144,8 +144,17 @@ def function_macs(fn: Callable, example) -> int:
     as constants) on an input shaped like `example`: a model as exported, or as
     deploy.channel_padding.pad_channels rewrites it (a CPU-only branch counted once, as the
     other platforms' branch)."""
-    layers = [record_layer(r) for r in channels.analyze_function(fn, example).records]
-    return count_layers(layers, 0, "macs").flops
+    example = jax.ShapeDtypeStruct(tuple(example.shape), example.dtype)
+    return jaxpr_macs(jax.make_jaxpr(fn)(example))
+
+
+def jaxpr_macs(closed) -> int:
+    """function_macs of a function already traced (a ClosedJaxpr of one input); traced at a
+    symbolic batch size (jaxpr.walk.trace_any_batch), the MACs of one example."""
+    layers = [record_layer(r) for r in channels.analyze_closed(closed).records]
+    macs = count_layers(layers, 0, "macs").flops
+    (batch, *_) = closed.in_avals[0].shape
+    return macs if isinstance(macs, int) else int(macs // batch)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -255,3 +255,9 @@ def test_function_macs_counts_a_functions_convs_and_matmuls_once():
     assert flops.function_macs(fn, example) == want
     padded = positions * 9 * 2 * 8 + positions * 9 * 8 + 8 * 3 + 2 * 4  # widths 5 -> 8
     assert flops.function_macs(pad_channels(fn, 8), example) == padded
+    # Traced once at a symbolic batch (as the ONNX export does), the MACs of one example.
+    from dcff_jax.jaxpr.walk import trace_any_batch
+
+    closed = trace_any_batch(pad_channels(fn, 8), (None, 6, 6, 2), jnp.float32)
+    assert flops.jaxpr_macs(closed) == padded
+    assert flops.function_macs(fn, jax.ShapeDtypeStruct((3, 6, 6, 2), jnp.float32)) == 3 * want

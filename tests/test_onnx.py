@@ -209,6 +209,17 @@ def conv_widths_of(proto) -> list[int]:
     return [arrays[n.input[1]][0] for n in proto.graph.node if n.op_type == "Conv"]
 
 
+class TracesCounted:
+    """A linen model whose apply counts its calls (each one traces the model)."""
+
+    def __init__(self, model):
+        self.model, self.traces = model, 0
+
+    def apply(self, *args, **kwargs):
+        self.traces += 1
+        return self.model.apply(*args, **kwargs)
+
+
 def test_padded_widths_are_multiples_of_8_with_the_same_logits():
     """ResNet-56's compact widths are odd (e.g. 11, 22); the export converts the padded
     function (channel_padding), so every conv is a multiple of 8 wide, the option-A shortcut
@@ -224,12 +235,16 @@ def test_padded_widths_are_multiples_of_8_with_the_same_logits():
     mean, std = input_pipeline.normalization("cifar10")
     x = input_pipeline.normalize(jnp.asarray(images), mean, std, jnp.float32)
     variables = trained_looking(model, dict(variables), x)
+    counted = TracesCounted(model)
     graphs = {
         pad_to: onnx.load_from_string(
-            onnx_export.onnx_bytes(model, variables, 32, mean, std, pad_to)
+            onnx_export.onnx_bytes(counted, variables, 32, mean, std, pad_to)
         )
         for pad_to in (1, 8)
     }
+    # One trace of the model per export: the padded function re-runs its jaxpr, and the file
+    # and both MAC counts come from the traces made for the file.
+    assert counted.traces == 2
     plain, padded = conv_widths_of(graphs[1]), conv_widths_of(graphs[8])
     assert len(plain) == len(padded) == 55
     assert any(w % 8 for w in plain) and all(w % 8 == 0 for w in padded)
@@ -317,8 +332,9 @@ def test_bench_onnx_paths_writes_files_and_times_two_sets(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
-    run("write", "--archs=vgg16", f"--out={tmp_path}/a")
+    run("write", "--archs=vgg16", f"--out={tmp_path}/a", "--repeats=2")
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())["vgg16"]
+    assert summary["export_seconds"] > 0 and len(summary["export_seconds_repeats"]) == 1
     assert int(summary["metadata"]["dcff_jax.macs_padded"]) > int(
         summary["metadata"]["dcff_jax.macs_paper_widths"]
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dcff_jax.deploy.onnx_graph import jaxpr_to_onnx
+from dcff_jax.deploy.onnx_graph import closed_to_onnx
 from dcff_jax.errors import DataError
 
 ONNX = "model.onnx"
@@ -22,7 +22,7 @@ def onnx_bytes(model, variables, image_size: int, mean, std, pad_to: int = 8) ->
     pad_to > 1: the function converted is channel_padding.pad_channels's, with conv widths
     rounded up to a multiple of pad_to (8 by default: on the CPU this measured up to 1.5x
     faster and never slower than 5%, experiments/RESULTS.md). The file's metadata then records
-    both MAC counts (dcff_jax.macs_paper_widths, .macs_padded; flops.function_macs).
+    both MAC counts (dcff_jax.macs_paper_widths, .macs_padded; flops.jaxpr_macs).
 
     Run it with onnxruntime alone:
         session = onnxruntime.InferenceSession(path)
@@ -30,25 +30,30 @@ def onnx_bytes(model, variables, image_size: int, mean, std, pad_to: int = 8) ->
     """
     import jax
     import jax.numpy as jnp
+    from jax.extend.core import jaxpr_as_fun
 
     from dcff_jax import flops
     from dcff_jax.data import transforms
     from dcff_jax.deploy.channel_padding import pad_channels
+    from dcff_jax.jaxpr.walk import trace_any_batch
 
     def logits(images):
         x = transforms.normalize(images, mean, std, jnp.float32)
         return model.apply(variables, x, train=False).astype(jnp.float32)
 
-    shape = (None, image_size, image_size, 3)
+    # The model is traced once; padding re-runs its jaxpr, and each trace is both converted
+    # and counted.
+    closed = trace_any_batch(logits, (None, image_size, image_size, 3), np.uint8)
     if pad_to <= 1:
-        return jaxpr_to_onnx(logits, shape, np.uint8).SerializeToString()
-    padded = pad_channels(logits, pad_to)
-    proto = jaxpr_to_onnx(padded, shape, np.uint8)
-    example = jax.ShapeDtypeStruct((1, *shape[1:]), np.uint8)
+        return closed_to_onnx(closed).SerializeToString()
+    padded = pad_channels(lambda x: jaxpr_as_fun(closed)(x)[0], pad_to)
+    (images,) = closed.in_avals
+    closed_padded = jax.make_jaxpr(padded)(jax.ShapeDtypeStruct(images.shape, images.dtype))
+    proto = closed_to_onnx(closed_padded)
     for key, value in (
         ("dcff_jax.pad_channels_to", pad_to),
-        ("dcff_jax.macs_paper_widths", flops.function_macs(logits, example)),
-        ("dcff_jax.macs_padded", flops.function_macs(padded, example)),
+        ("dcff_jax.macs_paper_widths", flops.jaxpr_macs(closed)),
+        ("dcff_jax.macs_padded", flops.jaxpr_macs(closed_padded)),
     ):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, str(value)

@@ -123,16 +123,19 @@ def jaxpr_to_onnx(
     """fn traced at `input_shape` (None = the batch, symbolic) as an onnx.ModelProto with one
     input "images" and one output "logits"; raises UnsupportedOp for ops outside the set above.
     """
-    import jax
+    return closed_to_onnx(walk.trace_any_batch(fn, input_shape, input_dtype), name=name)
+
+
+def closed_to_onnx(closed, *, name: str = "dcff_jax"):
+    """jaxpr_to_onnx of a function already traced (walk.trace_any_batch): one input, one
+    output; a symbolic dimension becomes the file's "batch"."""
     import onnx
     from onnx import helper
 
-    (batch,) = jax.export.symbolic_shape("b")
-    shape = tuple(batch if d is None else d for d in input_shape)
-    closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(shape, input_dtype))
+    (in_aval,) = closed.in_avals
     converter = Converter()
     (out,) = converter.run(
-        closed.jaxpr, closed.consts, [Tensor("images", tuple(range(len(shape))))]
+        closed.jaxpr, closed.consts, [Tensor("images", tuple(range(len(in_aval.shape))))]
     )
     if not isinstance(out, Tensor) or out.lazy_broadcast:
         raise UnsupportedOp("the output does not depend on the input")
@@ -142,14 +145,14 @@ def jaxpr_to_onnx(
     def value_info(value_name, aval_dtype, dims):
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(aval_dtype))
         return helper.make_tensor_value_info(
-            value_name, elem, [_BATCH if d is None or not is_static(d) else int(d) for d in dims]
+            value_name, elem, [_BATCH if not is_static(d) else int(d) for d in dims]
         )
 
     (out_aval,) = closed.out_avals
     graph = helper.make_graph(
         converter.nodes,
         name,
-        [value_info("images", input_dtype, input_shape)],
+        [value_info("images", in_aval.dtype, in_aval.shape)],
         [value_info("logits", out_aval.dtype, out_aval.shape)],
         converter.initializers(),
     )

@@ -67,7 +67,12 @@ def analyze_function(fn: Callable, example: Any) -> Analysis:
     i of its jaxpr is parameter leaf i. Its records give every conv's and matmul's widths and
     MACs (dcff_jax.flops.function_macs)."""
     example = jax.ShapeDtypeStruct(tuple(example.shape), example.dtype)
-    closed = jax.make_jaxpr(fn)(example)
+    return analyze_closed(jax.make_jaxpr(fn)(example))
+
+
+def analyze_closed(closed) -> Analysis:
+    """analyze_function of a function already traced (a ClosedJaxpr; symbolic dimensions make
+    symbolic MACs)."""
     consts = [_leaf_info(i, np.ndim(c)) for i, c in enumerate(closed.consts)]
     walker = Walker()
     walker.run(closed.jaxpr, [Info()] * len(closed.jaxpr.invars), top=True, consts=consts)

@@ -134,6 +134,17 @@ def interpret(
     return [read(v) for v in jaxpr.outvars]
 
 
+def trace_any_batch(fn: Callable, input_shape: Sequence[int | None], input_dtype):
+    """fn (one array -> arrays) traced by jax.make_jaxpr at `input_shape`, None being a
+    symbolic batch size: the one trace an export lowers, converts and counts (a ClosedJaxpr,
+    re-run without tracing fn again by jax.extend.core.jaxpr_as_fun)."""
+    import jax
+
+    (batch,) = jax.export.symbolic_shape("b")
+    shape = tuple(batch if d is None else d for d in input_shape)
+    return jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(shape, input_dtype))
+
+
 def has_static_shape(aval) -> bool:
     """No symbolic (batch) dimension in the value's shape."""
     return all(isinstance(d, (int, np.integer)) for d in aval.shape)
