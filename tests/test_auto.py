@@ -624,20 +624,6 @@ def test_our_architectures_through_the_tracer_train_and_compact_as_our_models(ar
     assert bool(jnp.all(jnp.isfinite(logits[1]))) and jnp.array_equal(*logits)
 
 
-def test_readme_three_lines_run_as_written():
-    """The README's use on an unmodified model, executed verbatim on the flax-examples ResNet."""
-    import pathlib
-
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("### DCFF on your unmodified Flax model")[1]
-    code = section.split("```python\n")[1].split("```")[0]
-    assert len(code.strip().splitlines()) == 3
-    namespace = {"dcff_jax": dcff_jax, "model": user.ResNet(), "images": IMAGES}
-    exec(code, namespace)  # noqa: S102 (our own README)
-    assert isinstance(namespace["fused"], any_model.FusedLinen)
-    assert all(c.fused for c in namespace["dcff"].plan.convs)
-
-
 def test_norms_and_gates():
     plan = any_model.make_plan(user.NormsAndGates(), IMAGES[:1], 0.5)
     convs = {c.path: c for c in plan.convs}

@@ -100,6 +100,7 @@ SMOKE = {
 # Scripts with tests of their own, and the ones that need torch (not a dependency).
 OWN_TESTS = {
     "bench_onnx_paths.py": "test_onnx.py",
+    "fusion_picture.py": "test_docs.py",
     "gpu_row.py": "test_gpu_row.py",
     "learning_curves.py": "test_learning_curves.py",
 }

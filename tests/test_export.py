@@ -111,15 +111,6 @@ def test_user_cnn_example_trains_and_exports():
     np.testing.assert_array_equal(compact.apply(compact_vars, x), fused.apply(fused_vars, x))
 
 
-def test_readme_shows_the_example_verbatim():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    with open(os.path.join(ROOT, "examples", "own_cnn.py")) as f:
-        source = f.read()
-    body = source.split('if __name__ == "__main__":')[0].strip()
-    assert body.split('"""', 2)[2].strip() in readme
-
-
 def test_an_interrupted_export_leaves_the_previous_one_loadable(tmp_path):
     """save_compact writes version v<N+1> completely, then points LATEST at it. An export killed
     before the pointer moved leaves a partial v<N+1> that nothing names: load_compact still
