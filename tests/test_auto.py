@@ -670,3 +670,20 @@ def test_the_former_module_name_still_imports():
 
     assert auto.DCFF is dcff_jax.DCFF is any_model.DCFF
     assert auto.Plan is dcff_jax.Plan and auto.update_fusion_nnx is dcff_jax.update_fusion_nnx
+
+
+def test_a_training_mode_call_is_refused_in_one_line_by_dcff_and_load(tmp_path):
+    """A model whose `train` defaults to True updates batch_stats when traced: DCFF and
+    DCFF.load without apply_kwargs say what to pass, instead of flax's ModifyScopeVariableError."""
+    eval_mode = {"train": False}
+    with pytest.raises(ConfigError, match=r"updates its 'batch_stats' variables .*'train': False"):
+        any_model.DCFF(user.ResNet(), IMAGES[:1], 0.5)
+    dcff = any_model.DCFF(user.ResNet(), IMAGES[:1], 0.5, apply_kwargs=eval_mode)
+    variables = dcff.fused().init(jax.random.key(0), IMAGES[:1], train=False)
+    dcff.save(str(tmp_path / "saved"), variables)
+    with pytest.raises(ConfigError, match="pass its eval-mode arguments as apply_kwargs"):
+        any_model.DCFF.load(str(tmp_path / "saved"), user.ResNet(), IMAGES[:1])
+    _, restored = any_model.DCFF.load(
+        str(tmp_path / "saved"), user.ResNet(), IMAGES[:1], apply_kwargs=eval_mode
+    )
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, restored, variables))

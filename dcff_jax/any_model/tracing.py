@@ -15,6 +15,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from dcff_jax import flops
+from dcff_jax.errors import ConfigError
 from dcff_jax.jaxpr import channels
 
 if TYPE_CHECKING:
@@ -76,6 +77,22 @@ class Traced:
         return flops.count_layers(self.layers, self.params(kept), convention, uncounted, widths)
 
 
+def _analyze_in_eval_mode(fn, leaves, example, apply_kwargs: Mapping[str, Any]):
+    """channels.analyze (it fills convs and calls, linen), with a call that updates a variable
+    collection refused in one line: the model needs its eval-mode arguments."""
+    from flax.errors import ModifyScopeVariableError
+
+    try:
+        return channels.analyze(fn, leaves, example)
+    except ModifyScopeVariableError as e:
+        collection = str(e).split('collection "', 1)[-1].split('"', 1)[0]
+        raise ConfigError(
+            f"the model, called with apply_kwargs={dict(apply_kwargs)}, updates its "
+            f"{collection!r} variables (training mode): pass its eval-mode arguments as "
+            "apply_kwargs, e.g. apply_kwargs={'train': False}, to DCFF and DCFF.load alike"
+        ) from None
+
+
 def trace_model(model, example, apply_kwargs: Mapping[str, Any]) -> Traced:
     example = jax.ShapeDtypeStruct(tuple(example.shape), example.dtype)
     calls: list[tuple[flops.Layer, int, int]] = []  # (layer, input rank, output rank)
@@ -134,7 +151,7 @@ def trace_model(model, example, apply_kwargs: Mapping[str, Any]) -> Traced:
         for path, _ in flat
     ]
     shapes = [tuple(leaf.shape) for leaf in leaves]
-    analysis = channels.analyze(fn, leaves, example)  # fills convs and calls (linen)
+    analysis = _analyze_in_eval_mode(fn, leaves, example, apply_kwargs)
     layers, tags = _counted_layers(analysis, calls, paths, is_nnx(model))
     return Traced(
         analysis, paths, shapes, trainable, layers, tags, frozenset(convs), not is_nnx(model)
