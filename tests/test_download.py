@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import io
 import os
+import re
 import tarfile
 import threading
 import time
@@ -268,4 +269,11 @@ def test_main_with_no_data_flags_downloads_into_the_cache_and_trains(payload, se
     folder = tmp_path / "cache" / "dcff_jax" / "cifar-10-batches-py"
     assert f"CIFAR-10 from {folder}" in proc.stderr
     assert "epoch 1/1: test top-1" in proc.stderr
+    # The run's end says where the export went, also when, as here, the one epoch scores 0%.
+    assert re.search(
+        rf"exported the compact model of epoch 1 \(test top-1 [\d.]+%\) to "
+        rf"{re.escape(str(tmp_path / 'wd' / 'compact' / 'v1'))}$",
+        proc.stderr,
+        re.M,
+    )
     assert server.ranges == [None]

@@ -729,3 +729,16 @@ def test_the_former_module_names_re_export_the_training_package():
     assert dcff_jax.steps.InputSpec is training.steps.InputSpec
     assert dcff_jax.optim.make_optimizer is training.optim.make_optimizer
     assert dcff_jax.train.train_and_evaluate is training.train.train_and_evaluate
+
+
+def test_the_first_epoch_is_a_new_best_even_at_zero_top1():
+    """A run whose epochs all score 0% still exports its first epoch's model (it used to export
+    nothing and say an export was written before a resume); later epochs must beat the best."""
+    from dcff_jax.training.train import Progress
+
+    progress = Progress()
+    assert progress.is_new_best(0.0)
+    progress.history.append({"new_best": True})
+    assert not progress.is_new_best(0.0)
+    progress.best_top1 = 12.5
+    assert not progress.is_new_best(12.5) and progress.is_new_best(12.6)

@@ -21,7 +21,7 @@ import ml_collections
 from dcff_jax import models, storage, xla_options
 from dcff_jax.config import validate_config
 from dcff_jax.data import feeds, loader, sources
-from dcff_jax.deploy import compact
+from dcff_jax.deploy import compact, versions
 from dcff_jax.method import fusion
 from dcff_jax.training import checkpoints, logs, optim, run_config, steps
 
@@ -43,6 +43,11 @@ class Progress:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    def is_new_best(self, top1: float) -> bool:
+        """Whether an epoch's test top-1 is a new best: above the best so far, or the run's
+        first recorded epoch even at 0% (a run always has a model to export)."""
+        return top1 > self.best_top1 or not any(r["new_best"] for r in self.history)
 
 
 @dataclasses.dataclass
@@ -229,7 +234,14 @@ def export_best(run: Run, progress: Progress, best) -> None:
         logging.info("the best epoch's compact model was exported before this run resumed")
         return
     record = next(r for r in reversed(progress.history) if r["new_best"])
-    compact.save_compact(os.path.join(run.workdir, "compact"), best, run.config, record)
+    directory = os.path.join(run.workdir, "compact")
+    compact.save_compact(directory, best, run.config, record)
+    logging.info(
+        "exported the compact model of epoch %d (test top-1 %.2f%%) to %s",
+        record["epoch"] + 1,
+        record["test_top1"],
+        versions.current_version_dir(directory),
+    )
 
 
 def initial_or_restored_state(run: Run):
@@ -338,7 +350,7 @@ def end_of_epoch(run: Run, state, epoch: int, progress: Progress, window, clock)
     config = run.config
     with clock.phase("eval"):
         result = run.evaluate(state)
-    new_best = result["top1"] > progress.best_top1
+    new_best = progress.is_new_best(result["top1"])
     progress.best_top1 = max(progress.best_top1, result["top1"])
     temperature = fusion.temperature(
         epoch, config.num_epochs, config.t_start, config.t_end, config.t_k
