@@ -52,14 +52,14 @@ def compact_variables(fused_variables: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def save_compact(directory: str, variables: Mapping[str, Any], config, record: dict) -> None:
+def save_compact(directory: str, variables: Mapping[str, Any], config, record: dict):
     """Write the compact model of a fused model's variables ({"params", "batch_stats",
     "fusion"}, e.g. steps.model_variables(state)) as a new version under `directory`.
 
     The version is complete (orbax variables + metadata.json) before the pointer names it, so
     an interruption at any point leaves the previous export loadable. With several processes
     every one must call it (the orbax save is collective); process 0 writes the metadata and the
-    pointer.
+    pointer. Returns the version's path (DIRECTORY/vN).
     """
     import jax
 
@@ -69,14 +69,15 @@ def save_compact(directory: str, variables: Mapping[str, Any], config, record: d
     model = models.create_model(
         config.model, config.cprate or None, "compact", num_classes=config.num_classes
     )
-    write_export(directory, variables, metadata_of(config, record), model)
+    return write_export(directory, variables, metadata_of(config, record), model)
 
 
-def write_export(directory: str, variables, metadata: dict, model=None) -> None:
+def write_export(directory: str, variables, metadata: dict, model=None):
     """Write compact `variables` (host arrays) and `metadata` as the next version under
     `directory`, then point LATEST at it (see save_compact; collective with several processes).
     With the compact `model`, process 0 also writes its StableHLO (model.stablehlo) there, from
-    the host arrays (no collective; lowering takes well under a second)."""
+    the host arrays (no collective; lowering takes well under a second). Returns the version's
+    path (an epath, DIRECTORY/vN)."""
     import json
 
     import jax
@@ -109,6 +110,7 @@ def write_export(directory: str, variables, metadata: dict, model=None) -> None:
         storage.write_text_atomic(root / versions.POINTER, version + "\n")
         versions.remove_old_versions(root, keep=version)
     checkpoints.barrier("dcff_export_published")
+    return root / version
 
 
 def metadata_of(config, record: dict) -> dict:

@@ -21,7 +21,7 @@ import ml_collections
 from dcff_jax import models, storage, xla_options
 from dcff_jax.config import validate_config
 from dcff_jax.data import feeds, loader, sources
-from dcff_jax.deploy import compact, versions
+from dcff_jax.deploy import compact
 from dcff_jax.method import fusion
 from dcff_jax.training import checkpoints, logs, optim, run_config, steps
 
@@ -234,13 +234,12 @@ def export_best(run: Run, progress: Progress, best) -> None:
         logging.info("the best epoch's compact model was exported before this run resumed")
         return
     record = next(r for r in reversed(progress.history) if r["new_best"])
-    directory = os.path.join(run.workdir, "compact")
-    compact.save_compact(directory, best, run.config, record)
+    version = compact.save_compact(os.path.join(run.workdir, "compact"), best, run.config, record)
     logging.info(
         "exported the compact model of epoch %d (test top-1 %.2f%%) to %s",
         record["epoch"] + 1,
         record["test_top1"],
-        versions.current_version_dir(directory),
+        version,
     )
 
 
