@@ -8,6 +8,7 @@ exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import pickle
 import struct
 import sys
@@ -137,11 +138,50 @@ def _exit(message: str) -> None:
     sys.exit(EXIT_USER_ERROR)
 
 
+class _QuietLibraries(logging.Filter):
+    """What the CLIs print of other libraries' logs: their errors, and their warnings except
+    orbax's (about its own bookkeeping of the checkpoints we write: read-only managers, metadata
+    files), with no traceback from orbax's background threads (the same error reaches the CLI,
+    and there a bug keeps its traceback). Their INFO lines (jax's "Unable to initialize backend
+    'tpu'", a line per file orbax writes) show with --verbosity=1, as does everything else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from absl import logging as absl_logging
+
+        ours = "/dcff_jax/" in record.pathname or "/absl/" in record.pathname
+        if ours or absl_logging.get_verbosity() >= 1:
+            return True
+        orbax = "/orbax/" in record.pathname
+        if orbax or record.name == "asyncio":
+            # Orbax's background threads, and asyncio's "Task exception was never retrieved"
+            # for the sibling tasks of a failed orbax restore.
+            record.exc_info, record.exc_text = None, None
+        return record.levelno >= (logging.ERROR if orbax else logging.WARNING)
+
+
+def quiet_library_logs() -> None:
+    """Install _QuietLibraries on absl's handler (every logger reaches it, through the root),
+    and drop the unraisable-exception reports of tensorstore writes left behind by a failed
+    orbax save (the save's own error is reported where it is raised)."""
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if "Event loop is closed" not in str(unraisable.exc_value):
+            default_hook(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def cli(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-    """Wrap an absl main: a UserError becomes 'error: <message>' on stderr and exit status 2."""
+    """Wrap an absl main: a UserError becomes 'error: <message>' on stderr and exit status 2;
+    other libraries' logs are quieted (quiet_library_logs)."""
 
     @functools.wraps(main)
     def run(argv):
+        quiet_library_logs()
         try:
             return main(argv)
         except UserError as error:

@@ -4,7 +4,6 @@ Override any field: --config.num_epochs=1 --config.steps_per_epoch=20. A second 
 workdir resumes where the first stopped.
 """
 
-import logging as pylogging
 import os
 import sys
 
@@ -27,37 +26,8 @@ _CACHE = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(pylogging.Filter):
-    """Libraries log every file they write (orbax) or read (gcsfs) at INFO: keep their warnings
-    and errors only, and orbax's without the traceback of its background threads (the same
-    error reaches main, and there a bug keeps its traceback)."""
-
-    def filter(self, record):
-        if "/dcff_jax/" in record.pathname or "/absl/" in record.pathname:
-            return True
-        if "/orbax/" in record.pathname or record.name == "asyncio":
-            # Orbax's background threads, and asyncio's "Task exception was never retrieved"
-            # for the sibling tasks of a failed orbax restore.
-            record.exc_info, record.exc_text = None, None
-        return record.levelno >= pylogging.WARNING
-
-
-def _quiet_library_noise() -> None:
-    pylogging.getLogger("absl").addFilter(_QuietLibraries())
-    default_hook = sys.unraisablehook
-
-    def hook(unraisable):
-        # After a failed orbax save, tensorstore's pending writes call back into orbax's closed
-        # asyncio loop, once per array; the save's own error is reported where it is raised.
-        if "Event loop is closed" not in str(unraisable.exc_value):
-            default_hook(unraisable)
-
-    sys.unraisablehook = hook
-
-
 def main(argv):
     errors.no_positional_arguments(argv)
-    _quiet_library_noise()
     config = errors.loaded_config(_CONFIG.value)
     if not _WORKDIR.value:
         raise errors.ConfigError("--workdir is empty; give the run's directory, --workdir=DIR")
