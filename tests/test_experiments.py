@@ -103,6 +103,7 @@ OWN_TESTS = {
     "fusion_picture.py": "test_docs.py",
     "gpu_row.py": "test_gpu_row.py",
     "learning_curves.py": "test_learning_curves.py",
+    "parity_fixture.py": "test_parity_fixture.py",
 }
 NEEDS_TORCH = {"parity_torch.py", "make_torch_import_fixture.py"}
 
