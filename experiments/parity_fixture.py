@@ -211,10 +211,6 @@ def compare(path: str = FIXTURE) -> dict:
         }
     )
     images, labels = fixed_batch()
-    sizes = {
-        call.path: int(np.prod(call.input_shape[:-1]))
-        for call in dcff_jax.models.trace_calls(model, images.shape)[0]
-    }
     report = {"fusion": {}, "step": {}}
     published = {}
     for epoch in range(max(meta["epochs"]) + 1):
@@ -246,7 +242,6 @@ def compare(path: str = FIXTURE) -> dict:
             dtype = jnp.float64 if dtype_name == "float64" else jnp.float32
             for epoch in meta["epochs"]:
                 loss, grads, stats = step(model, variables, published[epoch], images, labels, dtype)
-                stats = bessel_corrected(stats, variables["batch_stats"], sizes)
                 exact = float(arrays[f"float64/{epoch}/loss"])
                 measured = {"loss": abs(loss - exact) / abs(exact)}
                 for kind, tree in (("grad", grads), ("batch_stats", stats)):
@@ -335,19 +330,6 @@ def _loss_and_grads(model, params, state, x, labels):
         return loss, updates["batch_stats"]
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
-
-def bessel_corrected(stats: dict, initial: dict, sizes: dict[str, int]) -> dict:
-    """Our updated running variances as torch's BatchNorm2d makes them: it folds the batch
-    variance in unbiased (x n / (n - 1), n = batch x height x width), Flax biased; the means
-    are the same. new = 0.9 old + 0.1 v, so torch's is 0.9 old + (new - 0.9 old) n / (n - 1)."""
-    flat, old = traverse_util.flatten_dict(stats), traverse_util.flatten_dict(initial)
-    for key, value in flat.items():
-        if key[-1] == "var":
-            n = sizes["/".join(key[:-1])]
-            base = 0.9 * jnp.asarray(old[key], value.dtype)
-            flat[key] = base + (value - base) * (n / (n - 1))
-    return traverse_util.unflatten_dict(flat)
 
 
 def relative_errors(tree, rows: np.ndarray, exact: np.ndarray, paths: list[str]) -> np.ndarray:

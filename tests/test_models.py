@@ -126,3 +126,25 @@ def test_unknown_variant_and_architecture():
         create_model("vgg16", None, "pruned")
     with pytest.raises(ValueError, match="unknown architecture"):
         create_model("alexnet")
+
+
+def test_batch_norm_takes_the_running_variance_unbiased_as_torch_does():
+    """models.common.BatchNorm: torch.nn.BatchNorm2d's running update, var <- 0.9 var + 0.1 *
+    unbiased batch variance (x n / (n - 1), n = batch x height x width); a layer to the
+    tracer, recorded once although its __call__ calls nn.BatchNorm's."""
+    from dcff_jax.models import common
+
+    x = jax.random.normal(jax.random.key(0), (4, 3, 5, 2)) * 3.0 + 1.0
+    bn = common.batch_norm(train=True)
+    variables = bn.init(jax.random.key(1), x)
+    _, updates = bn.apply(variables, x, mutable=["batch_stats"])
+    n = 4 * 3 * 5
+    unbiased = np.var(np.asarray(x).reshape(n, 2), axis=0, ddof=1)
+    # float32 E[x^2] - E[x]^2 over 60 values (E[x^2] ~ 1.1 var): ~60 * 2 * 1.1 * eps ~ 2e-5;
+    # 1e-4 still tells the unbiased update from the biased one (n / (n - 1) = 1.017).
+    np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * unbiased, rtol=1e-4)
+    mean = np.asarray(x).reshape(n, 2).mean(axis=0)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * mean, rtol=1e-4)
+    calls, _ = models.trace_calls(create_model("resnet56", None, "original"), (1, 32, 32, 3))
+    norms = [c for c in calls if isinstance(c.module, common.BatchNorm)]
+    assert len(norms) == len({c.path for c in norms}) == 55

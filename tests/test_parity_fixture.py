@@ -49,8 +49,8 @@ def test_the_fusion_update_gives_the_published_kept_sets_slots_and_matrices(repo
 
 @pytest.mark.parametrize("epoch", parity_fixture.EPOCHS)
 def test_in_float64_one_step_computes_the_published_function(report, epoch):
-    """The loss, every gradient and every updated batch-norm statistic (torch's unbiased
-    running variance restated: parity_fixture.bessel_corrected), to float64 rounding."""
+    """The loss, every gradient and every updated batch-norm statistic (the running variance
+    unbiased, as torch's: models.common.BatchNorm), to float64 rounding."""
     measured = report["step"]["float64", epoch]
     assert measured["loss"] <= LOSS_RELATIVE["float64"], measured["loss"]
     for kind in ("grad", "batch_stats"):

@@ -124,21 +124,22 @@ def intercept_layers(record: Callable):
     """nn.intercept_methods context in which every layer's __call__ with a positional input is
     made as record(module, path, call, args, kwargs) -> output (path: "stage1_block0/conv1").
     Not a layer: a module applied on its own inside another module's call (no path below the
-    top); it is called as usual."""
-    depth = 0
+    top), or a module's __call__ calling its parent class's (super().__call__, as
+    models.common.BatchNorm does: one layer, recorded once); these are called as usual."""
+    stack: list[nn.Module] = []
 
     def interceptor(next_fun, args, kwargs, context):
-        nonlocal depth
         module = context.module
         path = "/".join(module.scope.path) if module.scope else ""
-        layer = context.method_name == "__call__" and args and (path or depth == 0)
-        depth += 1
+        layer = context.method_name == "__call__" and args and (path or not stack)
+        layer = layer and not (stack and stack[-1] is module)
+        stack.append(module)
         try:
             if layer:
                 return record(module, path, next_fun, args, kwargs)
             return next_fun(*args, **kwargs)
         finally:
-            depth -= 1
+            stack.pop()
 
     return nn.intercept_methods(interceptor)
 

@@ -97,10 +97,34 @@ def prunable_conv(variant: str, filters: int, rate: float, kernel_size: int, **f
 
 
 def batch_norm(train: bool, dtype=None, name: str | None = None) -> nn.BatchNorm:
-    """PyTorch BatchNorm2d defaults: momentum 0.1 (Flax 0.9), eps 1e-5, scale 1, bias 0."""
-    return nn.BatchNorm(
+    """PyTorch BatchNorm2d defaults: momentum 0.1 (Flax 0.9), eps 1e-5, scale 1, bias 0, and
+    its unbiased running variance (BatchNorm)."""
+    return BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
     )
+
+
+class BatchNorm(nn.BatchNorm):
+    """nn.BatchNorm whose running variance takes in the batch variance unbiased, x n / (n - 1)
+    with n the elements per channel, as torch.nn.BatchNorm2d does (Flax takes it biased: 7.6e-6
+    relative at CIFAR-10's batch 128 on 32x32 maps, 1.2e-4 on 8x8 ones). The same class name,
+    so parameter paths and isinstance checks are nn.BatchNorm's."""
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, **kwargs):
+        running = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        if running or self.is_initializing():  # no update to correct
+            return super().__call__(x, use_running_average, **kwargs)
+        old = self.get_variable("batch_stats", "var")
+        y = super().__call__(x, use_running_average, **kwargs)
+        n = x.size // x.shape[-1]
+        kept = self.momentum * old
+        # Flax's update is kept + (1 - momentum) * biased: rescale its new part.
+        new = self.get_variable("batch_stats", "var")
+        self.put_variable("batch_stats", "var", kept + (new - kept) * (n / (n - 1)))
+        return y
 
 
 @jax.custom_jvp
