@@ -129,6 +129,9 @@ def run_script(argv: list[str], env: dict | None = None) -> subprocess.Completed
 
 
 def finite_numbers(line: str) -> list[float]:
+    # Not a number: a 16-hex-digit content hash (bench_build's "4e675a103811900e" would read as
+    # 4e675 = inf).
+    line = re.sub(r"\b[0-9a-f]{16}\b", "", line)
     cells = re.findall(NUMBER + r"|\bnan\b|\binf\b", line, flags=re.IGNORECASE)
     return [float(c.replace(",", "")) for c in cells]
 
