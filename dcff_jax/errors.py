@@ -159,13 +159,19 @@ class _QuietLibraries(logging.Filter):
         return record.levelno >= (logging.ERROR if orbax else logging.WARNING)
 
 
+_QUIET = _QuietLibraries()
+
+
 def quiet_library_logs() -> None:
     """Install _QuietLibraries on absl's handler (every logger reaches it, through the root),
     and drop the unraisable-exception reports of tensorstore writes left behind by a failed
     orbax save (the save's own error is reported where it is raised)."""
     from absl import logging as absl_logging
 
-    absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+    handler = absl_logging.get_absl_handler()
+    if _QUIET in handler.filters:  # installed by an earlier CLI call in this process
+        return
+    handler.addFilter(_QUIET)
     default_hook = sys.unraisablehook
 
     def hook(unraisable):

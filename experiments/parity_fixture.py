@@ -38,6 +38,9 @@ from flax import traverse_util
 
 from dcff_jax import input_pipeline
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import parity_torch  # noqa: E402  (beside this script; NumPy only until torch is asked for)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "parity_published_resnet56.npz")
@@ -94,18 +97,12 @@ def flat_paths(tree) -> dict[str, np.ndarray]:
 def fixed_batch():
     """The step's batch: (uint8 (BATCH, 32, 32, 3), int32 (BATCH,)), augmented once, as
     parity_torch feeds both sides."""
-    sys.path.insert(0, HERE)
-    import parity_torch
-
     return parity_torch.fixed_batches("", 1, BATCH, SEED)[0]
 
 
 def record(dcff_dir: str) -> dict[str, np.ndarray]:
     """The published side: {key: array} for the fixture (see the module docstring)."""
     import torch
-
-    sys.path.insert(0, HERE)
-    import parity_torch
 
     import dcff_jax
 
@@ -265,9 +262,6 @@ def markdown(report: dict) -> str:
         "| epoch | T | kept sets agree | slots agree | max abs diff fusion matrices |",
         "|---|---|---|---|---|",
     ]
-    sys.path.insert(0, HERE)
-    import parity_torch
-
     for epoch, f in report["fusion"].items():
         lines.append(
             f"| {epoch} | {parity_torch.published_temperature(epoch, NUM_EPOCHS):.1f} | "
