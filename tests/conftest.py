@@ -6,10 +6,17 @@ import tempfile
 # Tests see the CPU only and import the NumPy transcription beside them.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
+# Compile fast: compiles are most of the suite's time (a jitted ResNet-56 init takes 20 s at
+# LLVM's default -O2, 3 s at -O0: jax_disable_most_optimizations). The programs are the same
+# HLO; only LLVM's code generation differs, so results differ from -O2's in float rounding
+# only, which every tolerance here, derived from rounding bounds, covers; bit-for-bit checks
+# compare runs compiled alike (tests/golden records -O0 runs under their own fingerprint). Set
+# as environment variables, read when jax is imported, so that every command a test starts
+# compiles the same way; and compiles of any length go to the run-wide cache below (fast -O0
+# compiles fall under JAX's default 1 s threshold). A variable set by the caller wins.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
 
 from dcff_jax import xla_options  # noqa: E402
 
@@ -29,13 +36,3 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if hasattr(config, "dcff_cache_root"):
         shutil.rmtree(config.dcff_cache_root, ignore_errors=True)
-
-
-@pytest.fixture
-def logic_only():
-    """For tests of logic (shapes, flow, state updates), not numerics: compile with most XLA
-    optimisations off, which costs a fraction of the compile time. Use it only with functions
-    jitted inside the test, so no optimised-away executable is cached for another test."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)

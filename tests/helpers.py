@@ -280,6 +280,13 @@ PAPER_CONFIGS = {
 }
 
 
+# The architectures the numeric per-architecture tests (logits, gradients, exports) run on. Not
+# ResNet-110: it is ResNet-56's CifarResNet with 18 blocks a stage instead of 9 (the same code,
+# at twice the compile time); its plan and counts are checked in test_plans.py and
+# test_flops.py, its shapes in test_models.py.
+NUMERIC_ARCHS = tuple(a for a in PAPER_CONFIGS if a != "resnet110")
+
+
 def paper_config(arch: str):
     from dcff_jax.config import load_config
 
@@ -332,6 +339,27 @@ def pure_macs(model, shape) -> int:
         elif isinstance(c.module, nn.Dense):
             total += math.prod(c.output_shape) * c.input_shape[-1]
     return total
+
+
+def init_jitted(model, x, seed: int = 0, **kwargs) -> dict:
+    """`model.init(jax.random.key(seed), x, **kwargs)` as one compiled program. Called eagerly,
+    init compiles every distinct op shape on its own: ~720 compiles (~40 s) for GoogLeNet."""
+    import jax
+
+    return jax.jit(lambda x: model.init(jax.random.key(seed), x, **kwargs))(x)
+
+
+def trees_equal(a, b) -> bool:
+    """Same structure and every leaf equal bit for bit, compared in NumPy (jnp.array_equal
+    would compile once per distinct leaf shape: hundreds of compiles for a model's variables)."""
+    import jax
+
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        return False
+    return all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def random_rate_string(arch: str, seed: int) -> str:

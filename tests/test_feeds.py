@@ -80,7 +80,7 @@ def test_steps_per_call_defaults_by_platform_and_data_placement_is_chosen(tmp_pa
 
 
 @pytest.mark.parametrize("rolled", [True, False], ids=["fori_loop", "stepwise"])
-def test_one_call_of_k_steps_equals_k_calls_of_one_bit_for_bit(tmp_path, logic_only, rolled):
+def test_one_call_of_k_steps_equals_k_calls_of_one_bit_for_bit(tmp_path, rolled):
     """steps_per_call changes only how steps are grouped into calls: 3 steps in one call, and
     3 calls of one step, end in the same state bit for bit (one executable serves both: the
     loop's trip count is traced, or each step is its own call), and the metric sums add up."""

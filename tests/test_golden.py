@@ -27,7 +27,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from helpers import paper_config, read_scalars, tiny_config, write_cifar_folder
+from helpers import NUMERIC_ARCHS, paper_config, read_scalars, tiny_config, write_cifar_folder
 
 from dcff_jax import input_pipeline, models
 from dcff_jax.method import fusion
@@ -40,8 +40,8 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "
 
 def fingerprint() -> str:
     """What XLA:CPU's code depends on: ISA flags, the CPU family/model that LLVM tunes for (the
-    same flags on another microarchitecture may schedule differently), the XLA_FLAGS, and the
-    JAX versions."""
+    same flags on another microarchitecture may schedule differently), the XLA_FLAGS and LLVM's
+    optimisation level, and the JAX versions."""
     fields = {}
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
@@ -52,6 +52,8 @@ def fingerprint() -> str:
     isa = "+".join(flag for flag in ISA_FLAGS if flag in flags)
     cpu = f"family{fields.get('cpu family', '?')}-model{fields.get('model', '?')}"
     xla_flags = os.environ.get("XLA_FLAGS", "").strip()
+    if jax.config.read("jax_disable_most_optimizations"):  # LLVM -O0 (tests/conftest.py)
+        xla_flags = f"{xla_flags} O0".strip()
     versions = f"jax{jax.__version__}:jaxlib{jax.lib.__version__}"
     return ":".join(x for x in (platform.machine(), cpu, isa, xla_flags, versions) if x)
 
@@ -156,8 +158,8 @@ def test_fixed_seed_run_matches_golden(arch, tmp_path):
 
 # The step-level golden runs: every architecture at its paper rates, built as the trainer builds
 # it, through one fusion update and three train steps (image size, batch; ResNet-50 pools 7x7).
-STEP_RUNS = {a: (32, 4) for a in ("vgg16", "resnet56", "resnet110", "googlenet", "mobilenetv2")}
-STEP_RUNS["resnet50"] = (224, 2)
+# (ResNet-110 is ResNet-56's code with more blocks: helpers.NUMERIC_ARCHS.)
+STEP_RUNS = {a: (224, 2) if a == "resnet50" else (32, 4) for a in NUMERIC_ARCHS}
 
 
 def golden_steps(arch: str) -> dict:

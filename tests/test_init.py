@@ -123,7 +123,6 @@ def layer_params(arch: str, size: int) -> dict[tuple[str, ...], dict[str, np.nda
     [
         "vgg16",
         "resnet56",
-        pytest.param("resnet110", marks=pytest.mark.slow),
         pytest.param("googlenet", marks=pytest.mark.slow),
         pytest.param("resnet50", marks=pytest.mark.slow),
         pytest.param("mobilenetv2", marks=pytest.mark.slow),

@@ -87,7 +87,7 @@ def test_fused_widths_follow_plan(arch):
 
 
 @pytest.mark.parametrize("arch", ["vgg16", "resnet56", "googlenet"])
-def test_cifar_forward_train_and_eval(arch, logic_only):
+def test_cifar_forward_train_and_eval(arch):
     model = create_model(arch, RATES[arch], "fused")
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
     variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(x)

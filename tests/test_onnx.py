@@ -1,6 +1,6 @@
 """The compact model as ONNX (our jaxpr-to-ONNX converter, run by onnxruntime): the JAX compact
-model's logits for all six architectures at any batch size; accepted by `evaluate`; ops outside
-the converter's set are refused by name."""
+model's logits for every architecture (helpers.NUMERIC_ARCHS) at any batch size; accepted by
+`evaluate`; ops outside the converter's set are refused by name."""
 
 import collections
 import hashlib
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 from helpers import (
-    PAPER_CONFIGS,
+    NUMERIC_ARCHS,
     evaluate_result,
+    init_jitted,
     main_command,
     paper_config,
     run_module,
@@ -35,16 +36,20 @@ def trained_looking(model, variables: dict, images: jax.Array, seed: int = 1) ->
     rng = np.random.default_rng(seed)
     params = traverse_util.flatten_dict(variables["params"])
     for key, a in params.items():
-        if key[-1] == "scale":
-            params[key] = a * rng.uniform(0.5, 1.5, a.shape).astype(a.dtype)
+        if key[-1] == "scale":  # NumPy: eager jnp would compile once per distinct shape
+            params[key] = np.asarray(a) * rng.uniform(0.5, 1.5, a.shape).astype(a.dtype)
         elif key[-1] == "bias":
-            params[key] = a + rng.normal(0, 0.1, a.shape).astype(a.dtype)
+            params[key] = np.asarray(a) + rng.normal(0, 0.1, a.shape).astype(a.dtype)
     variables = {**variables, "params": traverse_util.unflatten_dict(params)}
     rngs = {"dropout": jax.random.key(seed)}  # MobileNetV2 has dropout before its classifier
-    _, updated = model.apply(variables, images, train=True, mutable=["batch_stats"], rngs=rngs)
+    _, updated = jax.jit(
+        lambda v: model.apply(v, images, train=True, mutable=["batch_stats"], rngs=rngs)
+    )(variables)
     # One update gives 0.9 * old + 0.1 * batch (common.batch_norm); solve for batch's.
     batch_stats = jax.tree.map(
-        lambda new, old: (new - 0.9 * old) / 0.1, updated["batch_stats"], variables["batch_stats"]
+        lambda new, old: (np.asarray(new) - 0.9 * np.asarray(old)) / 0.1,
+        updated["batch_stats"],
+        variables["batch_stats"],
     )
     return {**variables, "batch_stats": batch_stats}
 
@@ -56,7 +61,7 @@ def trained_looking_compact(arch: str):
     config = paper_config(arch)
     model = models.create_model(arch, config.cprate, "compact")  # the paper's plan
     size = config.image_size
-    variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    variables = init_jitted(model, jnp.zeros((1, size, size, 3)))
     mean, std = input_pipeline.normalization(config.dataset)
     images = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
     x = input_pipeline.normalize(jnp.asarray(images), mean, std, jnp.float32)
@@ -64,7 +69,7 @@ def trained_looking_compact(arch: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", list(PAPER_CONFIGS))
+@pytest.mark.parametrize("arch", NUMERIC_ARCHS)
 def test_onnxruntime_gives_the_compact_models_logits_at_any_batch(arch):
     config, model, variables, images, x, mean, std = trained_looking_compact(arch)
     size = config.image_size
@@ -72,7 +77,7 @@ def test_onnxruntime_gives_the_compact_models_logits_at_any_batch(arch):
         onnx_export.onnx_bytes(model, variables, size, mean, std),
         providers=["CPUExecutionProvider"],
     )
-    want = np.asarray(model.apply(variables, x, train=False))
+    want = np.asarray(jax.jit(lambda v: model.apply(v, x, train=False))(variables))
     scale = np.abs(want).max()
     # The logits depend on the image (else a graph that ignored its input could pass).
     assert want.std(axis=0).max() > 1e-3 * scale
@@ -157,7 +162,7 @@ def resnet56_graph(cprate: str):
     """(model, variables, uint8 images (4, 32, 32, 3), their normalised copy, the ONNX graph of
     the compact ResNet-56 at cprate, unpadded)."""
     model = models.create_model("resnet56", cprate, "compact")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = init_jitted(model, jnp.zeros((1, 32, 32, 3)))
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     mean, std = input_pipeline.normalization("cifar10")
     x = input_pipeline.normalize(jnp.asarray(images), mean, std, jnp.float32)
@@ -181,7 +186,7 @@ def test_batch_norm_folds_into_the_convs_and_relus_are_relus():
     assert ops["Conv"] == 55 and ops["Relu"] == 55
     assert ops["Mul"] == 0 and ops["Sub"] == 1 and ops["Max"] == 0
     session = onnxruntime.InferenceSession(proto.SerializeToString())
-    want = np.asarray(model.apply(variables, x, train=False))
+    want = np.asarray(jax.jit(lambda v: model.apply(v, x, train=False))(variables))
     got = onnx_export.run_session(session, images)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
 
@@ -230,7 +235,7 @@ def test_padded_widths_are_multiples_of_8_with_the_same_logits():
     from dcff_jax import flops
 
     model = models.create_model("resnet56", "[0.3]*27+[0.3]*3", "compact")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = init_jitted(model, jnp.zeros((1, 32, 32, 3)))
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     mean, std = input_pipeline.normalization("cifar10")
     x = input_pipeline.normalize(jnp.asarray(images), mean, std, jnp.float32)
@@ -253,7 +258,7 @@ def test_padded_widths_are_multiples_of_8_with_the_same_logits():
     assert meta["dcff_jax.macs_paper_widths"] == flops.count(model, (1, 32, 32, 3), "macs").flops
     assert meta["dcff_jax.macs_padded"] > meta["dcff_jax.macs_paper_widths"]
     assert not graphs[1].metadata_props
-    want = np.asarray(model.apply(variables, x, train=False))
+    want = np.asarray(jax.jit(lambda v: model.apply(v, x, train=False))(variables))
     for graph in graphs.values():
         got = onnx_export.run_session(
             onnxruntime.InferenceSession(graph.SerializeToString()), images
