@@ -118,6 +118,7 @@ def test_an_interrupted_export_leaves_the_previous_one_loadable(tmp_path):
     import ml_collections
 
     from dcff_jax import export
+    from dcff_jax.deploy import compact as deploy
 
     cprate = "[0.5]*30"
     model = create_model("resnet56", cprate, "fused")
@@ -133,6 +134,7 @@ def test_an_interrupted_export_leaves_the_previous_one_loadable(tmp_path):
         }
     )
     directory = tmp_path / "compact"
+    assert deploy.exported_epoch(str(directory)) is None  # nothing exported yet
     for epoch in range(3):
         record = {"epoch": epoch, "test_top1": 10.0 + epoch, "test_top5": 50.0}
         export.save_compact(str(directory), variables, config, record)
@@ -152,6 +154,13 @@ def test_an_interrupted_export_leaves_the_previous_one_loadable(tmp_path):
     assert export.load_compact(str(directory))[2]["epoch"] == 3
     assert sorted(os.listdir(directory)) == ["LATEST", "v3", "v4"]
     assert not (directory / "v4" / "variables" / "partial").exists()
+    # What a finished run started again checks before exporting (train.export_best): the epoch
+    # the current export holds, and None where its metadata cannot be read (export again).
+    assert deploy.exported_epoch(str(directory)) == 3
+    metadata = (directory / "v4" / "metadata.json").read_text()
+    (directory / "v4" / "metadata.json").write_text(metadata[:20])
+    assert deploy.exported_epoch(str(directory)) is None
+    (directory / "v4" / "metadata.json").write_text(metadata)
     # A pointer that names nothing valid, and a directory that is no export, are user errors.
     (directory / "LATEST").write_text("../elsewhere")
     with pytest.raises(ValueError, match="not an export version"):

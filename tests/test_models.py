@@ -121,6 +121,21 @@ def test_option_a_shortcut_pads_and_crops_like_torch_pad():
     np.testing.assert_array_equal(cropped, x[..., 2:4])
 
 
+def test_a_run_traces_its_architecture_once():
+    """The trainer's fused model (explicit class count, float32 runs' dtype None), the export's
+    compact model and the counts in its metadata share one trace of the original model: each
+    trace of a whole model costs start-up time."""
+    from dcff_jax import flops
+
+    models._traced_original.cache_clear()
+    create_model("vgg16", "[0.5]*13", "fused", num_classes=10, dtype=None)
+    create_model("vgg16", "[0.5]*13", "compact", num_classes=10)
+    flops.model_counts("vgg16", "[0.5]*13")
+    assert models._traced_original.cache_info().misses == 1
+    create_model("vgg16", "[0.5]*13", "fused", dtype=jnp.bfloat16)  # another model: traced
+    assert models._traced_original.cache_info().misses == 2
+
+
 def test_unknown_variant_and_architecture():
     with pytest.raises(ValueError, match="variant"):
         create_model("vgg16", None, "pruned")

@@ -135,8 +135,11 @@ def data_dir(tmp_path_factory):
     return write_cifar_folder(str(tmp_path_factory.mktemp("cifar")), train=64, test=24)
 
 
-def stop_after_epoch_one(data_dir, workdir, sig, overrides=(), env=None) -> tuple[int, str]:
-    """Start main, send `sig` once epoch 1's checkpoint (step 4) exists: (exit status, stderr)."""
+def stop_after_epoch_one(
+    data_dir, workdir, sig, overrides=(), env=None, checkpoint=4
+) -> tuple[int, str]:
+    """Start main, send `sig` once the checkpoint of step `checkpoint` (default: epoch 1's)
+    exists: (exit status, stderr)."""
     victim = subprocess.Popen(
         main_command(data_dir, workdir, *overrides),
         cwd=ROOT,
@@ -146,7 +149,8 @@ def stop_after_epoch_one(data_dir, workdir, sig, overrides=(), env=None) -> tupl
         text=True,
     )
     deadline = time.time() + 600
-    while not os.path.isdir(os.path.join(workdir, "checkpoints", "4")) and time.time() < deadline:
+    saved = os.path.join(workdir, "checkpoints", str(checkpoint))
+    while not os.path.isdir(saved) and time.time() < deadline:
         assert victim.poll() is None, "the run ended before it could be stopped"
         time.sleep(0.05)
     victim.send_signal(sig)
@@ -199,8 +203,9 @@ def test_main_trains_exports_and_resumes_bit_identically_after_sigkill(data_dir,
     killed = str(tmp_path / "killed")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cache = f"--compilation_cache={tmp_path / 'xla_cache'}"  # empty at first
+    every_2 = "--config.checkpoint_every_steps=2"
     victim = subprocess.Popen(
-        main_command(data_dir, killed, cache),
+        main_command(data_dir, killed, cache, every_2),
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -214,7 +219,7 @@ def test_main_trains_exports_and_resumes_bit_identically_after_sigkill(data_dir,
     victim.wait()
     first_log = (tmp_path / "killed.log").read_text()
     assert not os.path.isdir(os.path.join(killed, "checkpoints", "8"))
-    proc = run_main(data_dir, killed, cache)
+    proc = run_main(data_dir, killed, cache, every_2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The train and eval loops were compiled once: the resumed start loads them all.
     # One line per event: no orbax bookkeeping ("Metadata file does not exist", read-only
@@ -279,7 +284,8 @@ def test_exact_criterion_end_to_end_through_main(data_dir, tmp_path):
 @pytest.mark.slow
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     workdir = str(tmp_path / "nan")
-    proc = run_main(data_dir, workdir, "--config.learning_rate=1e30")
+    every_step = "--config.checkpoint_every_steps=1"
+    proc = run_main(data_dir, workdir, "--config.learning_rate=1e30", every_step)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "training loss became" in proc.stderr and "last good checkpoint" in proc.stderr
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
@@ -574,39 +580,37 @@ def test_evaluate_masks_the_padded_last_batch():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_saves_that_step_and_the_resume_is_bit_identical(data_dir, tmp_path, sig):
-    """Preemption (SIGTERM) or Ctrl-C after epoch 1 of 3 (4 steps each), with 3 steps per call
-    (calls end at steps 7, 8, 11, 12): the call in flight finishes, its step is checkpointed (no
-    periodic checkpoint would cover it here), one line says where, exit 75. Resumed with 2 steps per
-    call, the run ends with the parameters of an uninterrupted run of one step per call, bit for
-    bit: the grouping of steps into calls changes nothing."""
+def test_a_stop_signal_saves_that_step_and_the_resume_is_bit_identical(data_dir, tmp_path):
+    """Preemption (SIGTERM) and Ctrl-C (SIGINT), each after epoch 1 of 3 (4 steps each), with 3
+    steps per call (calls end at steps 7, 8, 11, 12): the call in flight finishes, its step is
+    checkpointed (no periodic checkpoint would cover it here), one line says where, exit 75.
+    Resumed with 2 steps per call, each run ends with the parameters of one uninterrupted run of
+    one step per call, bit for bit: the grouping of steps into calls changes nothing. (One test,
+    so that both signals are compared with the same reference run.)"""
     sparse = "--config.checkpoint_every_steps=100", "--config.num_epochs=3"
     ref = str(tmp_path / "ref")
     proc = run_main(data_dir, ref, *sparse, "--config.steps_per_call=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    workdir = str(tmp_path / "stopped")
-    returncode, err = stop_after_epoch_one(
-        data_dir, workdir, sig, (*sparse, "--config.steps_per_call=3")
-    )
-    assert returncode == 75, err[-3000:]
-    assert "Traceback" not in err
-    match = re.search(r"saved a checkpoint at step (\d+) in .*checkpoints; run the same", err)
-    assert match, err[-3000:]
-    step = int(match.group(1))
-    assert step in (7, 8, 11), step  # a call boundary after the signal
-    # The epochs' end checkpoints before it (the signal may land after epoch 2 ended), and it.
-    saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
-    assert saved == [s for s in (4, 8) if s < step] + [step], saved
-    proc = run_main(data_dir, workdir, *sparse, "--config.steps_per_call=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from step {step}" in proc.stderr
-    for a, b in zip(
-        final_params(ref)[1].values(),
-        final_params(workdir)[1].values(),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(a, b)
+    _, ref_params = final_params(ref)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        workdir = str(tmp_path / f"stopped_{sig.name}")
+        returncode, err = stop_after_epoch_one(
+            data_dir, workdir, sig, (*sparse, "--config.steps_per_call=3")
+        )
+        assert returncode == 75, (sig.name, err[-3000:])
+        assert "Traceback" not in err
+        match = re.search(r"saved a checkpoint at step (\d+) in .*checkpoints; run the same", err)
+        assert match, err[-3000:]
+        step = int(match.group(1))
+        assert step in (7, 8, 11), (sig.name, step)  # a call boundary after the signal
+        # The epochs' end checkpoints before it (the signal may land after epoch 2 ended), and it.
+        saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
+        assert saved == [s for s in (4, 8) if s < step] + [step], (sig.name, saved)
+        proc = run_main(data_dir, workdir, *sparse, "--config.steps_per_call=2")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"resumed from step {step}" in proc.stderr
+        for a, b in zip(ref_params.values(), final_params(workdir)[1].values(), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=sig.name)
 
 
 def device_env(devices: int) -> dict[str, str]:
@@ -666,35 +670,42 @@ def test_a_checkpoint_restores_exactly_onto_another_device_count(tmp_path, saver
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first,then", [(8, 1), (1, 8)])
-def test_main_stopped_on_one_device_count_resumes_on_another(data_dir, tmp_path, first, then):
-    """Preempted on `first` devices, resumed through main on `then` with the same global batch:
-    it resumes at the saved step and finishes the run. (Its final params are not compared with
-    an uninterrupted run's: two device counts sum in another order, and in these 8-step runs that
-    float32 difference alone grows to ~0.15% of the params, resume or not; the exact part, the
-    restore onto other devices, is the test above.)"""
-    # 3 epochs: the step-4 checkpoint commits in the background, up to an epoch late on a
-    # loaded machine, and a signal that lands in the last epoch ends the run normally.
-    sparse = "--config.checkpoint_every_steps=100", "--config.num_epochs=3"
+def test_main_stopped_on_one_device_count_resumes_on_another(data_dir, tmp_path):
+    """Preempted on 8 devices, resumed through main on 1 and preempted again, resumed on 8, all
+    with the same global batch: each start resumes at the step the last one saved, and the run
+    finishes. (Its final params are not compared with an uninterrupted run's: two device counts
+    sum in another order, and in these runs that float32 difference alone grows to ~0.15% of
+    the params, resume or not; the exact part, the restore onto other devices, is the test
+    above.)"""
+    # 6 epochs of 4 steps: each signal is sent once the next epoch-end checkpoint exists, which
+    # commits in the background, an epoch or more late on a loaded machine; a signal that lands
+    # in the last epoch would end the run normally.
+    sparse = "--config.checkpoint_every_steps=100", "--config.num_epochs=6"
     workdir = str(tmp_path / "moved")
-    returncode, err = stop_after_epoch_one(
-        data_dir, workdir, signal.SIGTERM, sparse, device_env(first)
-    )
-    assert returncode == 75 and f"{first} local / {first} global" in err, err[-3000:]
-    step = int(re.search(r"saved a checkpoint at step (\d+)", err).group(1))
+    step = 0
+    for devices in (8, 1):
+        next_epoch_end = (step // 4 + 1) * 4
+        returncode, err = stop_after_epoch_one(
+            data_dir, workdir, signal.SIGTERM, sparse, device_env(devices), next_epoch_end
+        )
+        assert returncode == 75 and f"{devices} local / {devices} global" in err, err[-3000:]
+        if step:
+            assert f"resumed from step {step}" in err, err[-3000:]
+        step = int(re.search(r"saved a checkpoint at step (\d+)", err).group(1))
+        assert next_epoch_end <= step < 20, step
     proc = subprocess.run(
         main_command(data_dir, workdir, *sparse),
         cwd=ROOT,
-        env=device_env(then),
+        env=device_env(8),
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{then} local / {then} global devices" in proc.stderr
+    assert "8 local / 8 global devices" in proc.stderr
     assert f"resumed from step {step}" in proc.stderr
-    assert "epoch 3/3: test top-1" in proc.stderr
-    assert final_params(workdir)[0] == 12
+    assert "epoch 6/6: test top-1" in proc.stderr
+    assert final_params(workdir)[0] == 24
 
 
 @pytest.mark.slow

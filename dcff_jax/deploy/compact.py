@@ -113,6 +113,22 @@ def write_export(directory: str, variables, metadata: dict, model=None):
     return root / version
 
 
+def exported_epoch(directory: str) -> int | None:
+    """The epoch (0-based) whose compact model DIRECTORY's current export holds; None before the
+    first export, or when that export's pointer or metadata cannot be read (the caller then
+    writes a new version)."""
+    from dcff_jax import storage
+
+    try:
+        root = storage.resolve(directory)
+        version = versions.latest_version(root)
+        if version is None:
+            return None
+        return int(versions.read_metadata(root / version / "metadata.json")["epoch"])
+    except (DataError, OSError):
+        return None
+
+
 def metadata_of(config, record: dict) -> dict:
     from dcff_jax import flops, models
 

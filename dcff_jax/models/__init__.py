@@ -179,7 +179,11 @@ def paper_dcff(
 ):
     """dcff_jax.DCFF on the architecture's original model with its rate string mapped to conv
     paths (rate_strings.path_rates): the any-model API applied to the paper's architectures. The
-    original model is traced once per (architecture, num_classes, dtype) in a process."""
+    original model is traced once per (architecture, num_classes, dtype) in a process (a
+    trainer, its export and its counts share one: float32 runs build their models with dtype
+    None, which computes in float32 from float32 inputs)."""
+    if architecture in ARCHITECTURES:  # one trace for the default and the explicit class count
+        num_classes = num_classes or ARCHITECTURES[architecture].num_classes
     traced, paths = _traced_original(architecture, num_classes, dtype)
     rates = rate_strings.path_rates(architecture, cprate, paths)
     return traced.replanned(rates, unfused=list(rate_strings.LAYOUTS[architecture].unfused))

@@ -92,8 +92,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     if spe * config.batch_size <= data.train.num_examples:  # capped: every step is full
         last = 0
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+    # The model's dtype None, not float32: the same computation from the float32 images, and the
+    # model that the export and the counts trace (models.paper_dcff traces once per dtype).
+    model_dtype = jnp.bfloat16 if config.half_precision else None
     model = models.create_model(
-        config.model, config.cprate or None, "fused", num_classes=config.num_classes, dtype=dtype
+        config.model,
+        config.cprate or None,
+        "fused",
+        num_classes=config.num_classes,
+        dtype=model_dtype,
     )
     return Run(
         config=config,
@@ -199,7 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop=Non
     run_config.check_resumable(config, workdir)
     run = setup(config, workdir)
     state, progress, best = initial_or_restored_state(run)
-    prepare(run, state)
+    if int(state.step) < config.num_epochs * run.steps_per_epoch:  # else: finished, no compile
+        prepare(run, state)
     last_saved = int(state.step)
     clock = logs.EpochClock()
     try:
@@ -227,14 +235,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop=Non
 
 
 def export_best(run: Run, progress: Progress, best) -> None:
-    """Write the best epoch's compact model to WORKDIR/compact (every process: collective).
+    """Write the best epoch's compact model to WORKDIR/compact (every process: collective),
+    unless the current export there already holds that epoch (a finished run started again).
     Without `best` (a run resumed from a checkpoint that predates it, with no better epoch
     since) the export that run wrote at its best epoch stands."""
     if best is None:
         logging.info("the best epoch's compact model was exported before this run resumed")
         return
     record = next(r for r in reversed(progress.history) if r["new_best"])
-    version = compact.save_compact(os.path.join(run.workdir, "compact"), best, run.config, record)
+    directory = os.path.join(run.workdir, "compact")
+    if compact.exported_epoch(directory) == record["epoch"]:  # a finished run started again
+        logging.info(
+            "the compact model of epoch %d was exported before, to %s",
+            record["epoch"] + 1,
+            directory,
+        )
+        return
+    version = compact.save_compact(directory, best, run.config, record)
     logging.info(
         "exported the compact model of epoch %d (test top-1 %.2f%%) to %s",
         record["epoch"] + 1,
