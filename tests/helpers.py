@@ -153,6 +153,18 @@ def checkpoint_params(workdir: str) -> tuple[int, dict[str, np.ndarray]]:
     return max(steps), {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
 
 
+# XLA:CPU's elemental emitters, not its fusion emitters: faster compiles (tests/conftest.py).
+FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def users_compile_env(env: dict[str, str]) -> dict[str, str]:
+    """env with the tests' fast-compile settings (tests/conftest.py) taken out, for the runs
+    that measure float32 accuracy: XLA compiles them as it does for users (-O2, fusion
+    emitters); other XLA_FLAGS are kept."""
+    flags = env.get("XLA_FLAGS", "").replace(FAST_COMPILE_FLAG, "").strip()
+    return {**env, "JAX_DISABLE_MOST_OPTIMIZATIONS": "0", "XLA_FLAGS": flags}
+
+
 def main_command(data_dir, workdir, *overrides):
     """`python -m dcff_jax.main` on a tiny ResNet-56 run (2 epochs of the folder at data_dir, a
     checkpoint per epoch: each save costs ~0.9 s here); later overrides win."""

@@ -7,25 +7,32 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import F32_BUDGET, free_port, relative_distance, write_cifar_folder
+from helpers import (
+    F32_BUDGET,
+    free_port,
+    relative_distance,
+    users_compile_env,
+    write_cifar_folder,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_steps(data_dir, steps, devices=1, extra=(), wait=True):
     """tests/run_steps.py in a subprocess with `devices` CPU devices; its JSON (or the Popen)."""
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([HERE, os.path.dirname(HERE)]),
-        # These runs measure float32's accuracy against float64 (F32_BUDGET): compiled as users
-        # compile, at LLVM -O2, not at the tests' -O0 (tests/conftest.py). At -O0 a 2-device
-        # float32 run was 9e-4 from float64 at step 2, where 1 device and every -O2 run were
-        # within 2e-7 (float64 agreed to 1e-15 at both levels: the logic is the same).
-        "JAX_DISABLE_MOST_OPTIMIZATIONS": "0",
-    }
+    # These runs measure float32's accuracy against float64 (F32_BUDGET): compiled as users
+    # compile, at LLVM -O2, not with the tests' fast-compile settings (tests/conftest.py). At -O0
+    # a 2-device float32 run was 9e-4 from float64 at step 2, where 1 device and every -O2 run
+    # were within 2e-7 (float64 agreed to 1e-15 at both levels: the logic is the same).
+    env = users_compile_env(
+        {
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "PYTHONPATH": os.pathsep.join([HERE, os.path.dirname(HERE)]),
+        }
+    )
     # Appended, so flags set outside (e.g. --xla_cpu_max_isa) reach the subprocesses too.
-    flags = os.environ.get("XLA_FLAGS", "")
+    flags = env["XLA_FLAGS"]
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     cmd = [sys.executable, os.path.join(HERE, "run_steps.py"), data_dir, str(steps), *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

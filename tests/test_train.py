@@ -614,8 +614,9 @@ def test_a_stop_signal_saves_that_step_and_the_resume_is_bit_identical(data_dir,
 
 
 def device_env(devices: int) -> dict[str, str]:
-    flags = f"--xla_force_host_platform_device_count={devices}"
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+    # Appended: the tests' other XLA_FLAGS (tests/conftest.py) reach these runs too.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip()}
 
 
 RESTORE_ELSEWHERE = """
