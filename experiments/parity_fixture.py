@@ -182,8 +182,9 @@ def load(path: str = FIXTURE) -> tuple[dict, dict[str, np.ndarray]]:
         return json.loads(str(data["meta"])), {k: data[k] for k in data.files if k != "meta"}
 
 
-def compare(path: str = FIXTURE) -> dict:
-    """Our side of a recording, measured against it.
+def compare(path: str = FIXTURE, compiler_options: dict | None = None) -> dict:
+    """Our side of a recording, measured against it; the step compiled with these XLA options
+    (jax.jit's compiler_options) if given.
 
     Returns {"fusion": {epoch: {"sets_agree", "slots_agree", "matrix_max_abs_diff"}},
              "step": {(dtype, epoch): {"loss": relative error, "grad" / "batch_stats":
@@ -238,7 +239,9 @@ def compare(path: str = FIXTURE) -> dict:
         with jax.enable_x64(dtype_name == "float64"):
             dtype = jnp.float64 if dtype_name == "float64" else jnp.float32
             for epoch in meta["epochs"]:
-                loss, grads, stats = step(model, variables, published[epoch], images, labels, dtype)
+                loss, grads, stats = step(
+                    model, variables, published[epoch], images, labels, dtype, compiler_options
+                )
                 exact = float(arrays[f"float64/{epoch}/loss"])
                 measured = {"loss": abs(loss - exact) / abs(exact)}
                 for kind, tree in (("grad", grads), ("batch_stats", stats)):
@@ -301,20 +304,27 @@ def published_fusion(own: dict, layers, arrays: dict, epoch: int) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def step(model, variables: dict, fusion: dict, images, labels, dtype):
+def step(model, variables: dict, fusion: dict, images, labels, dtype, compiler_options=None):
     """One training-mode forward and backward from `variables` with `fusion`: (loss, gradients,
-    the updated batch statistics), as the published step computes them before its update."""
+    the updated batch statistics), as the published step computes them before its update;
+    compiled with `compiler_options` (XLA options) if given."""
     cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)  # noqa: E731
     fusion = jax.tree.map(lambda a: a if a.dtype.kind == "i" else jnp.asarray(a, dtype), fusion)
     x = input_pipeline.normalize(
         jnp.asarray(images), input_pipeline.CIFAR_MEAN, input_pipeline.CIFAR_STD, dtype
     )
     state = {"batch_stats": cast(variables["batch_stats"]), "fusion": fusion}
-    (loss, stats), grads = _loss_and_grads(model, cast(variables["params"]), state, x, labels)
+    options = tuple(sorted((compiler_options or {}).items()))
+    loss_and_grads = _jitted_loss_and_grads(options)
+    (loss, stats), grads = loss_and_grads(model, cast(variables["params"]), state, x, labels)
     return float(loss), grads, stats
 
 
-@functools.partial(jax.jit, static_argnums=0)  # one compile per dtype, not one per epoch
+@functools.lru_cache  # one compile per dtype and options, not one per epoch
+def _jitted_loss_and_grads(compiler_options: tuple):
+    return jax.jit(_loss_and_grads, static_argnums=0, compiler_options=dict(compiler_options))
+
+
 def _loss_and_grads(model, params, state, x, labels):
     def loss_fn(params):
         logits, updates = model.apply(

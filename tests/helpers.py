@@ -1,6 +1,7 @@
 """Shared test helpers: tiny CIFAR folders in the official format, tiny configs, tfds
 imagenet2012 datasets in both file formats (also used by experiments/bench_input.py)."""
 
+import contextlib
 import json
 import os
 import pickle
@@ -163,6 +164,22 @@ def users_compile_env(env: dict[str, str]) -> dict[str, str]:
     emitters); other XLA_FLAGS are kept."""
     flags = env.get("XLA_FLAGS", "").replace(FAST_COMPILE_FLAG, "").strip()
     return {**env, "JAX_DISABLE_MOST_OPTIMIZATIONS": "0", "XLA_FLAGS": flags}
+
+
+@contextlib.contextmanager
+def users_compile():
+    """In this process, compile as XLA does for users (-O2; with the fusion emitters that
+    tests/conftest.py turned off in XLA_FLAGS, which only a jit's compiler_options can turn back
+    on). Yields those compiler_options, for the jits under test."""
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        emitters_off = FAST_COMPILE_FLAG in os.environ.get("XLA_FLAGS", "")
+        yield {"xla_cpu_use_fusion_emitters": True} if emitters_off else {}
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
 
 
 def main_command(data_dir, workdir, *overrides):

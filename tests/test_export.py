@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import U32
+from helpers import U32, init_jitted
 
 from dcff_jax import compact_variables, create_model, update_fusion
 
@@ -122,7 +122,7 @@ def test_an_interrupted_export_leaves_the_previous_one_loadable(tmp_path):
 
     cprate = "[0.5]*30"
     model = create_model("resnet56", cprate, "fused")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = init_jitted(model, jnp.zeros((1, 32, 32, 3)))
     config = ml_collections.ConfigDict(
         {
             "model": "resnet56",

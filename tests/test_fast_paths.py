@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from helpers import init_jitted
 
 from dcff_jax import compiler_options, create_model
 from dcff_jax.input_pipeline import CIFAR_MEAN, CIFAR_STD
@@ -33,7 +34,7 @@ def _lowered_resnet_gradient(blocks_per_stage: int):
     """The lowered train-mode gradient of sum(logits^2) of a compact CIFAR ResNet, batch 4."""
     model = resnet_cifar.CifarResNet(blocks_per_stage)
     x = jnp.ones((4, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = init_jitted(model, x)
 
     def loss(params):
         out, _ = model.apply(
@@ -208,7 +209,7 @@ def test_forward_alone_runs_a_plain_relu_and_the_gradient_the_materialised_one()
     gradient must keep it (test above)."""
     model = resnet_cifar.CifarResNet(1)
     x = jnp.ones((4, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = init_jitted(model, x)
     forward = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))
     assert "reduce_max" not in forward and "stack" not in forward
     assert forward.count(" max ") >= 3  # one residual ReLU per block, plus the stem's and bn1's

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from helpers import init_jitted
 
 from dcff_jax import create_model, input_shape, keep_width, layer_rates, models
 
@@ -104,7 +105,7 @@ def test_cifar_forward_train_and_eval(arch):
 
 def test_kaiming_normal_init_scale():
     model = create_model("resnet56", None, "original")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = init_jitted(model, jnp.zeros((1, 32, 32, 3)))
     kernel = variables["params"]["stage3_block0"]["conv2"]["kernel"]  # 3x3x64x64
     std = float(jnp.std(kernel))
     assert abs(std - np.sqrt(2.0 / (9 * 64))) / np.sqrt(2.0 / (9 * 64)) < 0.05

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import evaluate_result, run_module, write_cifar_folder
+from helpers import evaluate_result, init_jitted, run_module, write_cifar_folder
 
 from dcff_jax import export, input_pipeline, models
 
@@ -43,7 +43,7 @@ def test_stablehlo_runs_without_dcff_jax_at_any_batch_with_the_models_logits(
     arch, cprate, tmp_path
 ):
     model = models.create_model(arch, cprate, "compact")
-    variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+    variables = init_jitted(model, jnp.zeros((1, 32, 32, 3)), seed=1)
     mean, std = input_pipeline.normalization("cifar10")
     path = tmp_path / "model.stablehlo"
     path.write_bytes(export.stablehlo_bytes(model, variables, 32, mean, std))
@@ -131,7 +131,7 @@ def conv_widths_of(path) -> list[int]:
 
 def test_its_conv_widths_are_padded_to_8_by_default_and_kept_with_1(tmp_path):
     model = models.create_model("resnet56", "[0.5]*27+[0.3]*3", "compact")
-    variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+    variables = init_jitted(model, jnp.zeros((1, 32, 32, 3)), seed=1)
     mean, std = input_pipeline.normalization("cifar10")
     for pad_to, name in ((8, "padded"), (1, "plain")):
         (tmp_path / name).write_bytes(
