@@ -182,6 +182,13 @@ def users_compile():
         jax.config.update("jax_disable_most_optimizations", before)
 
 
+def with_device_count(env: dict[str, str], devices: int) -> dict[str, str]:
+    """env with `devices` CPU devices: appended to its XLA_FLAGS, so that the flags set outside
+    or by tests/conftest.py (e.g. --xla_cpu_max_isa) reach the run too."""
+    flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return {**env, "XLA_FLAGS": flags.strip()}
+
+
 def main_command(data_dir, workdir, *overrides):
     """`python -m dcff_jax.main` on a tiny ResNet-56 run (2 epochs of the folder at data_dir, a
     checkpoint per epoch: each save costs ~0.9 s here); later overrides win."""

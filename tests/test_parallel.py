@@ -12,6 +12,7 @@ from helpers import (
     free_port,
     relative_distance,
     users_compile_env,
+    with_device_count,
     write_cifar_folder,
 )
 
@@ -24,16 +25,12 @@ def run_steps(data_dir, steps, devices=1, extra=(), wait=True):
     # compile, at LLVM -O2, not with the tests' fast-compile settings (tests/conftest.py). At -O0
     # a 2-device float32 run was 9e-4 from float64 at step 2, where 1 device and every -O2 run
     # were within 2e-7 (float64 agreed to 1e-15 at both levels: the logic is the same).
-    env = users_compile_env(
-        {
-            **os.environ,
-            "JAX_PLATFORMS": "cpu",
-            "PYTHONPATH": os.pathsep.join([HERE, os.path.dirname(HERE)]),
-        }
-    )
-    # Appended, so flags set outside (e.g. --xla_cpu_max_isa) reach the subprocesses too.
-    flags = env["XLA_FLAGS"]
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([HERE, os.path.dirname(HERE)]),
+    }
+    env = with_device_count(users_compile_env(env), devices)
     cmd = [sys.executable, os.path.join(HERE, "run_steps.py"), data_dir, str(steps), *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc if not wait else finish(proc)

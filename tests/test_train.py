@@ -19,6 +19,7 @@ from helpers import (
     read_scalars,
     run_module,
     tiny_config,
+    with_device_count,
     write_cifar_folder,
 )
 
@@ -614,9 +615,7 @@ def test_a_stop_signal_saves_that_step_and_the_resume_is_bit_identical(data_dir,
 
 
 def device_env(devices: int) -> dict[str, str]:
-    # Appended: the tests' other XLA_FLAGS (tests/conftest.py) reach these runs too.
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip()}
+    return with_device_count({**os.environ, "JAX_PLATFORMS": "cpu"}, devices)
 
 
 RESTORE_ELSEWHERE = """

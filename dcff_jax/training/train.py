@@ -244,7 +244,10 @@ def export_best(run: Run, progress: Progress, best) -> None:
         return
     record = next(r for r in reversed(progress.history) if r["new_best"])
     directory = os.path.join(run.workdir, "compact")
-    if compact.exported_epoch(directory) == record["epoch"]:  # a finished run started again
+    # A finished run started again. Every process must decide alike (the save is collective):
+    # one that cannot read the export (a transient error) makes them all write it again.
+    exported = compact.exported_epoch(directory) == record["epoch"]
+    if all(checkpoints.agree(int(exported))):
         logging.info(
             "the compact model of epoch %d was exported before, to %s",
             record["epoch"] + 1,
