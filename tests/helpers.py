@@ -41,10 +41,16 @@ def evaluate_result(checkpoint: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# The smallest model that runs every code path of training, checkpoints, resume and export
+# (fused convs, residual adds tied to one width, option-A shortcuts): ResNet-8, one block per
+# stage. A main run of it takes ~6 s warm here against ResNet-56's ~15 s (RESULTS.md, issue 25).
+SMOKE_MODEL, SMOKE_CPRATE = "resnet8", "[0.5]*6"
+
+
 def tiny_config(data_dir: str, **overrides):
     config = default_config()
-    config.model = "resnet56"
-    config.cprate = "[0.5]*27+[0.5]*3"
+    config.model = SMOKE_MODEL
+    config.cprate = SMOKE_CPRATE
     config.dataset = "cifar10_folder"
     config.data_dir = data_dir
     config.batch_size = 16
@@ -190,8 +196,8 @@ def with_device_count(env: dict[str, str], devices: int) -> dict[str, str]:
 
 
 def main_command(data_dir, workdir, *overrides):
-    """`python -m dcff_jax.main` on a tiny ResNet-56 run (2 epochs of the folder at data_dir, a
-    checkpoint per epoch: each save costs ~0.9 s here); later overrides win."""
+    """`python -m dcff_jax.main` on a tiny SMOKE_MODEL run (2 epochs of the folder at data_dir, a
+    checkpoint per epoch); later overrides win."""
     return [
         sys.executable,
         "-m",
@@ -204,7 +210,8 @@ def main_command(data_dir, workdir, *overrides):
         "--config.num_epochs=2",
         "--config.log_every_steps=1",
         "--config.checkpoint_every_steps=0",
-        "--config.cprate=[0.5]*30",
+        f"--config.model={SMOKE_MODEL}",
+        f"--config.cprate={SMOKE_CPRATE}",
         *overrides,
     ]
 

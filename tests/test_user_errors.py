@@ -14,14 +14,15 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, run_module, write_cifar_folder
+from helpers import ROOT, SMOKE_MODEL, run_module, write_cifar_folder
 
 BASE = (
     "--config=configs/resnet56_cifar.py",
     "--config.dataset=cifar10_folder",
     "--config.batch_size=16",
     "--config.num_epochs=2",
-    "--config.cprate=[0.5]*30",
+    f"--config.model={SMOKE_MODEL}",  # ResNet-8: 6 pruning rates
+    "--config.cprate=[0.5]*6",
     "--config.checkpoint_every_steps=0",
 )
 
@@ -101,7 +102,7 @@ def corrupt_every_checkpoint(wd, data, tmp):
 def checkpoint_of_another_config(wd, data, tmp):
     """No config.json to compare with: the checkpoint's own shapes must tell."""
     os.remove(os.path.join(wd, "config.json"))
-    return ("--config.cprate=[0.2]*30",)
+    return ("--config.cprate=[0.2]*6",)
 
 
 def corrupt_data(wd, data, tmp):
@@ -143,8 +144,8 @@ CASES = [
     ("stray-argument", M, ("oops",), None, "unexpected arguments ['oops']", False),
     ("no-workdir", M, ("--workdir=",), None, "--workdir", False),
     ("bad-rate-string", M, ("--config.cprate=[0.5]*2+[0.4",), None, "bad pruning-rate", False),
-    ("rate-length", M, ("--config.cprate=[0.5]*3",), None, "needs 30", False),
-    ("rate-range", M, ("--config.cprate=[1.0]*30",), None, "outside [0, 1)", False),
+    ("rate-length", M, ("--config.cprate=[0.5]*3",), None, "needs 6", False),
+    ("rate-range", M, ("--config.cprate=[1.0]*6",), None, "outside [0, 1)", False),
     ("rate-code", M, ("--config.cprate=__import__('os')",), None, "bad pruning-rate", False),
     ("batch-size", M, ("--config.batch_size=0",), None, "batch_size must be >= 1", False),
     ("epochs", M, ("--config.num_epochs=0",), None, "num_epochs must be >= 1", False),
@@ -198,7 +199,7 @@ CASES = [
         True,
     ),
     ("changed-decay", M, ("--config.weight_decay=0.001",), None, "weight_decay: saved", True),
-    ("changed-cprate", M, ("--config.cprate=[0.2]*30",), None, "cprate: saved", True),
+    ("changed-cprate", M, ("--config.cprate=[0.2]*6",), None, "cprate: saved", True),
     ("changed-seed", M, ("--config.seed=1",), None, "seed: saved 0, now 1", True),
     ("changed-t", M, ("--config.t_end=100.0",), None, "t_end: saved 10000.0, now 100.0", True),
     ("changed-classes", M, ("--config.num_classes=20",), None, "num_classes: saved 10", True),

@@ -163,7 +163,16 @@ def keep_width(filters: int, rate: float) -> int:
 
 # --- Per-architecture layouts -------------------------------------------------------------
 
-RESNET_CIFAR_BLOCKS = {"resnet56": 9, "resnet110": 18}
+# The CIFAR ResNet-(6n+2) family (He et al. 2016), n blocks per stage. The paper trains 56 and
+# 110; 20/32/44 are the usual smaller baselines, and 8 the smallest member, for smoke runs.
+RESNET_CIFAR_BLOCKS = {
+    "resnet8": 1,
+    "resnet20": 3,
+    "resnet32": 5,
+    "resnet44": 7,
+    "resnet56": 9,
+    "resnet110": 18,
+}
 RESNET50_BLOCKS = (3, 4, 6, 3)
 GOOGLENET_INCEPTIONS = 9
 GOOGLENET_CONVS_PER_INCEPTION = 7

@@ -1,4 +1,5 @@
-"""ResNet-56/110 for CIFAR-10 (published models/cifar/resnet.py): BasicBlocks, option-A shortcuts.
+"""The CIFAR ResNet-(6n+2) family (published models/cifar/resnet.py: ResNet-56/110; also 8, 20,
+32 and 44): BasicBlocks, option-A shortcuts.
 
 Init as published: convs and the classifier's weights Kaiming-normal (fan_in); the classifier's
 bias keeps PyTorch's default, BN scale 1 and bias 0.
