@@ -97,6 +97,36 @@ EXACT_ROWS = {
 }
 
 
+# He et al. 2016 (arXiv 1512.03385), Table 6: the CIFAR ResNet-(6n+2) family's parameters, to the
+# table's precision (ResNet-8 is not in it: n = 1 by the same rule, 7 convs and the classifier).
+# {architecture: (millions, decimals)}
+CIFAR_RESNET_PARAMS_M = {
+    "resnet20": (0.27, 2),
+    "resnet32": (0.46, 2),
+    "resnet44": (0.66, 2),
+    "resnet56": (0.85, 2),
+    "resnet110": (1.7, 1),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(CIFAR_RESNET_PARAMS_M))
+def test_the_cifar_resnet_family_has_the_papers_parameter_counts(arch):
+    millions, decimals = CIFAR_RESNET_PARAMS_M[arch]
+    assert round(flops.original_counts(arch).params / 1e6, decimals) == millions
+
+
+def test_resnet8_is_the_family_with_one_block_per_stage():
+    from dcff_jax import models
+
+    paths = models.conv_paths("resnet8")
+    assert len(paths) == 7 and sum("block0" in p for p in paths) == 6
+    # Stem 3x3x3x16; per stage s two 3x3 convs, the first from the previous stage's width;
+    # each conv is followed by a BatchNorm (scale and bias); the 64 -> 10 classifier has a bias.
+    convs = 9 * (3 * 16 + 16 * 16 + 16 * 16 + 16 * 32 + 32 * 32 + 32 * 64 + 64 * 64)
+    norms = 2 * (16 + 16 + 16 + 32 + 32 + 64 + 64)
+    assert flops.original_counts("resnet8").params == convs + norms + 64 * 10 + 10
+
+
 @pytest.mark.parametrize("row", sorted(EXACT_ROWS, key=str), ids=str)
 def test_every_row_exact(row):
     convention, *want = EXACT_ROWS[row]
