@@ -41,6 +41,7 @@ from dcff_jax import xla_options  # noqa: E402
 from dcff_jax.models import common  # noqa: E402
 
 MODELS = {"vgg16": "[0.5]*7+[0.8]*6", "resnet56": "[0.5]*27+[0.3]*3"}
+SMALL = {"resnet8": "[0.5]*6"}  # also accepted by --models: a smoke run's
 
 
 def one_step_rows(batches: int, models: list[str]) -> list[dict]:
@@ -52,7 +53,7 @@ def one_step_rows(batches: int, models: list[str]) -> list[dict]:
     }
     rows = []
     for arch in models:
-        cprate = MODELS[arch]
+        cprate = {**MODELS, **SMALL}[arch]
         for seed in range(batches):
             loss64, updates64, stats64 = test_fast_paths._one_step(
                 {}, arch, cprate, jnp.float64, seed

@@ -11,18 +11,20 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, write_cifar_folder
+from helpers import ROOT, SMOKE_CPRATE, SMOKE_MODEL, write_cifar_folder
 
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:e[+-]?\d+)?"
 
+# The smallest model, where a script takes any (helpers.SMOKE_MODEL).
+SMOKE_FLAGS = f"--config.model={SMOKE_MODEL} --config.cprate={SMOKE_CPRATE}"
 # script -> [(arguments, a line its stdout must hold)]: {data} is a cifar-10-batches-py parent
 # folder of 64 + 40 random images, {tmp} a scratch folder. Every number on a matched line must be
 # finite (a nan or inf in a table means the script measured nothing).
 SMOKE = {
     "ablate_cpu.py": [
         (
-            "--config=configs/vgg16_cifar.py --batch_size=2 --repeats=1",
+            f"--config=configs/resnet56_cifar.py {SMOKE_FLAGS} --batch_size=2 --repeats=1",
             rf"^\| nn\.relu \| xla defaults \| {NUMBER} \| 1\.00x \|$",
         )
     ],
@@ -40,8 +42,8 @@ SMOKE = {
     ],
     "bench_epoch.py": [
         (
-            "--data={data} --epochs=2 --config=configs/vgg16_cifar.py --placements=device,host "
-            "-- --config.batch_size=16 --config.steps_per_call=2",
+            "--data={data} --epochs=2 --placements=device,host "
+            f"-- {SMOKE_FLAGS} --config.batch_size=16 --config.steps_per_call=2",
             rf"^\| this checkout, data on the host \| 1 \| {NUMBER} \| {NUMBER} \|$",
         )
     ],
@@ -66,12 +68,13 @@ SMOKE = {
     ],
     "benchmark.py": [
         (
-            "--config=configs/vgg16_cifar.py --mode=train --batch_size=2 --steps=2",
+            f"--config=configs/resnet56_cifar.py {SMOKE_FLAGS} --mode=train --batch_size=2 "
+            "--steps=2",
             rf"^images_per_sec +{NUMBER}$",
         ),
         (
-            "--config=configs/vgg16_cifar.py --mode=loop --batch_size=2 --per_call=1,2 --steps=2 "
-            "--loop_form=rolled",
+            f"--config=configs/resnet56_cifar.py {SMOKE_FLAGS} --mode=loop --batch_size=2 "
+            "--per_call=1,2 --steps=2 --loop_form=rolled",
             rf"^k2_images_per_sec +{NUMBER}$",
         ),
     ],
@@ -85,7 +88,7 @@ SMOKE = {
         ("--sections=stop --processes=1", rf"^\| 1 process\(es\) \| {NUMBER} \| \[75\] \|$")
     ],
     "float64_distances.py": [
-        ("--models=vgg16 --devices=1", rf"^\| 1 \| float32 \| {NUMBER} \| {NUMBER} \|$")
+        ("--models=resnet8 --devices=1", rf"^\| 1 \| float32 \| {NUMBER} \| {NUMBER} \|$")
     ],
     "module_map.py": [("HEAD", rf"^\| dcff_jax/flops.py \| {NUMBER} \| {NUMBER} `\w+` \|")],
     "plan_search_table.py": [("--archs=vgg16", r"^\| VGG-16 .*\| `\[.*\]` \|$")],
