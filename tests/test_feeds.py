@@ -84,10 +84,10 @@ def test_one_call_of_k_steps_equals_k_calls_of_one_bit_for_bit(tmp_path, rolled)
     """steps_per_call changes only how steps are grouped into calls: 3 steps in one call, and
     3 calls of one step, end in the same state bit for bit (one executable serves both: the
     loop's trip count is traced, or each step is its own call), and the metric sums add up."""
-    config = tiny_config("", model="vgg16", cprate="[0.75]*13", batch_size=8)
+    config = tiny_config("", batch_size=8)
     split = host_split(train=24)
     mesh = steps.make_mesh()
-    model = models.create_model("vgg16", config.cprate, "fused")
+    model = models.create_model(config.model, config.cprate, "fused")
     tx = optim.make_optimizer(config, 3)
     spec = steps.InputSpec(input_pipeline.CIFAR_MEAN, input_pipeline.CIFAR_STD, True)
     loop = steps.make_train_loop(model, tx, spec, mesh, 8, seed=0, rolled=rolled)

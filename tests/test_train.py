@@ -720,8 +720,6 @@ def test_the_last_partial_batch_is_trained_as_one_more_step(tmp_path):
         workdir = str(tmp_path / f"drop_{drop}")
         config = tiny_config(
             data_dir,
-            model="vgg16",
-            cprate="[0.5]*13",
             num_epochs=2,
             log_every_steps=1,
             checkpoint_every_steps=0,
