@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import free_port, run_module, write_cifar_folder
+from helpers import SMOKE_CPRATE, SMOKE_MODEL, free_port, run_module, write_cifar_folder
 
 from dcff_jax import input_pipeline as ip
 from dcff_jax.data import download
@@ -256,13 +256,14 @@ def test_main_with_no_data_flags_downloads_into_the_cache_and_trains(payload, se
     }
     proc = run_module(
         "dcff_jax.main",
-        "--config=configs/vgg16_cifar.py",
+        "--config=configs/resnet56_cifar.py",
         f"--workdir={tmp_path / 'wd'}",
         f"--config.cifar10_url={server.url}",
         f"--config.cifar10_md5={payload[1]}",
         "--config.batch_size=10",
         "--config.num_epochs=1",
-        "--config.cprate=[0.75]*13",
+        f"--config.model={SMOKE_MODEL}",
+        f"--config.cprate={SMOKE_CPRATE}",
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

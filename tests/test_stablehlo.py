@@ -12,7 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import evaluate_result, init_jitted, run_module, write_cifar_folder
+from helpers import (
+    SMOKE_MODEL,
+    evaluate_result,
+    init_jitted,
+    run_module,
+    write_cifar_folder,
+)
 
 from dcff_jax import export, input_pipeline, models
 
@@ -80,13 +86,14 @@ def test_training_writes_it_and_evaluate_gives_the_compact_models_result(tmp_pat
     workdir = str(tmp_path / "wd")
     proc = run_module(
         "dcff_jax.main",
-        "--config=configs/vgg16_cifar.py",
+        "--config=configs/resnet56_cifar.py",
         f"--workdir={workdir}",
         "--config.dataset=cifar10_folder",
         f"--config.data_dir={data}",
         "--config.batch_size=8",
         "--config.num_epochs=1",
-        "--config.cprate=[0.7]*13",  # widths 19, 38, 76, 153: not multiples of 8
+        f"--config.model={SMOKE_MODEL}",
+        "--config.cprate=[0.3]*6",  # ResNet-8's widths 11, 22, 44: not multiples of 8
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     version = open(os.path.join(workdir, "compact", "LATEST")).read().strip()
