@@ -108,6 +108,20 @@ def main_args(workdir, data_dir):
     return main_command(data_dir, workdir, "--config.checkpoint_every_steps=100")
 
 
+def without_retry_delays(argv):
+    """`python -m dcff_jax.main ...` with its 3 checkpoint-read retries' delays (1 + 4 + 15 s)
+    set to 0: the same tries, without the 20 s of waiting."""
+    assert argv[1:3] == ["-m", "dcff_jax.main"], argv
+    launcher = (
+        "import runpy, sys\n"
+        "from dcff_jax.training import checkpoints\n"
+        "checkpoints.RETRY_DELAYS_S = (0.0,) * len(checkpoints.RETRY_DELAYS_S)\n"
+        "sys.argv = ['dcff_jax.main', *sys.argv[1:]]\n"
+        "runpy.run_module('dcff_jax.main', run_name='__main__', alter_sys=True)"
+    )
+    return [argv[0], "-c", launcher, *argv[3:]]
+
+
 def run(argv, env):
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
@@ -187,14 +201,14 @@ def test_a_run_on_gs_saves_resumes_and_exports_like_a_local_one(gcs_env, tmp_pat
     # then stops in one line naming that checkpoint, and moves nothing.
     DENIED["prefix"] = "run/checkpoints/8/"
     try:
-        proc = run(main_args(workdir, remote_data), gcs_env)
+        proc = run(without_retry_delays(main_args(workdir, remote_data)), gcs_env)
     finally:
         DENIED["prefix"] = None
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-5000:]
     assert f"{workdir}/checkpoints/8" in errors[0] and "Nothing was moved" in errors[0], errors
-    assert "trying again in 15 s" in proc.stderr
+    assert proc.stderr.count("; trying again in 0 s") == 3  # RETRY_DELAYS_S's 3 retries
     # (The TensorBoard writer opened a new events file before the restore: not a checkpoint.)
     checkpoints = [p for p in objects if "/checkpoints/" in p]
     assert [p for p in gs_listing(gcs_env, "run") if "/checkpoints/" in p] == checkpoints
