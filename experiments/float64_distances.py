@@ -1,13 +1,14 @@
 """How far each float32 path is from the same computation in float64 (issue 10).
 
   XLA_FLAGS=--xla_cpu_max_isa=AVX2 python experiments/float64_distances.py [--models vgg16,resnet56]
-      [--devices 1,8] [--smooth] [--batches N]
+      [--devices 1,8] [--run_model vgg16|resnet8] [--smooth] [--batches N]
 
 1. One fused train step (tests/test_fast_paths.py::_one_step) of VGG-16 and ResNet-56 compiled
    with XLA's defaults, with dcff_jax.compiler_options() and with the options before issue 10
    (no YNNPACK fusion at all): relative distance of the update and of the loss to float64.
-2. The 4-step tiny VGG-16 run of tests/run_steps.py on 1 and 8 devices, float32 and float64:
-   relative distance of the last loss and of the parameters to the 1-device float64 run.
+2. The 4-step tiny VGG-16 run of tests/run_steps.py (--run_model: or ResNet-8) on 1 and 8
+   devices, float32 and float64: relative distance of the last loss and of the parameters to
+   the 1-device float64 run.
 
 --smooth replaces every ReLU by GELU (as tests/test_fast_paths.py does) and --batches=N repeats
 part 1 over N batches: with ReLU a single batch's gradient jumps wherever rounding moves an
@@ -73,12 +74,12 @@ def one_step_rows(batches: int, models: list[str]) -> list[dict]:
     return rows
 
 
-def trajectory_rows(tmp: str, device_counts: list[int]) -> list[dict]:
+def trajectory_rows(tmp: str, device_counts: list[int], model: str) -> list[dict]:
     data_dir = write_cifar_folder(os.path.join(tmp, "cifar"), train=64, test=16)
     runs = {}
     for devices in device_counts:
         for dtype in ("float32", "float64"):
-            extra = ("--float64",) if dtype == "float64" else ()
+            extra = ("--model", model, *(("--float64",) if dtype == "float64" else ()))
             out = os.path.join(tmp, f"{devices}_{dtype}.npz")
             result = test_parallel.run_steps(data_dir, 4, devices, (*extra, "--params_out", out))
             runs[devices, dtype] = {**result, "params_out": out}
@@ -103,6 +104,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=1)
     parser.add_argument("--models", default=",".join(MODELS), help="part 1's models")
     parser.add_argument("--devices", default="1,8", help="part 2's device counts (1 first)")
+    parser.add_argument("--run_model", default="vgg16", choices=("vgg16", "resnet8"))
     args = parser.parse_args()
     if args.smooth:
         nn.relu = jax.nn.gelu
@@ -117,7 +119,7 @@ def main() -> None:
             f"| {r['stats']:.2e} | {r['loss']:.1e} |"
         )
     with tempfile.TemporaryDirectory() as tmp:
-        runs = trajectory_rows(tmp, [int(d) for d in args.devices.split(",")])
+        runs = trajectory_rows(tmp, [int(d) for d in args.devices.split(",")], args.run_model)
     print("| devices | dtype | last loss | params |\n|---|---|---|---|")
     for r in runs:
         print(f"| {r['devices']} | {r['dtype']} | {r['last_loss']:.1e} | {r['params']:.1e} |")

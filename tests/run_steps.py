@@ -1,7 +1,10 @@
 """Run a few train steps; print {"losses": [...], "checksum": ..., "params": path} as JSON.
 
-python tests/run_steps.py DATA_DIR STEPS [--float64] [--params_out FILE.npz]
-    [--coordinator HOST:PORT --num_processes N --process_id I]
+python tests/run_steps.py DATA_DIR STEPS [--model vgg16|resnet8] [--float64]
+    [--params_out FILE.npz] [--coordinator HOST:PORT --num_processes N --process_id I]
+
+--model: VGG-16 at [0.75]*13 (the default) or helpers.SMOKE_MODEL, ResNet-8 at its smoke rates:
+the same steps through the same code, compiled in a fraction of VGG-16's time.
 
 --float64 runs the same steps (same initial state, fusion, batches, augmentation) with every
 float in float64: the reference that the float32 runs' rounding is measured against.
@@ -16,6 +19,7 @@ import jax
 parser = argparse.ArgumentParser()
 parser.add_argument("data_dir")
 parser.add_argument("steps", type=int)
+parser.add_argument("--model", choices=("vgg16", "resnet8"), default="vgg16")
 parser.add_argument("--float64", action="store_true")
 parser.add_argument("--params_out", default="")
 parser.add_argument("--coordinator", default="")
@@ -33,7 +37,7 @@ if ARGS.coordinator:
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from helpers import tiny_config  # noqa: E402
+from helpers import SMOKE_CPRATE, SMOKE_MODEL, tiny_config  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -51,7 +55,8 @@ def as_float64(tree):
 def main():
     # A small rate: at 0.1-0.01 a rounding-level difference (any device count or compile option)
     # flips a max-pool tie by step 3 and moves the loss by ~1e-3, which would hide real bugs.
-    config = tiny_config(ARGS.data_dir, model="vgg16", cprate="[0.75]*13", learning_rate=0.002)
+    cprate = {"vgg16": "[0.75]*13", SMOKE_MODEL: SMOKE_CPRATE}[ARGS.model]
+    config = tiny_config(ARGS.data_dir, model=ARGS.model, cprate=cprate, learning_rate=0.002)
     data = input_pipeline.load_data(config)
     mesh = steps.make_mesh()
     model = models.create_model(config.model, config.cprate, "fused")

@@ -88,7 +88,10 @@ SMOKE = {
         ("--sections=stop --processes=1", rf"^\| 1 process\(es\) \| {NUMBER} \| \[75\] \|$")
     ],
     "float64_distances.py": [
-        ("--models=resnet8 --devices=1", rf"^\| 1 \| float32 \| {NUMBER} \| {NUMBER} \|$")
+        (
+            "--models=resnet8 --devices=1 --run_model=resnet8",
+            rf"^\| 1 \| float32 \| {NUMBER} \| {NUMBER} \|$",
+        )
     ],
     "module_map.py": [("HEAD", rf"^\| dcff_jax/flops.py \| {NUMBER} \| {NUMBER} `\w+` \|")],
     "plan_search_table.py": [("--archs=vgg16", r"^\| VGG-16 .*\| `\[.*\]` \|$")],

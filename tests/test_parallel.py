@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from helpers import (
     F32_BUDGET,
+    SMOKE_MODEL,
     free_port,
     relative_distance,
     users_compile_env,
@@ -68,8 +69,11 @@ def run_with_params(data_dir, tmp_path, name, steps, devices=1, extra=()):
 
 @pytest.fixture(scope="module")
 def float64_run(data_dir, tmp_path_factory):
-    """The 4-step run on 1 device in float64: the reference of every float32 run here."""
+    """The 4-step VGG-16 run on 1 device in float64: the multi-process test's reference."""
     return run_with_params(data_dir, tmp_path_factory.mktemp("f64"), "one64", 4, 1, ("--float64",))
+
+
+SMALL = ("--model", SMOKE_MODEL)  # the device-count test's runs: ResNet-8, compiled in seconds
 
 
 def assert_within_float32_budget(result, reference):
@@ -81,19 +85,21 @@ def assert_within_float32_budget(result, reference):
 
 
 @pytest.mark.slow
-def test_eight_devices_match_one_device(data_dir, tmp_path, float64_run):
-    eight64 = run_with_params(data_dir, tmp_path, "eight64", 4, 8, ("--float64",))
-    assert (float64_run["devices"], eight64["devices"]) == (1, 8)
+def test_eight_devices_match_one_device(data_dir, tmp_path):
+    one64, eight64 = (
+        run_with_params(data_dir, tmp_path, f"{n}_f64", 4, n, (*SMALL, "--float64")) for n in (1, 8)
+    )
+    assert (one64["devices"], eight64["devices"]) == (1, 8)
     # Same arithmetic up to summation order: float64 runs agree to float64 rounding.
     losses8, params8 = losses_and_params(eight64)
-    losses1, params1 = losses_and_params(float64_run)
+    losses1, params1 = losses_and_params(one64)
     np.testing.assert_allclose(losses8, losses1, rtol=F64_AGREEMENT)
     assert relative_distance(params8, params1) <= F64_AGREEMENT
     # And each float32 run is as accurate as float32 allows.
     for devices in (1, 8):
-        result = run_with_params(data_dir, tmp_path, f"f32_{devices}", 4, devices)
+        result = run_with_params(data_dir, tmp_path, f"{devices}_f32", 4, devices, SMALL)
         assert result["devices"] == devices
-        assert_within_float32_budget(result, float64_run)
+        assert_within_float32_budget(result, one64)
 
 
 @pytest.mark.slow
