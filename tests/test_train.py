@@ -758,3 +758,13 @@ def test_the_first_epoch_is_a_new_best_even_at_zero_top1():
     assert not progress.is_new_best(0.0)
     progress.best_top1 = 12.5
     assert not progress.is_new_best(12.5) and progress.is_new_best(12.6)
+
+
+def test_the_best_epochs_copy_survives_the_next_call_donating_the_state():
+    state = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3), "step": jnp.int32(4)}
+    best = train.copied(state)
+    # The next train call donates the state's buffers; the copy must not share them.
+    jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)(state)
+    assert state["w"].is_deleted()
+    np.testing.assert_array_equal(best["w"], np.arange(6.0).reshape(2, 3))
+    assert int(best["step"]) == 4 and best["b"].dtype == jnp.float32

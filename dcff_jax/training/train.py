@@ -219,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop=Non
             )
             record = end_of_epoch(run, state, epoch, progress, window, clock)
             if record["new_best"]:  # a copy: the next call donates the state's buffers
-                best = jax.tree.map(jnp.copy, steps.model_variables(state))
+                best = copied(steps.model_variables(state))
             save_checkpoint(run, int(state.step), state, progress, best)
             last_saved = int(state.step)
             if stopping and epoch + 1 < config.num_epochs:
@@ -232,6 +232,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop=Non
     if jax.process_index() == 0:
         _final_report(config, workdir, progress)
     return progress.to_json()
+
+
+@jax.jit
+def copied(tree):
+    """A copy of every array of `tree`, in one call: eagerly, each leaf shape is a compile of
+    its own (0.7 s at a ResNet-56's first new best, -O0)."""
+    return jax.tree.map(jnp.copy, tree)
 
 
 def export_best(run: Run, progress: Progress, best) -> None:
