@@ -36,13 +36,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import test_fast_paths  # noqa: E402
 import test_parallel  # noqa: E402
 from flax import linen as nn  # noqa: E402
-from helpers import write_cifar_folder  # noqa: E402
+from helpers import SMOKE_CPRATE, SMOKE_MODEL, write_cifar_folder  # noqa: E402
 
 from dcff_jax import xla_options  # noqa: E402
 from dcff_jax.models import common  # noqa: E402
 
 MODELS = {"vgg16": "[0.5]*7+[0.8]*6", "resnet56": "[0.5]*27+[0.3]*3"}
-SMALL = {"resnet8": "[0.5]*6"}  # also accepted by --models: a smoke run's
+RATES = {**MODELS, SMOKE_MODEL: SMOKE_CPRATE}  # --models also takes a smoke run's ResNet-8
 
 
 def one_step_rows(batches: int, models: list[str]) -> list[dict]:
@@ -54,7 +54,7 @@ def one_step_rows(batches: int, models: list[str]) -> list[dict]:
     }
     rows = []
     for arch in models:
-        cprate = {**MODELS, **SMALL}[arch]
+        cprate = RATES[arch]
         for seed in range(batches):
             loss64, updates64, stats64 = test_fast_paths._one_step(
                 {}, arch, cprate, jnp.float64, seed
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=1)
     parser.add_argument("--models", default=",".join(MODELS), help="part 1's models")
     parser.add_argument("--devices", default="1,8", help="part 2's device counts (1 first)")
-    parser.add_argument("--run_model", default="vgg16", choices=("vgg16", "resnet8"))
+    parser.add_argument("--run_model", default="vgg16", choices=("vgg16", SMOKE_MODEL))
     args = parser.parse_args()
     if args.smooth:
         nn.relu = jax.nn.gelu

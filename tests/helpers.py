@@ -45,6 +45,8 @@ def evaluate_result(checkpoint: str) -> dict:
 # (fused convs, residual adds tied to one width, option-A shortcuts): ResNet-8, one block per
 # stage. A main run of it takes ~6 s warm here against ResNet-56's ~15 s (RESULTS.md, issue 25).
 SMOKE_MODEL, SMOKE_CPRATE = "resnet8", "[0.5]*6"
+# The main flags that train it, after any --config=configs/<cifar config>.py.
+SMOKE_FLAGS = (f"--config.model={SMOKE_MODEL}", f"--config.cprate={SMOKE_CPRATE}")
 
 
 def tiny_config(data_dir: str, **overrides):
@@ -210,8 +212,7 @@ def main_command(data_dir, workdir, *overrides):
         "--config.num_epochs=2",
         "--config.log_every_steps=1",
         "--config.checkpoint_every_steps=0",
-        f"--config.model={SMOKE_MODEL}",
-        f"--config.cprate={SMOKE_CPRATE}",
+        *SMOKE_FLAGS,
         *overrides,
     ]
 

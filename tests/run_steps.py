@@ -15,11 +15,14 @@ import contextlib
 import json
 
 import jax
+from helpers import SMOKE_CPRATE, SMOKE_MODEL  # initialises no JAX backend
+
+RATES = {"vgg16": "[0.75]*13", SMOKE_MODEL: SMOKE_CPRATE}  # --model's rate strings
 
 parser = argparse.ArgumentParser()
 parser.add_argument("data_dir")
 parser.add_argument("steps", type=int)
-parser.add_argument("--model", choices=("vgg16", "resnet8"), default="vgg16")
+parser.add_argument("--model", choices=sorted(RATES), default="vgg16")
 parser.add_argument("--float64", action="store_true")
 parser.add_argument("--params_out", default="")
 parser.add_argument("--coordinator", default="")
@@ -37,7 +40,7 @@ if ARGS.coordinator:
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from helpers import SMOKE_CPRATE, SMOKE_MODEL, tiny_config  # noqa: E402
+from helpers import tiny_config  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -55,8 +58,9 @@ def as_float64(tree):
 def main():
     # A small rate: at 0.1-0.01 a rounding-level difference (any device count or compile option)
     # flips a max-pool tie by step 3 and moves the loss by ~1e-3, which would hide real bugs.
-    cprate = {"vgg16": "[0.75]*13", SMOKE_MODEL: SMOKE_CPRATE}[ARGS.model]
-    config = tiny_config(ARGS.data_dir, model=ARGS.model, cprate=cprate, learning_rate=0.002)
+    config = tiny_config(
+        ARGS.data_dir, model=ARGS.model, cprate=RATES[ARGS.model], learning_rate=0.002
+    )
     data = input_pipeline.load_data(config)
     mesh = steps.make_mesh()
     model = models.create_model(config.model, config.cprate, "fused")

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import SMOKE_CPRATE, SMOKE_MODEL, free_port, run_module, write_cifar_folder
+from helpers import SMOKE_FLAGS, free_port, run_module, write_cifar_folder
 
 from dcff_jax import input_pipeline as ip
 from dcff_jax.data import download
@@ -262,8 +262,7 @@ def test_main_with_no_data_flags_downloads_into_the_cache_and_trains(payload, se
         f"--config.cifar10_md5={payload[1]}",
         "--config.batch_size=10",
         "--config.num_epochs=1",
-        f"--config.model={SMOKE_MODEL}",
-        f"--config.cprate={SMOKE_CPRATE}",
+        *SMOKE_FLAGS,
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

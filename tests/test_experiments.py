@@ -11,20 +11,20 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, SMOKE_CPRATE, SMOKE_MODEL, write_cifar_folder
+from helpers import ROOT, SMOKE_FLAGS, SMOKE_MODEL, write_cifar_folder
 
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:e[+-]?\d+)?"
 
 # The smallest model, where a script takes any (helpers.SMOKE_MODEL).
-SMOKE_FLAGS = f"--config.model={SMOKE_MODEL} --config.cprate={SMOKE_CPRATE}"
+SMOKE_ARGS = " ".join(SMOKE_FLAGS)
 # script -> [(arguments, a line its stdout must hold)]: {data} is a cifar-10-batches-py parent
 # folder of 64 + 40 random images, {tmp} a scratch folder. Every number on a matched line must be
 # finite (a nan or inf in a table means the script measured nothing).
 SMOKE = {
     "ablate_cpu.py": [
         (
-            f"--config=configs/resnet56_cifar.py {SMOKE_FLAGS} --batch_size=2 --repeats=1",
+            f"--config=configs/resnet56_cifar.py {SMOKE_ARGS} --batch_size=2 --repeats=1",
             rf"^\| nn\.relu \| xla defaults \| {NUMBER} \| 1\.00x \|$",
         )
     ],
@@ -43,7 +43,7 @@ SMOKE = {
     "bench_epoch.py": [
         (
             "--data={data} --epochs=2 --placements=device,host "
-            f"-- {SMOKE_FLAGS} --config.batch_size=16 --config.steps_per_call=2",
+            f"-- {SMOKE_ARGS} --config.batch_size=16 --config.steps_per_call=2",
             rf"^\| this checkout, data on the host \| 1 \| {NUMBER} \| {NUMBER} \|$",
         )
     ],
@@ -68,12 +68,12 @@ SMOKE = {
     ],
     "benchmark.py": [
         (
-            f"--config=configs/resnet56_cifar.py {SMOKE_FLAGS} --mode=train --batch_size=2 "
+            f"--config=configs/resnet56_cifar.py {SMOKE_ARGS} --mode=train --batch_size=2 "
             "--steps=2",
             rf"^images_per_sec +{NUMBER}$",
         ),
         (
-            f"--config=configs/resnet56_cifar.py {SMOKE_FLAGS} --mode=loop --batch_size=2 "
+            f"--config=configs/resnet56_cifar.py {SMOKE_ARGS} --mode=loop --batch_size=2 "
             "--per_call=1,2 --steps=2 --loop_form=rolled",
             rf"^k2_images_per_sec +{NUMBER}$",
         ),
@@ -89,7 +89,7 @@ SMOKE = {
     ],
     "float64_distances.py": [
         (
-            "--models=resnet8 --devices=1 --run_model=resnet8",
+            f"--models={SMOKE_MODEL} --devices=1 --run_model={SMOKE_MODEL}",
             rf"^\| 1 \| float32 \| {NUMBER} \| {NUMBER} \|$",
         )
     ],

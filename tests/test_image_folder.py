@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import SMOKE_CPRATE, SMOKE_MODEL, run_module, tiny_config
+from helpers import SMOKE_FLAGS, run_module, tiny_config
 from PIL import Image
 
 from dcff_jax import input_pipeline as ip
@@ -185,8 +185,7 @@ def test_main_trains_and_exports_from_class_folders(data, tmp_path):
     proc = run_module(
         "dcff_jax.main",
         "--config=configs/resnet56_cifar.py",
-        f"--config.model={SMOKE_MODEL}",
-        f"--config.cprate={SMOKE_CPRATE}",
+        *SMOKE_FLAGS,
         f"--workdir={tmp_path / 'wd'}",
         "--config.dataset=imagenet_folder",
         f"--config.data_dir={data}",

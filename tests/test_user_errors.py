@@ -14,15 +14,14 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, SMOKE_MODEL, run_module, write_cifar_folder
+from helpers import ROOT, SMOKE_FLAGS, run_module, write_cifar_folder
 
 BASE = (
     "--config=configs/resnet56_cifar.py",
     "--config.dataset=cifar10_folder",
     "--config.batch_size=16",
     "--config.num_epochs=2",
-    f"--config.model={SMOKE_MODEL}",  # ResNet-8: 6 pruning rates
-    "--config.cprate=[0.5]*6",
+    *SMOKE_FLAGS,  # ResNet-8: the cases below give it 6 pruning rates
     "--config.checkpoint_every_steps=0",
 )
 
