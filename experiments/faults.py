@@ -1,11 +1,13 @@
 """Issue 11's measurements, on this machine's CPU, one run after another:
 
-1. wall time of the whole `main` (VGG-16, tiny CIFAR folder, 2 epochs x 4 steps, export) on
-   1 process x 2 devices and on 2 jax.distributed processes x 1 device (localhost);
+1. wall time of the whole `main` (VGG-16, or --model's ResNet-8; tiny CIFAR folder, 2 epochs x
+   4 steps, export) on 1 process x 2 devices and on 2 jax.distributed processes x 1 device
+   (localhost);
 2. time from SIGTERM to exit (1 process; and 2 processes, the signal to process 1);
 3. every user error of tests/test_user_errors.py with the line it printed.
 
-python experiments/faults.py [--sections wall,stop,errors] > experiments/logs/faults.md
+python experiments/faults.py [--sections wall,stop,errors] [--model vgg16|resnet8] \
+    > experiments/logs/faults.md
 """
 
 import os
@@ -19,17 +21,21 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from helpers import write_cifar_folder  # noqa: E402
+from helpers import SMOKE_CPRATE, SMOKE_MODEL, write_cifar_folder  # noqa: E402
 
+RATES = {"vgg16": "[0.75]*13", SMOKE_MODEL: SMOKE_CPRATE}  # --model's rate strings
 ARGS = [
     "--config=configs/vgg16_cifar.py",
     "--config.dataset=cifar10_folder",
     "--config.batch_size=16",
     "--config.num_epochs=2",
     "--config.steps_per_epoch=4",
-    "--config.cprate=[0.75]*13",
     "--config.learning_rate=0.002",
 ]
+
+
+def model_args(model: str) -> list[str]:
+    return [f"--config.model={model}", f"--config.cprate={RATES[model]}"]
 
 
 # Gloo prints its rendezvous on stdout: keep it out of the report.
@@ -41,6 +47,9 @@ def env(devices: int) -> dict:
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
 
 
+MODEL = "vgg16"  # main's --model
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -48,7 +57,8 @@ def free_port() -> int:
 
 
 def start(workdir, data, processes, devices, extra=()):
-    command = [sys.executable, "-m", "dcff_jax.main", *ARGS, f"--workdir={workdir}"]
+    command = [sys.executable, "-m", "dcff_jax.main", *ARGS, *model_args(MODEL)]
+    command += [f"--workdir={workdir}"]
     command += [f"--config.data_dir={data}", *extra]
     if processes == 1:
         return [
@@ -137,7 +147,10 @@ def main():
     parser.add_argument("--sections", default="wall,stop,errors")
     parser.add_argument("--processes", default="1,2", help="process counts of wall and stop")
     parser.add_argument("--repeats", type=int, default=2, help="wall-time runs per setting")
+    parser.add_argument("--model", default="vgg16", choices=sorted(RATES), help="wall and stop's")
     args = parser.parse_args()
+    global MODEL
+    MODEL = args.model
     sections = args.sections.split(",")
     counts = [int(p) for p in args.processes.split(",")]
     data = write_cifar_folder(tempfile.mkdtemp(), train=64, test=24)

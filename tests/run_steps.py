@@ -44,9 +44,15 @@ from helpers import tiny_config  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from dcff_jax import input_pipeline, models  # noqa: E402
+from dcff_jax import input_pipeline, models, xla_options  # noqa: E402
 from dcff_jax.method import fusion  # noqa: E402
 from dcff_jax.training import optim, steps  # noqa: E402
+
+# The persistent cache, as `main` keeps it ($XDG_CACHE_HOME: the test run's own, see
+# tests/conftest.py): the initial state's program is the same in every run of a device count,
+# and the float32 and float64 runs of test_parallel.py and experiments/float64_distances.py
+# repeat each other's programs; a loaded executable is the compiled one, bit for bit.
+xla_options.enable_compilation_cache("auto")
 
 
 def as_float64(tree):

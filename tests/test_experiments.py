@@ -62,8 +62,8 @@ SMOKE = {
     "bench_maxpool.py": [("--batch=16 --steps=1", rf"^\| \(\d+, \d+, \d+\) \| \d \| {NUMBER} \|")],
     "bench_padding.py": [
         (
-            "--archs=resnet56 --steps=1 --batches=1",
-            rf"^\| resnet56 \| widths to x8 \| {NUMBER} \| 1 \| {NUMBER} \| {NUMBER} \|$",
+            "--archs=vgg16 --steps=1 --batches=1",
+            rf"^\| vgg16 \| widths to x8 \| {NUMBER} \| 1 \| {NUMBER} \| {NUMBER} \|$",
         )
     ],
     "benchmark.py": [
@@ -85,7 +85,10 @@ SMOKE = {
         )
     ],
     "faults.py": [
-        ("--sections=stop --processes=1", rf"^\| 1 process\(es\) \| {NUMBER} \| \[75\] \|$")
+        (
+            f"--sections=stop --processes=1 --model={SMOKE_MODEL}",
+            rf"^\| 1 process\(es\) \| {NUMBER} \| \[75\] \|$",
+        )
     ],
     "float64_distances.py": [
         (

@@ -38,8 +38,20 @@ Modules: plan (Plan and how it is made), tracing (the one trace of the model), l
 
 from dcff_jax.any_model.dcff import DCFF, make_plan
 from dcff_jax.any_model.linen import FusedLinen
-from dcff_jax.any_model.nnx import FusedConvNNX, FusionState, compact_nnx, update_fusion_nnx
 from dcff_jax.any_model.plan import NO_RATE, PLAN_FILE, PLAN_FORMAT, Plan, PlannedConv
+
+# The nnx names are imported on first use (PEP 562): importing flax.nnx takes ~0.4 s, which a
+# linen user and every `python -m dcff_jax.main` run would otherwise pay at start.
+_NNX_NAMES = ("FusedConvNNX", "FusionState", "compact_nnx", "update_fusion_nnx")
+
+
+def __getattr__(name: str):
+    if name in _NNX_NAMES:
+        from dcff_jax.any_model import nnx
+
+        return getattr(nnx, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DCFF",

@@ -11,7 +11,6 @@ from flax import linen as nn
 
 from dcff_jax.any_model import linen, saving
 from dcff_jax.any_model.linen import FusedLinen
-from dcff_jax.any_model.nnx import compact_nnx, fuse_nnx
 from dcff_jax.any_model.plan import (
     Plan,
     check_plan,
@@ -118,6 +117,8 @@ class DCFF:
         they are); linen modules hold no values, so pass yours through `fused_variables`
         (`fused().init` draws fresh values at the new widths instead)."""
         if self.is_nnx:
+            from dcff_jax.any_model.nnx import fuse_nnx
+
             return fuse_nnx(self.model, self.plan, self._traced)
         return FusedLinen(self.model, self._linen_layers(True))
 
@@ -139,6 +140,8 @@ class DCFF:
         """linen: fused variables -> (compact Module, its variables); nnx: fused model -> the
         compact model. Eval-mode logits are the fused model's."""
         if self.is_nnx:
+            from dcff_jax.any_model.nnx import compact_nnx
+
             return compact_nnx(fused)
         from dcff_jax.deploy.compact import compact_variables
 
