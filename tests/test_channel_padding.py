@@ -123,15 +123,18 @@ def test_an_op_on_the_channel_axis_gets_the_real_channels():
 
 def test_padded_function_lowers_for_any_batch_size():
     model = models.create_model("resnet56", paper_config("resnet56").cprate, "compact")
-    variables = shifted_stats(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    # Jitted, as the test above initialises the same model (one program, from the run's cache);
+    # eagerly every op of the init and of the applies below compiled on its own.
+    variables = shifted_stats(init_jitted(model, jnp.zeros((1, 32, 32, 3))))
     padded = pad_channels(lambda v: model.apply(variables, v, train=False))
     (batch,) = jax.export.symbolic_shape("b")
     exported = jax.export.export(jax.jit(padded))(
         jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.float32)
     )
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     for n in (1, 3):
         x = jnp.asarray(np.random.default_rng(n).standard_normal((n, 32, 32, 3)), jnp.float32)
-        want = model.apply(variables, x, train=False)
+        want = apply(variables, x)
         np.testing.assert_allclose(
             exported.call(x), want, rtol=0, atol=TOLERANCE * float(jnp.abs(want).max())
         )

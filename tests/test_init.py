@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from helpers import init_jitted
 from test_models import RATES
 
 from dcff_jax import create_model, input_shape
@@ -110,7 +111,7 @@ def layer_params(arch: str, size: int) -> dict[tuple[str, ...], dict[str, np.nda
     """{layer path: {param name: value}} of the fused model with the paper's rates."""
     model = create_model(arch, RATES[arch], "fused")
     shape = (1, size, size, 3)
-    variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(jnp.zeros(shape))
+    variables = init_jitted(model, jnp.zeros(shape))  # test_models.py's forward test's too
     flat = traverse_util.flatten_dict(jax.device_get(variables["params"]))
     layers: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
     for path, value in flat.items():

@@ -91,7 +91,8 @@ def test_fused_widths_follow_plan(arch):
 def test_cifar_forward_train_and_eval(arch):
     model = create_model(arch, RATES[arch], "fused")
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
-    variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(x)
+    # test_init.py's init program (same model, key and shape): loaded from the run's cache.
+    variables = init_jitted(model, jnp.zeros((1, 32, 32, 3)))
     logits, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
         variables, x
     )
