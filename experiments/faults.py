@@ -21,9 +21,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from helpers import SMOKE_CPRATE, SMOKE_MODEL, write_cifar_folder  # noqa: E402
+from helpers import TINY_RUN_RATES, write_cifar_folder  # noqa: E402
 
-RATES = {"vgg16": "[0.75]*13", SMOKE_MODEL: SMOKE_CPRATE}  # --model's rate strings
 ARGS = [
     "--config=configs/vgg16_cifar.py",
     "--config.dataset=cifar10_folder",
@@ -35,7 +34,7 @@ ARGS = [
 
 
 def model_args(model: str) -> list[str]:
-    return [f"--config.model={model}", f"--config.cprate={RATES[model]}"]
+    return [f"--config.model={model}", f"--config.cprate={TINY_RUN_RATES[model]}"]
 
 
 # Gloo prints its rendezvous on stdout: keep it out of the report.
@@ -47,17 +46,14 @@ def env(devices: int) -> dict:
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
 
 
-MODEL = "vgg16"  # main's --model
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start(workdir, data, processes, devices, extra=()):
-    command = [sys.executable, "-m", "dcff_jax.main", *ARGS, *model_args(MODEL)]
+def start(workdir, data, model, processes, devices, extra=()):
+    command = [sys.executable, "-m", "dcff_jax.main", *ARGS, *model_args(model)]
     command += [f"--workdir={workdir}"]
     command += [f"--config.data_dir={data}", *extra]
     if processes == 1:
@@ -77,10 +73,10 @@ def start(workdir, data, processes, devices, extra=()):
     ]
 
 
-def wall_time(data, processes, devices) -> float:
+def wall_time(data, model, processes, devices) -> float:
     workdir = tempfile.mkdtemp()
     began = time.perf_counter()
-    procs = start(workdir, data, processes, devices)
+    procs = start(workdir, data, model, processes, devices)
     for p in procs:
         _, err = p.communicate()
         assert p.returncode == 0, err[-2000:]
@@ -88,12 +84,11 @@ def wall_time(data, processes, devices) -> float:
     return time.perf_counter() - began
 
 
-def sigterm_to_exit(data, processes) -> tuple[float, list[int]]:
+def sigterm_to_exit(data, model, processes) -> tuple[float, list[int]]:
     """SIGTERM to the last process at step 10 of a 40-step epoch; until every process exited."""
     workdir = tempfile.mkdtemp()
-    procs = start(
-        workdir, data, processes, 1, ["--config.steps_per_epoch=40", "--config.log_every_steps=1"]
-    )
+    extra = ["--config.steps_per_epoch=40", "--config.log_every_steps=1"]
+    procs = start(workdir, data, model, processes, 1, extra)
     for line in procs[0].stderr:
         if "epoch 1 step 10/40" in line:
             break
@@ -147,10 +142,10 @@ def main():
     parser.add_argument("--sections", default="wall,stop,errors")
     parser.add_argument("--processes", default="1,2", help="process counts of wall and stop")
     parser.add_argument("--repeats", type=int, default=2, help="wall-time runs per setting")
-    parser.add_argument("--model", default="vgg16", choices=sorted(RATES), help="wall and stop's")
+    parser.add_argument(
+        "--model", default="vgg16", choices=sorted(TINY_RUN_RATES), help="wall and stop's"
+    )
     args = parser.parse_args()
-    global MODEL
-    MODEL = args.model
     sections = args.sections.split(",")
     counts = [int(p) for p in args.processes.split(",")]
     data = write_cifar_folder(tempfile.mkdtemp(), train=64, test=24)
@@ -159,13 +154,13 @@ def main():
         for _ in range(args.repeats):
             for processes in counts:
                 devices = 2 // processes  # two devices in all
-                seconds = wall_time(data, processes, devices)
+                seconds = wall_time(data, args.model, processes, devices)
                 print(f"| {processes} process(es) x {devices} device(s) | {seconds:.1f} |")
     if "stop" in sections:
         print("\n| stop | SIGTERM to exit (s) | exit statuses |\n|---|---|---|")
         big = write_cifar_folder(tempfile.mkdtemp(), train=640, test=24)  # 40 steps an epoch
         for processes in counts:
-            elapsed, codes = sigterm_to_exit(big, processes)
+            elapsed, codes = sigterm_to_exit(big, args.model, processes)
             print(f"| {processes} process(es) | {elapsed:.2f} | {codes} |")
     if "errors" in sections:
         print("\n| fault | exit | what it printed |\n|---|---|---|")

@@ -47,6 +47,9 @@ def evaluate_result(checkpoint: str) -> dict:
 SMOKE_MODEL, SMOKE_CPRATE = "resnet8", "[0.5]*6"
 # The main flags that train it, after any --config=configs/<cifar config>.py.
 SMOKE_FLAGS = (f"--config.model={SMOKE_MODEL}", f"--config.cprate={SMOKE_CPRATE}")
+# The rate strings of the tiny step-by-step runs (tests/run_steps.py, experiments/faults.py) by
+# model: VGG-16's, as the multi-process tests train it, and the smoke model's.
+TINY_RUN_RATES = {"vgg16": "[0.75]*13", SMOKE_MODEL: SMOKE_CPRATE}
 
 
 def tiny_config(data_dir: str, **overrides):

@@ -15,9 +15,7 @@ import contextlib
 import json
 
 import jax
-from helpers import SMOKE_CPRATE, SMOKE_MODEL  # initialises no JAX backend
-
-RATES = {"vgg16": "[0.75]*13", SMOKE_MODEL: SMOKE_CPRATE}  # --model's rate strings
+from helpers import TINY_RUN_RATES as RATES  # --model's rate strings; no JAX backend started
 
 parser = argparse.ArgumentParser()
 parser.add_argument("data_dir")
