@@ -536,12 +536,9 @@ def test_our_architectures_through_the_tracer_are_our_fused_models(arch):
     images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
     dcff = models.paper_dcff(arch, cprate, num_classes=10)
     traced, ours = dcff.fused(), handwritten_model(arch, cprate, "fused", num_classes=10)
-    # Jitted (eagerly every distinct op shape compiles on its own), with rbg keys, whose init
-    # compiles ~2x faster than threefry's; both models draw from the same key.
-    v_traced, v_ours = (
-        jax.jit(lambda x, m=m: m.init(jax.random.key(0, impl="rbg"), x, train=False))(images[:1])
-        for m in (traced, ours)
-    )
+    # Both draw from the same key. `ours` is initialised as test_init.py initialises the same
+    # model (key, batch 1): for VGG-16, ResNet-56 and ResNet-50 one program in the run's cache.
+    v_traced, v_ours = (init_jitted(m, images[:1]) for m in (traced, ours))
     assert trees_equal(v_traced, v_ours)
     # Dense fusion matrices, so that every fused kernel mixes all its filters.
     fusion = jax.tree_util.tree_map_with_path(
@@ -585,9 +582,7 @@ def test_our_architectures_through_the_tracer_train_and_compact_as_our_models(ar
     labels = jnp.arange(batch) % 10
     dcff = models.paper_dcff(arch, cprate, num_classes=10)
     traced, ours = dcff.fused(), handwritten_model(arch, cprate, "fused", num_classes=10)
-    variables = jax.jit(lambda x: ours.init(jax.random.key(0, impl="rbg"), x, train=False))(
-        images[:1]
-    )
+    variables = init_jitted(ours, images[:1])  # the program the test above compiles
 
     # Dense fusion matrices, rows summing to 1 (as softmax proxies do), so that every fused
     # kernel mixes all its filters and activations keep their scale through every layer.

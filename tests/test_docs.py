@@ -188,5 +188,6 @@ def test_the_pages_run_as_a_reader_follows_them(reader_dir):
     assert ran, "no block is marked to run"
     # What the README's commands promise a reader: an export to evaluate and load.
     assert (cwd / "workdir" / "quick" / "compact" / "LATEST").read_text().strip() == "v1"
-    # docs/training.md starts its finished run again: it finds it finished and exports nothing.
-    assert sorted(os.listdir(cwd / "workdir" / "r56" / "compact")) == ["LATEST", "v1"]
+    # docs/training.md starts the README's finished run again: it finds it finished and exports
+    # nothing (no v2).
+    assert sorted(os.listdir(cwd / "workdir" / "quick" / "compact")) == ["LATEST", "v1"]
