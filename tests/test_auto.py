@@ -534,10 +534,11 @@ def test_our_architectures_through_the_tracer_are_our_fused_models(arch):
     logits (ResNet-50's downsample convs `unfused`, as published)."""
     size, cprate = IDENTICAL[arch], paper_config(arch).cprate
     images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
-    dcff = models.paper_dcff(arch, cprate, num_classes=10)
-    traced, ours = dcff.fused(), handwritten_model(arch, cprate, "fused", num_classes=10)
-    # Both draw from the same key. `ours` is initialised as test_init.py initialises the same
-    # model (key, batch 1): for VGG-16, ResNet-56 and ResNet-50 one program in the run's cache.
+    dcff = models.paper_dcff(arch, cprate)
+    traced, ours = dcff.fused(), handwritten_model(arch, cprate, "fused")
+    # The same key; both inits are one program, and it is test_init.py's (the same model at its
+    # default class count, key and batch 1) for VGG-16, ResNet-56 and ResNet-50: whichever test
+    # comes later loads it from the run's cache.
     v_traced, v_ours = (init_jitted(m, images[:1]) for m in (traced, ours))
     assert trees_equal(v_traced, v_ours)
     # Dense fusion matrices, so that every fused kernel mixes all its filters.
@@ -580,8 +581,8 @@ def test_our_architectures_through_the_tracer_train_and_compact_as_our_models(ar
     (size, batch), cprate = TRAINED[arch], paper_config(arch).cprate
     images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
     labels = jnp.arange(batch) % 10
-    dcff = models.paper_dcff(arch, cprate, num_classes=10)
-    traced, ours = dcff.fused(), handwritten_model(arch, cprate, "fused", num_classes=10)
+    dcff = models.paper_dcff(arch, cprate)
+    traced, ours = dcff.fused(), handwritten_model(arch, cprate, "fused")
     variables = init_jitted(ours, images[:1])  # the program the test above compiles
 
     # Dense fusion matrices, rows summing to 1 (as softmax proxies do), so that every fused
@@ -608,7 +609,7 @@ def test_our_architectures_through_the_tracer_train_and_compact_as_our_models(ar
     assert bool(jnp.isfinite(loss)) and all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
 
     compact_model, compact_variables = dcff.compact(variables)
-    ours_compact = handwritten_model(arch, cprate, "compact", num_classes=10)
+    ours_compact = handwritten_model(arch, cprate, "compact")
     from dcff_jax.export import compact_variables as ours_compact_variables
 
     logits = [
