@@ -1,7 +1,7 @@
 #!/bin/bash
-# A/B of this slice's test changes: before = HEAD's tests and docs (a worktree), after = the
-# working tree; the same package (unchanged). Two pytest-xdist workers, as in CI, alternated.
-# BEFORE: a worktree of the commit before (git worktree add BEFORE HEAD~1); AFTER: this checkout.
+# A/B of this slice's test changes: before = e68ceee's tests and docs (a worktree), after = the
+# checkout at 37a9073; the same package (unchanged). Two pytest-xdist workers, as in CI, alternated.
+# BEFORE: git worktree add BEFORE e68ceee; AFTER: a checkout of 37a9073 (default: this one).
 BEFORE=${BEFORE:?a worktree of the commit before} AFTER=${AFTER:-$(git rev-parse --show-toplevel)}
 T="tests/test_docs.py tests/test_init.py tests/test_models.py tests/test_auto.py"
 for round in 1 2; do
