@@ -73,18 +73,98 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_module(module: str, *args: str, timeout: int = 900, env: dict | None = None):
     """`python -m module args...` from the repo root on the CPU (plus `env`); the
     CompletedProcess."""
-    import subprocess
-    import sys
-
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_python([sys.executable, "-m", module, *args], env=env, timeout=timeout)
+
+
+def run_python(argv: list[str], *, cwd: str | None = None, env=None, timeout: float = 900):
+    """subprocess.run(argv, capture_output=True, text=True) for `python -m ...`, `python -c ...`
+    or `python script ...`, forked from this worker's warm server for env (tests/warm_python.py:
+    the heavy imports done once); any other command, or with DCFF_TESTS_COLD=1, a cold
+    subprocess."""
+    import subprocess
+
+    cwd = cwd or ROOT
+    env = dict(os.environ if env is None else env)
+    warm = len(argv) > 1 and argv[0] == sys.executable and not argv[1].startswith("-")
+    warm = warm or (len(argv) > 2 and argv[0] == sys.executable and argv[1] in ("-m", "-c"))
+    if warm and os.environ.get("DCFF_TESTS_COLD") != "1":
+        return _WarmServer.for_env(env).run(argv, cwd, env, timeout)
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class _WarmServer:
+    """This worker's tests/warm_python.py process, and the protocol to it."""
+
+    _started: dict[tuple, "_WarmServer"] = {}
+
+    @classmethod
+    def for_env(cls, env: dict[str, str]) -> "_WarmServer":
+        """The server started with env, started on first use. The libraries read some variables
+        when imported; not these, which the child gets: XLA reads XLA_FLAGS when a backend
+        starts, and pytest changes PYTEST_CURRENT_TEST in every test."""
+        key = {k: v for k, v in env.items() if k not in ("XLA_FLAGS", "PYTEST_CURRENT_TEST")}
+        server = cls._started.get(tuple(sorted(key.items())))
+        if server is None or server.process.poll() is not None:
+            server = cls._started[tuple(sorted(key.items()))] = cls(key)
+        return server
+
+    def __init__(self, env: dict[str, str]):
+        import atexit
+        import subprocess
+
+        self.env = env
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tests", "warm_python.py")],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self._pending = b""
+        atexit.register(self.process.stdin.close)  # the server exits at end of input
+
+    def _reply(self, timeout: float | None) -> dict:
+        import select
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self._pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError(f"warm_python exited with {self.process.wait()}")
+            self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, argv: list[str], cwd: str, env: dict[str, str], timeout: float):
+        import signal
+        import subprocess
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="warm_python_") as tmp:
+            out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+            request = {"argv": argv, "cwd": cwd, "env": env, "stdout": out, "stderr": err}
+            self.process.stdin.write(json.dumps(request).encode() + b"\n")
+            self.process.stdin.flush()
+            pid = self._reply(60)["pid"]
+            try:
+                returncode = self._reply(timeout)["returncode"]
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                self._reply(60)
+                raise subprocess.TimeoutExpired(argv, timeout) from None
+
+            def text(path):
+                with open(path, encoding="utf-8", errors="replace", newline=None) as f:
+                    return f.read()
+
+            return subprocess.CompletedProcess(argv, returncode, text(out), text(err))
 
 
 def read_scalars(event_dir: str) -> dict[str, list[tuple[int, float]]]:

@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT, checkpoint_params, main_command, write_cifar_folder
+from helpers import ROOT, checkpoint_params, main_command, run_python, write_cifar_folder
 
 pytest.importorskip("gcsfs", reason="the gcs extra (pip install -e '.[gcs]') is not installed")
 emulator = pytest.importorskip(
@@ -93,13 +93,7 @@ def gs_listing(env, prefix: str) -> list[str]:
         "import sys, fsspec; "
         "print('\\n'.join('gs://' + p for p in sorted(fsspec.filesystem('gs').find(sys.argv[1]))))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, f"gs://{BUCKET}/{prefix}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python([sys.executable, "-c", code, f"gs://{BUCKET}/{prefix}"], env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.split()
 
@@ -123,7 +117,7 @@ def without_retry_delays(argv):
 
 
 def run(argv, env):
-    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return run_python(argv, env=env)
 
 
 def upload(env, local: str, remote: str) -> None:
@@ -132,9 +126,7 @@ def upload(env, local: str, remote: str) -> None:
         "for name in os.listdir(src):\n"
         "    (epath.Path(dst) / name).write_bytes(open(os.path.join(src, name), 'rb').read())"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, local, remote], env=env, capture_output=True, text=True
-    )
+    proc = run_python([sys.executable, "-c", code, local, remote], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -220,9 +212,7 @@ def download(env, remote: str, local: str) -> None:
         "fsspec.filesystem('gs').get(src, dst, recursive=True)"
     )
     shutil.rmtree(local, ignore_errors=True)
-    proc = subprocess.run(
-        [sys.executable, "-c", code, remote, local], env=env, capture_output=True, text=True
-    )
+    proc = run_python([sys.executable, "-c", code, remote, local], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -280,12 +270,10 @@ def test_image_folders_on_gs_read_as_the_local_copy(gcs_env, tmp_path):
     results = []
     for where in (local, f"gs://{BUCKET}/imagenet"):
         out = str(tmp_path / f"{len(results)}.npz")
-        proc = subprocess.run(
+        proc = run_python(
             [sys.executable, "-c", READ_IMAGE_FOLDER, where, out],
             cwd=os.path.dirname(os.path.abspath(__file__)),
             env=gcs_env,
-            capture_output=True,
-            text=True,
             timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]

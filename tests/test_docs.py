@@ -28,7 +28,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, write_cifar_folder
+from helpers import ROOT, run_python, write_cifar_folder
 
 # The order a reader meets the pages in (the README's links).
 DOC_ORDER = (
@@ -167,11 +167,11 @@ def reader_dir(tmp_path_factory):
 
 def run_block(block: Block, cwd, env) -> None:
     code = as_tested(block)
-    if block.language == "python":
-        argv = [sys.executable, "-c", code]
+    if block.language == "python":  # as pasted into a fresh `python`
+        proc = run_python([sys.executable, "-c", code], cwd=str(cwd), env=env)
     else:
         argv = ["bash", "-euo", "pipefail", "-c", code]
-    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{block} failed:\n{code}\n{proc.stderr[-4000:]}"
 
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, SMOKE_FLAGS, SMOKE_MODEL, write_cifar_folder
+from helpers import ROOT, SMOKE_FLAGS, SMOKE_MODEL, run_python, write_cifar_folder
 
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:e[+-]?\d+)?"
@@ -132,9 +132,7 @@ def data(tmp_path_factory):
 
 def run_script(argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, **(env or {})}
-    return subprocess.run(
-        argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False
-    )
+    return run_python(argv, env=env)
 
 
 def finite_numbers(line: str) -> list[float]:

@@ -6,7 +6,6 @@ import collections
 import hashlib
 import json
 import os
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -325,15 +324,13 @@ def test_bench_onnx_paths_writes_files_and_times_two_sets(tmp_path):
     the file's MACs and its logits' difference; `time` prints each set's median and the ratio."""
     import sys
 
-    from helpers import ROOT
+    from helpers import ROOT, run_python
 
     script = os.path.join(ROOT, "experiments", "bench_onnx_paths.py")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
 
     def run(*args):
-        proc = subprocess.run(
-            [sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True
-        )
+        proc = run_python([sys.executable, script, *args], env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 

@@ -19,6 +19,7 @@ from helpers import (
     main_command,
     read_scalars,
     run_module,
+    run_python,
     tiny_config,
     with_device_count,
     write_cifar_folder,
@@ -651,7 +652,7 @@ print("restored", len(jax.tree.leaves(state)), "arrays")
 def test_a_checkpoint_restores_exactly_onto_another_device_count(tmp_path, saver, restorer):
     """The whole train state (params, BN statistics, momentum, fusion state, step) saved from a
     mesh of `saver` devices comes back bit for bit on a mesh of `restorer` devices."""
-    proc = subprocess.run(
+    proc = run_python(
         [
             sys.executable,
             "-c",
@@ -662,8 +663,6 @@ def test_a_checkpoint_restores_exactly_onto_another_device_count(tmp_path, saver
         ],
         cwd=os.path.dirname(os.path.abspath(__file__)),
         env=device_env(8),
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -696,14 +695,7 @@ def test_main_stopped_on_one_device_count_resumes_on_another(data_dir, tmp_path)
             assert f"resumed from step {step}" in err, err[-3000:]
         step = int(re.search(r"saved a checkpoint at step (\d+)", err).group(1))
         assert next_epoch_end <= step < 20, step
-    proc = subprocess.run(
-        main_command(data_dir, workdir, *sparse),
-        cwd=ROOT,
-        env=device_env(8),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_python(main_command(data_dir, workdir, *sparse), env=device_env(8))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "8 local / 8 global devices" in proc.stderr
     assert f"resumed from step {step}" in proc.stderr
