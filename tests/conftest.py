@@ -20,16 +20,33 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # And XLA:CPU's elemental emitters instead of its fusion emitters: the same HLO programs, compiled
 # faster (GoogLeNet's train step 12.7 s -> 6.5 s at -O0; test_export + test_fast_paths 161 s ->
-# 133 s). Only where this jaxlib knows the flag (XLA aborts on an unknown one), tried once in a
-# child process by the first process that imports this file; the pytest-xdist workers and every
-# command a test starts inherit XLA_FLAGS. test_golden's fingerprint includes XLA_FLAGS.
+# 133 s). Only where this jaxlib knows the flag (XLA aborts on an unknown one): its name is in
+# jaxlib's libraries (read without loading them, ~15 ms), or else a child process tries it (~2 s).
+# Done by the first process that imports this file; the pytest-xdist workers and every command a
+# test starts inherit XLA_FLAGS. test_golden's fingerprint includes XLA_FLAGS.
 from helpers import FAST_COMPILE_FLAG  # noqa: E402
+
+
+def _jaxlib_names(flag: str) -> bool:
+    import glob
+    import importlib.util
+    import mmap
+
+    name = flag.lstrip("-").split("=")[0].encode()
+    folder = os.path.dirname(importlib.util.find_spec("jaxlib").origin)
+    for path in glob.glob(os.path.join(folder, "**", "*.so"), recursive=True):
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data.find(name) != -1:
+                return True
+    return False
 
 
 def _with_fast_compile_flag(flags: str) -> str:
     if "xla_cpu_use_fusion_emitters" in flags:  # set by the caller, or already tried
         return flags
     trial = f"{flags} {FAST_COMPILE_FLAG}".strip()
+    if _jaxlib_names(FAST_COMPILE_FLAG):
+        return trial
     env = {**os.environ, "XLA_FLAGS": trial, "JAX_PLATFORMS": "cpu"}
     probe = [sys.executable, "-c", "import jax; jax.devices()"]
     known = subprocess.run(probe, env=env, capture_output=True, timeout=300).returncode == 0
