@@ -606,7 +606,9 @@ def test_our_architectures_through_the_tracer_train_and_compact_as_our_models(ar
     got, want = (jax.jit(lambda v, m=m: step(m, v))(variables) for m in (traced, ours))
     assert trees_equal(got, want)
     (loss, _), grads = want
-    assert bool(jnp.isfinite(loss)) and all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+    # In NumPy: jnp would compile two ops per distinct gradient shape.
+    grads = [np.asarray(g) for g in jax.tree.leaves(grads)]
+    assert np.isfinite(float(loss)) and all(np.any(g != 0) for g in grads)
 
     compact_model, compact_variables = dcff.compact(variables)
     ours_compact = handwritten_model(arch, cprate, "compact")

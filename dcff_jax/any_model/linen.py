@@ -25,10 +25,13 @@ def _conv_with(module: nn.Conv, x, features: int, groups: int, matrix_width: int
     stored = matrix_width or features
     shape = (*_kernel_size(module), x.shape[-1] // groups, stored)
     params = {"kernel": module.param("kernel", module.kernel_init, shape, module.param_dtype)}
+    # The fusion state after the kernel and before the bias, in FusedConv's order: the same
+    # values either way, but then a traced model's init is the hand-written model's program
+    # (one compile, not two, where both are built).
+    matrix = layers.fusion_state(module, matrix_width, features) if matrix_width else None
     if module.use_bias:
         params["bias"] = module.param("bias", module.bias_init, (stored,), module.param_dtype)
     if matrix_width:
-        matrix = layers.fusion_state(module, matrix_width, features)
         params = {k: layers.fused_param(v, matrix) for k, v in params.items()}
     plain = module.clone(parent=None, name=None, features=features, feature_group_count=groups)
     return plain.apply({"params": params}, x)
