@@ -7,13 +7,16 @@ from helpers import init_jitted
 
 from dcff_jax import create_model, input_shape, keep_width, layer_rates, models
 
+# The paper's rates (configs/), except ResNet-110's and MobileNetV2's: the same init programs as
+# test_auto's and test_golden's where the shapes agree.
 RATES = {
     "vgg16": "[0.5]*2+[0.4]*2+[0.35]*3+[0.85]*6",
     "resnet56": "[0.7]*2+[0.5]*3+[0.3]*2+[0.4]+[0.8]+[0.7]*2+[0.8]*4+[0.4]+[0.2]*2+[0.7]+[0.3]"
     "+[0.8]"
     "+[0.4]*2+[0.7]+[0.3]+[0.4]+[0.8]+[0.0]*3",
     "resnet110": "[0.3]*54+[0.1]+[0.2]+[0.4]",
-    "googlenet": "[0.0]*2+[0.8]+[0.0]+[0.8]*2+[0.0]*2+([0.0]+[0.9]+[0.0]+[0.9]*2+[0.0]*2)*8",
+    "googlenet": "[0.0]*2+[0.8]+[0.0]+[0.8]*2+[0.0]*2+([0.0]+[0.9]+[0.0]+[0.9]*2+[0.0]*2)*3"
+    "+([0.0]+[0.8]+[0.0]+[0.8]*2+[0.0]*2)*3+([0.0]+[0.9]+[0.0]+[0.9]*2+[0.0]*2)*2",
     "resnet50": "[0.0]+[0.8]*10+[0.7]*6+[0.6]*10+[0.4]*6+[0.3]*4",
     "mobilenetv2": "[0.25]+[0.5]*16+[0.1]*7+[0.2]",
 }
@@ -98,8 +101,11 @@ def test_cifar_forward_train_and_eval(arch):
     )
     assert logits.shape == (2, 10)
     assert bool(jnp.all(jnp.isfinite(logits)))
+    # In NumPy: jnp would compile two ops per distinct statistics shape.
     changed = jax.tree.map(
-        lambda a, b: bool(jnp.any(a != b)), updates["batch_stats"], variables["batch_stats"]
+        lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+        updates["batch_stats"],
+        variables["batch_stats"],
     )
     assert all(jax.tree.leaves(changed))
 
