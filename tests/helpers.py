@@ -96,7 +96,8 @@ def run_python(argv: list[str], *, cwd: str | None = None, env=None, timeout: fl
 class _WarmServer:
     """This worker's tests/warm_python.py process, and the protocol to it."""
 
-    _started: dict[tuple, "_WarmServer"] = {}
+    _started: dict[tuple, "_WarmServer"] = {}  # by environment, least recently used first
+    KEEP = 3  # servers per worker (0.22 GB resident each); the least recently used one stops
 
     @classmethod
     def for_env(cls, env: dict[str, str]) -> "_WarmServer":
@@ -104,9 +105,13 @@ class _WarmServer:
         when imported; not these, which the child gets: XLA reads XLA_FLAGS when a backend
         starts, and pytest changes PYTEST_CURRENT_TEST in every test."""
         key = {k: v for k, v in env.items() if k not in ("XLA_FLAGS", "PYTEST_CURRENT_TEST")}
-        server = cls._started.get(tuple(sorted(key.items())))
+        name = tuple(sorted(key.items()))
+        server = cls._started.pop(name, None)
         if server is None or server.process.poll() is not None:
-            server = cls._started[tuple(sorted(key.items()))] = cls(key)
+            while len(cls._started) >= cls.KEEP:
+                cls._started.pop(next(iter(cls._started))).stop()
+            server = cls(key)
+        cls._started[name] = server
         return server
 
     def __init__(self, env: dict[str, str]):
@@ -124,6 +129,11 @@ class _WarmServer:
         )
         self._pending = b""
         atexit.register(self.process.stdin.close)  # the server exits at end of input
+
+    def stop(self) -> None:
+        self.process.stdin.close()  # idle: the server exits at end of input
+        self.process.wait(timeout=60)
+        self.process.stdout.close()
 
     def _reply(self, timeout: float | None) -> dict:
         import select

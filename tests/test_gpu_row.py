@@ -6,13 +6,12 @@ import importlib.util
 import io
 import json
 import os
-import subprocess
 import sys
 import tarfile
 
 import jax.numpy as jnp
 import pytest
-from helpers import ROOT, write_cifar_folder
+from helpers import ROOT, run_python, write_cifar_folder
 
 from dcff_jax import flops
 from dcff_jax.training import checkpoints
@@ -74,7 +73,7 @@ def test_the_dry_run_trains_a_row_through_main_and_reports_it(tmp_path):
     command += ["--scratch", str(tmp_path / "scratch"), "--dry_run", "--limit", "800"]
     # The path is under test, not the numerics: XLA's optimisations off compile in a fraction.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_python(command, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:] + (out / "resnet56.log").read_text()[-3000:]
     result = json.loads((out / "resnet56.json").read_text())
     assert result["finished"] and result["epochs_done"] == 2 == result["num_epochs"]

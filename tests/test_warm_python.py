@@ -41,3 +41,17 @@ def test_a_warm_start_ends_as_a_cold_one(ending, tmp_path, monkeypatch):
         cold.stderr,
     )
     assert cold.returncode in (0, 1, 2, 3) and (cold.stdout or cold.stderr)
+
+
+def test_a_worker_keeps_few_servers_and_stops_the_least_recently_used(monkeypatch):
+    """One server per environment, at most KEEP of them: the least recently used one exits."""
+    from helpers import _WarmServer
+
+    monkeypatch.setattr(_WarmServer, "KEEP", 1)
+    argv = [sys.executable, "-c", "import os; print(os.environ['DCFF_TEST_ENV'])"]
+    monkeypatch.setenv("DCFF_TEST_ENV", "a")
+    assert run_python(argv, timeout=300).stdout == "a\n"
+    first = _WarmServer._started[next(reversed(_WarmServer._started))]
+    monkeypatch.setenv("DCFF_TEST_ENV", "b")
+    assert run_python(argv, timeout=300).stdout == "b\n"
+    assert first.process.returncode == 0 and len(_WarmServer._started) == 1
