@@ -89,7 +89,9 @@ def run_python(argv: list[str], *, cwd: str | None = None, env=None, timeout: fl
     warm = len(argv) > 1 and argv[0] == sys.executable and not argv[1].startswith("-")
     warm = warm or (len(argv) > 2 and argv[0] == sys.executable and argv[1] in ("-m", "-c"))
     if warm and os.environ.get("DCFF_TESTS_COLD") != "1":
-        return _WarmServer.for_env(env).run(argv, cwd, env, timeout)
+        server = _WarmServer.for_env(env)
+        if not server.busy:
+            return server.run(argv, cwd, env, timeout)
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -108,8 +110,9 @@ class _WarmServer:
         name = tuple(sorted(key.items()))
         server = cls._started.pop(name, None)
         if server is None or server.process.poll() is not None:
-            while len(cls._started) >= cls.KEEP:
-                cls._started.pop(next(iter(cls._started))).stop()
+            idle = [other for other, started in cls._started.items() if not started.busy]
+            for other in idle[: max(0, len(cls._started) - cls.KEEP + 1)]:
+                cls._started.pop(other).stop()
             server = cls(key)
         cls._started[name] = server
         return server
@@ -128,6 +131,7 @@ class _WarmServer:
             stderr=subprocess.DEVNULL,
         )
         self._pending = b""
+        self.busy = False
         atexit.register(self.process.stdin.close)  # the server exits at end of input
 
     def stop(self) -> None:
@@ -152,29 +156,87 @@ class _WarmServer:
         line, self._pending = self._pending.split(b"\n", 1)
         return json.loads(line)
 
+    def start(self, argv: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str):
+        """Forks argv with its output in the files stdout and stderr; a WarmProcess."""
+        request = {"argv": argv, "cwd": cwd, "env": env, "stdout": stdout, "stderr": stderr}
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
+        self.process.stdin.flush()
+        self.busy = True  # until its exit is read: the server waits for one child at a time
+        return WarmProcess(self, argv, self._reply(60)["pid"])
+
     def run(self, argv: list[str], cwd: str, env: dict[str, str], timeout: float):
-        import signal
         import subprocess
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="warm_python_") as tmp:
             out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-            request = {"argv": argv, "cwd": cwd, "env": env, "stdout": out, "stderr": err}
-            self.process.stdin.write(json.dumps(request).encode() + b"\n")
-            self.process.stdin.flush()
-            pid = self._reply(60)["pid"]
+            child = self.start(argv, cwd, env, out, err)
             try:
-                returncode = self._reply(timeout)["returncode"]
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
-                self._reply(60)
-                raise subprocess.TimeoutExpired(argv, timeout) from None
+                child.wait(timeout)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(60)
+                raise
 
             def text(path):
                 with open(path, encoding="utf-8", errors="replace", newline=None) as f:
                     return f.read()
 
-            return subprocess.CompletedProcess(argv, returncode, text(out), text(err))
+            return subprocess.CompletedProcess(argv, child.returncode, text(out), text(err))
+
+
+class WarmProcess:
+    """A command a warm server forked: the part of subprocess.Popen the tests use."""
+
+    def __init__(self, server: _WarmServer, argv: list[str], pid: int):
+        self._server, self.args, self.pid, self.returncode = server, argv, pid, None
+
+    def _read_exit(self, timeout: float | None) -> None:
+        self.returncode = self._server._reply(timeout)["returncode"]
+        self._server.busy = False
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                self._read_exit(0.0)
+            except TimeoutError:
+                pass
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        if self.returncode is None:
+            try:
+                self._read_exit(timeout)
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(self.args, timeout) from None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
+
+def start_python(argv: list[str], stderr: str, *, env=None, cwd: str | None = None):
+    """subprocess.Popen(argv, stdout=DEVNULL, stderr=<the file `stderr`>) for a `python` command
+    (run_python's rules: warm where it can be, else cold): an object with pid, poll(), wait(),
+    send_signal(), kill() and returncode."""
+    import subprocess
+
+    cwd = cwd or ROOT
+    env = dict(os.environ if env is None else env)
+    if argv[0] == sys.executable and os.environ.get("DCFF_TESTS_COLD") != "1":
+        server = _WarmServer.for_env(env)
+        if not server.busy:
+            return server.start(argv, cwd, env, os.devnull, stderr)
+    with open(stderr, "w") as err:
+        return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 
 def read_scalars(event_dir: str) -> dict[str, list[tuple[int, float]]]:

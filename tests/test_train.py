@@ -2,7 +2,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
@@ -13,13 +12,13 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from helpers import (
-    ROOT,
     SMOKE_MODEL,
     checkpoint_params,
     main_command,
     read_scalars,
     run_module,
     run_python,
+    start_python,
     tiny_config,
     with_device_count,
     write_cifar_folder,
@@ -143,13 +142,11 @@ def stop_after_epoch_one(
 ) -> tuple[int, str]:
     """Start main, send `sig` once the checkpoint of step `checkpoint` (default: epoch 1's)
     exists: (exit status, stderr)."""
-    victim = subprocess.Popen(
+    log = f"{workdir}.stderr"
+    victim = start_python(
         main_command(data_dir, workdir, *overrides),
-        cwd=ROOT,
+        log,
         env=env or {**os.environ, "JAX_PLATFORMS": "cpu"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     deadline = time.time() + 600
     saved = os.path.join(workdir, "checkpoints", str(checkpoint))
@@ -157,7 +154,9 @@ def stop_after_epoch_one(
         assert victim.poll() is None, "the run ended before it could be stopped"
         time.sleep(0.05)
     victim.send_signal(sig)
-    _, err = victim.communicate(timeout=600)
+    victim.wait(timeout=600)
+    with open(log) as f:
+        err = f.read()
     return victim.returncode, err
 
 
@@ -207,20 +206,14 @@ def test_main_trains_exports_and_resumes_bit_identically_after_sigkill(data_dir,
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cache = f"--compilation_cache={tmp_path / 'xla_cache'}"  # empty at first
     every_2 = "--config.checkpoint_every_steps=2"
-    victim = subprocess.Popen(
-        main_command(data_dir, killed, cache, every_2),
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "killed.log", "w"),  # noqa: SIM115 - the child holds it
-    )
+    victim = start_python(main_command(data_dir, killed, cache, every_2), f"{killed}.log", env=env)
     deadline = time.time() + 600
     while not os.path.isdir(os.path.join(killed, "checkpoints", "6")) and time.time() < deadline:
         assert victim.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    first_log = (tmp_path / "killed.log").read_text()
+    first_log = (tmp_path / "killed.log").read_text()  # start_python's stderr file
     assert not os.path.isdir(os.path.join(killed, "checkpoints", "8"))
     proc = run_main(data_dir, killed, cache, every_2)
     assert proc.returncode == 0, proc.stderr[-3000:]
