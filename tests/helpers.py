@@ -231,6 +231,7 @@ def start_python(argv: list[str], stderr: str, *, env=None, cwd: str | None = No
 
     cwd = cwd or ROOT
     env = dict(os.environ if env is None else env)
+    open(stderr, "w").close()  # there at once, as Popen's would be
     if argv[0] == sys.executable and os.environ.get("DCFF_TESTS_COLD") != "1":
         server = _WarmServer.for_env(env)
         if not server.busy:

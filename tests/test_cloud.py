@@ -15,12 +15,18 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
-from helpers import ROOT, checkpoint_params, main_command, run_python, write_cifar_folder
+from helpers import (
+    checkpoint_params,
+    main_command,
+    run_python,
+    start_python,
+    write_cifar_folder,
+)
 
 pytest.importorskip("gcsfs", reason="the gcs extra (pip install -e '.[gcs]') is not installed")
 emulator = pytest.importorskip(
@@ -138,23 +144,17 @@ def test_a_run_on_gs_saves_resumes_and_exports_like_a_local_one(gcs_env, tmp_pat
     workdir = f"gs://{BUCKET}/run"
 
     # Preempted mid-epoch 2 (SIGTERM), then resumed: both halves on gs://, data read from gs://.
-    victim = subprocess.Popen(
-        main_args(workdir, remote_data),
-        cwd=ROOT,
-        env=gcs_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    log = tmp_path / "victim.stderr"
+    victim = start_python(main_args(workdir, remote_data), str(log), env=gcs_env)
     # Stop it as soon as epoch 1 has ended (its checkpoint is saved next): mid-epoch 2.
-    for line in victim.stderr:
-        if "epoch 1/2: test top-1" in line:
-            break
-    else:
-        pytest.fail(f"the run ended before epoch 1 did (exit {victim.wait()})")
+    deadline = time.time() + 600
+    while "epoch 1/2: test top-1" not in log.read_text() and time.time() < deadline:
+        if victim.poll() is not None:
+            pytest.fail(f"the run ended before epoch 1 did (exit {victim.returncode})")
+        time.sleep(0.05)
     victim.send_signal(signal.SIGTERM)
-    err = victim.stderr.read()
     victim.wait(timeout=600)
+    err = log.read_text()
     assert victim.returncode == 75, err[-3000:]
     step = int(re.search(r"saved a checkpoint at step (\d+) in gs://", err).group(1))
     proc = run(main_args(workdir, remote_data), gcs_env)
