@@ -15,7 +15,12 @@ ENDINGS = {
         "--config.cprate=[0.5]*3",
     ],
     "output, status 0": ["-m", "dcff_jax.flops", "--config=configs/vgg16_cifar.py"],
-    "uncaught exception": ["-c", "import sys; print(sys.argv[1:]); {}['missing']", "a", "b"],
+    "uncaught exception, then atexit": [
+        "-c",
+        "import atexit, sys; atexit.register(print, 'atexit ran'); print(sys.argv[1:]); {}['x']",
+        "a",
+        "b",
+    ],
     "SystemExit with a message, a thread and atexit": [
         "-c",
         "import atexit, sys, threading, time\n"

@@ -101,41 +101,40 @@ def _become(request: dict, prelude: tuple[bytes, bytes]) -> int:
     if "numpy" in sys.modules:  # a cold start seeds NumPy's global generator afresh
         sys.modules["numpy"].random.seed()
     command = request["argv"][1:]
+    interrupted = False
     try:
-        try:
-            if command[0] == "-m":
-                sys.argv = command[1:]  # runpy puts the module's file in argv[0]
-                sys.path[0] = os.getcwd()
-                runpy.run_module(command[1], run_name="__main__", alter_sys=True)
-            elif command[0] == "-c":
-                import types
+        if command[0] == "-m":
+            sys.argv = command[1:]  # runpy puts the module's file in argv[0]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(command[1], run_name="__main__", alter_sys=True)
+        elif command[0] == "-c":
+            import types
 
-                sys.argv = ["-c", *command[2:]]
-                sys.path[0] = ""
-                main = sys.modules["__main__"] = types.ModuleType("__main__")
-                exec(compile(command[1], "<string>", "exec"), main.__dict__)
-            else:  # a script's path
-                sys.argv = command
-                sys.path[0] = os.path.dirname(os.path.abspath(command[0]))
-                runpy.run_path(command[0], run_name="__main__")
-            status = 0
-        except SystemExit as exit:
-            status = _exit_status(exit)
-        threading._shutdown()  # as the interpreter does: join non-daemon threads, then atexit
-        import atexit
+            sys.argv = ["-c", *command[2:]]
+            sys.path[0] = ""
+            main = sys.modules["__main__"] = types.ModuleType("__main__")
+            exec(compile(command[1], "<string>", "exec"), main.__dict__)
+        else:  # a script's path
+            sys.argv = command
+            sys.path[0] = os.path.dirname(os.path.abspath(command[0]))
+            runpy.run_path(command[0], run_name="__main__")
+        status = 0
+    except SystemExit as exit:
+        status = _exit_status(exit)
+    except BaseException as error:  # printed, then the interpreter still finalises
+        _print_uncaught(error)
+        interrupted, status = isinstance(error, KeyboardInterrupt), 1
+    # As the interpreter ends: join non-daemon threads, then the atexit functions (which print
+    # their own errors).
+    import atexit
 
-        atexit._run_exitfuncs()
-    except KeyboardInterrupt as interrupt:
-        _print_uncaught(interrupt)
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    if interrupted:  # an uncaught Ctrl-C: `python` dies by the signal
+        sys.stdout.flush()
         sys.stderr.flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)  # dies by the signal, as `python` does
-        status = 130
-    except SystemExit as exit:  # raised by an atexit function
-        status = _exit_status(exit)
-    except BaseException as error:
-        _print_uncaught(error)
-        status = 1
+        os.kill(os.getpid(), signal.SIGINT)
     sys.stdout.flush()
     sys.stderr.flush()
     return status
