@@ -86,13 +86,22 @@ def run_python(argv: list[str], *, cwd: str | None = None, env=None, timeout: fl
 
     cwd = cwd or ROOT
     env = dict(os.environ if env is None else env)
-    warm = len(argv) > 1 and argv[0] == sys.executable and not argv[1].startswith("-")
-    warm = warm or (len(argv) > 2 and argv[0] == sys.executable and argv[1] in ("-m", "-c"))
-    if warm and os.environ.get("DCFF_TESTS_COLD") != "1":
-        server = _WarmServer.for_env(env)
-        if not server.busy:
-            return server.run(argv, cwd, env, timeout)
+    server = _warm_server(argv, env)
+    if server is not None:
+        return server.run(argv, cwd, env, timeout)
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _warm_server(argv: list[str], env: dict[str, str]) -> "_WarmServer | None":
+    """The idle warm server that can start argv in env: argv is `python -m module ...`,
+    `python -c code ...` or `python script ...` (what tests/warm_python.py serves); None for any
+    other command, while the server waits for a child, or with DCFF_TESTS_COLD=1."""
+    if len(argv) < 2 or argv[0] != sys.executable or os.environ.get("DCFF_TESTS_COLD") == "1":
+        return None
+    if argv[1].startswith("-") and not (argv[1] in ("-m", "-c") and len(argv) > 2):
+        return None
+    server = _WarmServer.for_env(env)
+    return None if server.busy else server
 
 
 class _WarmServer:
@@ -121,7 +130,6 @@ class _WarmServer:
         import atexit
         import subprocess
 
-        self.env = env
         self.process = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "tests", "warm_python.py")],
             cwd=ROOT,
@@ -232,10 +240,9 @@ def start_python(argv: list[str], stderr: str, *, env=None, cwd: str | None = No
     cwd = cwd or ROOT
     env = dict(os.environ if env is None else env)
     open(stderr, "w").close()  # there at once, as Popen's would be
-    if argv[0] == sys.executable and os.environ.get("DCFF_TESTS_COLD") != "1":
-        server = _WarmServer.for_env(env)
-        if not server.busy:
-            return server.start(argv, cwd, env, os.devnull, stderr)
+    server = _warm_server(argv, env)
+    if server is not None:
+        return server.start(argv, cwd, env, os.devnull, stderr)
     with open(stderr, "w") as err:
         return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
 

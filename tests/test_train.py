@@ -206,14 +206,15 @@ def test_main_trains_exports_and_resumes_bit_identically_after_sigkill(data_dir,
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cache = f"--compilation_cache={tmp_path / 'xla_cache'}"  # empty at first
     every_2 = "--config.checkpoint_every_steps=2"
-    victim = start_python(main_command(data_dir, killed, cache, every_2), f"{killed}.log", env=env)
+    log = tmp_path / "killed.log"
+    victim = start_python(main_command(data_dir, killed, cache, every_2), str(log), env=env)
     deadline = time.time() + 600
     while not os.path.isdir(os.path.join(killed, "checkpoints", "6")) and time.time() < deadline:
         assert victim.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    first_log = (tmp_path / "killed.log").read_text()  # start_python's stderr file
+    first_log = log.read_text()
     assert not os.path.isdir(os.path.join(killed, "checkpoints", "8"))
     proc = run_main(data_dir, killed, cache, every_2)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,7 +1,7 @@
 """A Python that has imported the heavy libraries once and forks a child per command.
 
-Tests start ~150 `python -m dcff_jax.<cli>` commands; ~2 s of each is importing jax, flax, optax
-and orbax (RESULTS.md, issue 25). This server (one per pytest-xdist worker, started by
+The tests start many `python -m dcff_jax.<cli>` commands; ~2 s of each is importing jax, flax,
+optax and orbax (RESULTS.md, issue 25). This server (one per pytest-xdist worker, started by
 helpers.run_python) imports them once, before any backend exists (so forking is safe: no XLA
 threads yet), and then serves requests from stdin, one JSON line each:
     {"argv": [sys.executable, "-m" module | "-c" code | script, *args], "cwd": str,
