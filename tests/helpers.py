@@ -239,9 +239,9 @@ def start_python(argv: list[str], stderr: str, *, env=None, cwd: str | None = No
 
     cwd = cwd or ROOT
     env = dict(os.environ if env is None else env)
-    open(stderr, "w").close()  # there at once, as Popen's would be
     server = _warm_server(argv, env)
     if server is not None:
+        open(stderr, "w").close()  # there at once, as Popen's is; the child opens it later
         return server.start(argv, cwd, env, os.devnull, stderr)
     with open(stderr, "w") as err:
         return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)

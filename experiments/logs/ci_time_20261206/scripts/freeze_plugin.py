@@ -1,5 +1,6 @@
 """A pytest plugin: gc.collect() and gc.freeze() after each test (what tests/conftest.py now
-does), and the process's peak memory and frozen object count at its end in /tmp/gc_times.txt."""
+does since 65a684d: for the tests before it), and the process's peak memory and frozen object
+count at its end in /tmp/gc_times.txt."""
 
 import gc
 import resource
