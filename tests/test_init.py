@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import fast_threefry
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,3 +169,33 @@ def test_the_checks_catch_the_wrong_laws():
         check(rng.normal(0, math.sqrt(2 / fan_in), shape), normal(math.sqrt(2 / fan_out)), "fan")
     check(rng.uniform(-bound, bound, shape), uniform(bound), "right law")
     check(kaiming, normal(math.sqrt(2 / fan_in)), "right law")
+
+
+def test_the_tests_unrolled_threefry_draws_what_jax_draws():
+    """tests/fast_threefry.py: the unrolled lowering the tests compile with gives the bits,
+    uniforms and normals (and so the inits) of JAX's own CPU lowering, and really replaces its
+    loop. A JAX without these internals runs the tests with its own lowering."""
+    key = jax.random.fold_in(jax.random.split(jax.random.key(3))[1], 7)
+
+    def draws():  # a fresh function per lowering: nothing compiled is reused
+        return jax.jit(
+            lambda: (
+                jax.random.bits(key, (5, 3), jnp.uint32),
+                jax.random.uniform(key, (64, 3, 3, 32), minval=-0.1, maxval=0.1),
+                jax.random.normal(jax.random.fold_in(key, 1), (1000,)),
+                jax.random.truncated_normal(key, -2.0, 2.0, (7, 11)),
+            )
+        )
+
+    if not fast_threefry.lower_threefry_on_cpu(unrolled=False):
+        pytest.skip("this JAX lowers threefry without the internals tests/fast_threefry.py uses")
+    try:
+        rolled = draws()
+        assert "while" in rolled.lower().as_text()
+        rolled = rolled()
+    finally:
+        fast_threefry.lower_threefry_on_cpu()
+    unrolled = draws()
+    assert "while" not in unrolled.lower().as_text()
+    for a, b in zip(rolled, unrolled(), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -14,7 +14,8 @@ of each child's streams, as a cold start would print it.
 
 A server serves the environment it was started with only (helpers.run_python starts one per
 environment: the libraries read some variables when imported), except XLA_FLAGS, which XLA reads
-when a backend starts, in the child, and pytest's PYTEST_CURRENT_TEST."""
+when a backend starts, in the child, and pytest's PYTEST_CURRENT_TEST. Its children lower
+jax.random's threefry as the tests' own processes do (tests/fast_threefry.py: the same bits)."""
 
 import json
 import os
@@ -142,6 +143,10 @@ def _become(request: dict, prelude: tuple[bytes, bytes]) -> int:
 
 def serve() -> None:
     prelude = _preload()
+    # As in the tests' own processes (conftest.py): the same random bits, compiled faster.
+    from fast_threefry import lower_threefry_on_cpu
+
+    lower_threefry_on_cpu()
     requests = sys.stdin.buffer
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     for line in requests:
