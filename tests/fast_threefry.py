@@ -4,8 +4,8 @@ half the time.
 On the CPU, JAX lowers its threefry2x32 hash (behind every jax.random draw) as a 5-iteration
 loop; on other platforms, as its 20 rounds unrolled. Both are the same integer arithmetic, so
 they give the same bits (tests/test_init.py checks it on several draws). A jitted model init
-draws once per parameter, one loop each: GoogLeNet's init compiled in 7.8-8.2 s with the loops
-and in 3.3-4.3 s unrolled at the tests' -O0 (experiments/RESULTS.md, issue 25). Users get
+draws once per parameter, one loop each: GoogLeNet's init compiled in 7.8-7.9 s with the loops
+and in 4.2-4.4 s unrolled at the tests' -O0 (experiments/RESULTS.md, issue 25). Users get
 JAX's lowering; only the tests' processes (conftest.py, and the warm server's children,
 warm_python.py) take this one. With a JAX that no longer has these internals, nothing changes.
 """

@@ -173,8 +173,9 @@ def test_the_checks_catch_the_wrong_laws():
 
 def test_the_tests_unrolled_threefry_draws_what_jax_draws():
     """tests/fast_threefry.py: the unrolled lowering the tests compile with gives the bits,
-    uniforms and normals (and so the inits) of JAX's own CPU lowering, and really replaces its
-    loop. A JAX without these internals runs the tests with its own lowering."""
+    uniforms, normals and truncated normals (and so the inits) of JAX's own CPU lowering, and
+    really replaces its loop. A JAX without these internals runs the tests with its own
+    lowering."""
     key = jax.random.fold_in(jax.random.split(jax.random.key(3))[1], 7)
 
     def draws():  # a fresh function per lowering: nothing compiled is reused
