@@ -9,6 +9,10 @@
       backend compile: kind, seconds, program, test.
 
 PYTHONPATH=experiments/logs/ci_time_20261206/scripts python -m pytest -p compile_report_plugin ...
+
+That folder's tree.py then shadows dm-tree's `tree`, which tensorflow-datasets imports: run it on
+the numeric modules (as the logs above), not on the data tests (test_tfrecord and the tfds ones
+fail with an IndexError from tree.py).
 """
 
 import os
