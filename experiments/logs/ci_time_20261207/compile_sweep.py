@@ -2,9 +2,12 @@
 environment (tests/conftest.py), and digests of what they compute. From the repository root:
 
     python experiments/logs/ci_time_20261207/compile_sweep.py "[unrolled] [XLA flags]" [arch]
+        [TRACE_DIR]
 
 "unrolled" lowers threefry unrolled (tests/fast_threefry.py); other words are appended to
-XLA_FLAGS. compile_sweep.log holds its lines (GoogLeNet, alternated, three rounds)."""
+XLA_FLAGS. compile_sweep.log holds its lines (GoogLeNet, alternated, three rounds). TRACE_DIR:
+the train step's compile under jax.profiler, with a Perfetto trace there
+(ci_time_20261207b/profile_summary.py sums its events)."""
 
 import hashlib
 import os
@@ -29,10 +32,14 @@ from helpers import paper_config  # noqa: E402
 from dcff_jax import fusion, input_pipeline, models, optim, steps  # noqa: E402
 
 
-def compile_seconds(jitted, *args):
+def compile_seconds(jitted, *args, trace_dir=None):
     lowered = jitted.lower(*args)
     start = time.perf_counter()
+    if trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     compiled = lowered.compile()
+    if trace_dir:
+        jax.profiler.stop_trace()
     return compiled, time.perf_counter() - start
 
 
@@ -62,7 +69,8 @@ def main():
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (4, size, size, 3), np.uint8), np.arange(4) % 10
     args = (state, *steps.to_global(mesh, images, labels))
-    compiled, t_step = compile_seconds(step, *args)
+    trace_dir = sys.argv[3] if len(sys.argv) > 3 else None
+    compiled, t_step = compile_seconds(step, *args, trace_dir=trace_dir)
     state, metrics = compiled(*args)
     print(
         f"{extra or 'base':55s} init {t_init:5.1f} update {t_update:5.1f} step {t_step:5.1f} "

@@ -1,4 +1,4 @@
-"""Sums a Perfetto trace's complete events by name (compile_one.py --profile DIR).
+"""Sums a Perfetto trace's complete events by name (ci_time_20261207/compile_sweep.py's TRACE_DIR).
 
 python experiments/logs/ci_time_20261207b/profile_summary.py DIR"""
 
